@@ -1,0 +1,95 @@
+"""Shared fixtures: a real PostgreSQL+pgvector (embedded, fresh per test session) built by Alembic,
+each test in a rolled-back transaction; the real clothing photos; isolated settings."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports transformers/huggingface_hub: a missing model fails at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATASET_DIR = REPO_ROOT.parent / "shared" / "datasets" / "clothing-small"
+
+
+@pytest.fixture(scope="session")
+def dataset_dir() -> Path:
+    if not (DATASET_DIR / "manifest.csv").exists():
+        pytest.fail(f"real photo dataset missing at {DATASET_DIR} (expected ../shared beside the repo)")
+    return DATASET_DIR
+
+
+@pytest.fixture(scope="session")
+def manifest(dataset_dir: Path) -> list[dict[str, str]]:
+    with open(dataset_dir / "manifest.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="session")
+def sample_photos(dataset_dir: Path, manifest: list[dict[str, str]]) -> list[tuple[Path, str]]:
+    """Two real photos per category (path, category), deterministic."""
+    seen: dict[str, int] = {}
+    out: list[tuple[Path, str]] = []
+    for row in manifest:
+        if row["split"] != "validation" or seen.get(row["category"], 0) >= 2:
+            continue
+        seen[row["category"]] = seen.get(row["category"], 0) + 1
+        out.append((dataset_dir / row["path"], row["category"]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pg_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A fresh embedded PostgreSQL 18 + pgvector for this test session, migrated to head."""
+    from db import migrate
+    from db.embedded import start_embedded
+    from db.engine import make_engine
+
+    url = start_embedded(tmp_path_factory.mktemp("pg") / "pgdata")
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def engine(pg_url: str):  # noqa: ANN201
+    from db.engine import make_engine
+
+    eng = make_engine(pg_url, pool_size=5)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def db_session(engine) -> Iterator:  # noqa: ANN001
+    """A Session whose every commit is rolled back at the end of the test."""
+    from sqlalchemy.orm import Session
+
+    conn = engine.connect()
+    outer = conn.begin()
+    session = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        conn.close()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Isolated ENRICH_DATA_DIR; settings cache reset around the test."""
+    from workers.settings import reset_settings_cache
+
+    monkeypatch.setenv("ENRICH_DATA_DIR", str(tmp_path / "data"))
+    reset_settings_cache()
+    yield tmp_path / "data"
+    reset_settings_cache()

@@ -1,0 +1,1 @@
+"""Process wiring: settings, logging, database and model lifecycles, Celery app, intake, CLI."""

@@ -1,0 +1,43 @@
+"""``enrich db``: migrations and connection info."""
+
+from __future__ import annotations
+
+import typer
+
+from db import migrate
+from db.engine import check_database
+from workers.cli.errors import one_line_errors
+from workers.database import database_url, get_engine
+from workers.logs import configure_logging
+from workers.settings import get_settings
+
+app = typer.Typer(help="Database: migrations and connection.", no_args_is_help=True)
+
+
+@app.command("upgrade")
+def upgrade(revision: str = typer.Argument("head", help="Target Alembic revision.")) -> None:
+    """Apply migrations up to REVISION (idempotent: safe to run again)."""
+    configure_logging(level=get_settings().log_level)
+    with one_line_errors():
+        engine = get_engine()
+        check_database(engine)
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine, revision)
+        after = migrate.current_revision(engine)
+    typer.echo(f"database at revision {after} (was {before or 'empty'})")
+
+
+@app.command("downgrade")
+def downgrade(revision: str = typer.Argument(..., help="Target revision ('base' drops everything).")) -> None:
+    """Roll migrations back to REVISION."""
+    with one_line_errors():
+        engine = get_engine()
+        migrate.downgrade(engine, revision)
+        typer.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
+
+
+@app.command("url")
+def url() -> None:
+    """Print the database URL in use (starts the embedded server when none is configured)."""
+    with one_line_errors():
+        typer.echo(database_url())

@@ -1,0 +1,54 @@
+"""Resolve which database this process uses (configured URL or the embedded server), once."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.embedded import start_embedded
+from db.engine import make_engine, make_sessionmaker
+from workers.logs import get_logger
+from workers.settings import Settings, get_settings
+
+log = get_logger(__name__)
+_lock = threading.Lock()
+_engine: Engine | None = None
+_factory: sessionmaker[Session] | None = None
+
+
+def database_url(settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    if settings.db.url:
+        return settings.db.url
+    return start_embedded(settings.embedded_db_dir)
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    global _engine, _factory
+    with _lock:
+        if _engine is None:
+            settings = settings or get_settings()
+            url = database_url(settings)
+            _engine = make_engine(url, pool_size=settings.db.pool_size,
+                                  statement_timeout_ms=settings.db.statement_timeout_ms)
+            _factory = make_sessionmaker(_engine)
+            log.info("db.selected", embedded=not settings.db.url,
+                     url=_engine.url.render_as_string(hide_password=True))
+        return _engine
+
+
+def get_session_factory() -> sessionmaker[Session]:
+    get_engine()
+    assert _factory is not None
+    return _factory
+
+
+def reset_engine() -> None:
+    """Forget this process's engine (after fork, or when tests switch databases)."""
+    global _engine, _factory
+    with _lock:
+        if _engine is not None:
+            _engine.dispose(close=False)
+        _engine, _factory = None, None

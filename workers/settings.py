@@ -1,0 +1,191 @@
+"""The one place configuration is read from the environment.
+
+Every setting is ``ENRICH_<GROUP>__<NAME>`` (for example ``ENRICH_DB__URL``). The README's
+configuration table is generated from this module's field descriptions
+(``enrich config --markdown``), so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+import platformdirs
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PLACEHOLDER_SECRETS = {"changeme", "change-me", "password", "secret", "xxx", "todo"}
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("catalog-enrich", appauthor=False))
+
+
+class ModelProfile(StrEnum):
+    """Which weights the model stages run with."""
+
+    pretrained = "pretrained"  # real weights from hub id, local directory or s3:// URI
+    random_full = "random-full"  # real-size architectures, random weights (benchmarks only)
+    tiny = "tiny"  # tiny architectures, random weights, local tokenizers (tests, offline demo)
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of a Postgres 15+ server with pgvector >= 0.7 "
+        "(postgresql+psycopg://user:pass@host/db). Empty: start the embedded PostgreSQL+pgvector.",
+    )
+    embedded_dir: Path | None = Field(
+        None, description="Data directory of the embedded PostgreSQL. Default: <data_dir>/pgdata."
+    )
+    pool_size: int = Field(5, ge=1, description="Connections kept per process.")
+    statement_timeout_ms: int = Field(30_000, ge=0, description="Server-side statement timeout (0 = none).")
+    runtime_role: str | None = Field(
+        None,
+        description="Role the workers switch to after connecting (non-owner, row-level security applies). "
+        "Empty: stay the connecting role.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _no_placeholder_password(cls, v: str | None) -> str | None:
+        if v and "@" in v and "://" in v:
+            creds = v.split("://", 1)[1].rsplit("@", 1)[0]
+            if ":" in creds and creds.split(":", 1)[1].lower() in _PLACEHOLDER_SECRETS:
+                raise ValueError("ENRICH_DB__URL carries a placeholder password; set the real one")
+        return v or None
+
+
+class BrokerSettings(BaseModel):
+    url: str | None = Field(
+        None,
+        description="Celery/kombu broker URL: amqp://… (RabbitMQ, recommended), redis://…, sqs://… "
+        "Empty: an embedded SQLite-backed kombu transport under <data_dir> (single machine only).",
+    )
+    events_exchange: str = Field("catalog.events", description="Topic exchange for domain events in and out.")
+    quorum_queues: bool = Field(True, description="Declare quorum queues on RabbitMQ (ignored on other brokers).")
+    delivery_limit: int = Field(5, ge=1, description="Deliveries before a poison message is dead-lettered.")
+    consumer_timeout_s: int = Field(
+        1800, ge=60, description="Broker consumer timeout; task hard time limits stay below it."
+    )
+    visibility_timeout_s: int = Field(
+        3600, ge=60, description="Redis/SQS visibility timeout (must exceed the longest task + retries)."
+    )
+
+
+class StorageSettings(BaseModel):
+    originals_uri: str | None = Field(
+        None,
+        description="Where original images are stored content-addressed: a local directory or s3://bucket/prefix. "
+        "Default: <data_dir>/originals.",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto). Empty: AWS.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    allowed_buckets: list[str] = Field(
+        default_factory=list,
+        description="Buckets product images may be fetched from (s3://). Empty list: none.",
+    )
+    allow_file_urls: bool = Field(False, description="Allow file:// image URLs (demo and tests only).")
+    allow_private_addresses: bool = Field(
+        False, description="Allow http(s) image URLs that resolve to private/loopback addresses (tests only)."
+    )
+    allow_http: bool = Field(False, description="Allow plain http:// image URLs (https:// is always allowed).")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image download accepted.")
+    max_pixels: int = Field(40_000_000, ge=10_000, description="Largest decoded image (width*height).")
+    max_frames: int = Field(1, ge=1, description="Most frames an image may have.")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Connect/read timeout for one image download.")
+    datasets_uri: str | None = Field(
+        None, description="Where DPO datasets are written: directory or s3://bucket/prefix. Default: <data_dir>/datasets."
+    )
+
+
+class ModelSettings(BaseModel):
+    profile: ModelProfile = Field(ModelProfile.pretrained, description="pretrained | random-full | tiny.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto (cuda:0 when available).")
+    cache_dir: Path | None = Field(None, description="Where s3:// model URIs are downloaded. Default: <data_dir>/models.")
+    detector: str = Field("google/owlv2-base-patch16-ensemble", description="Zero-shot detector: hub id, directory or s3:// URI.")
+    vlm: str = Field("HuggingFaceTB/SmolVLM-256M-Instruct", description="Listing VLM: hub id, directory or s3:// URI.")
+    clip: str = Field("ViT-B-32/laion2b_s34b_b79k", description="open_clip model 'ARCH/pretrained-tag', directory or s3:// URI.")
+    detection_threshold: float = Field(0.2, ge=0, le=1, description="Best box below this score → full-image fallback.")
+    crop_padding: float = Field(0.05, ge=0, le=0.5, description="Padding around the detected box, as a fraction of its size.")
+    verify_margin: float = Field(0.05, ge=0, le=1, description="CLIP probability margin a visual attribute needs to be kept.")
+    max_new_tokens: int = Field(256, ge=16, description="Token budget of one generated listing.")
+    unknown_category: str = Field("generic", description="'generic' (use the generic schema) or 'reject' (unsupported_category).")
+
+    @field_validator("unknown_category")
+    @classmethod
+    def _unknown_category(cls, v: str) -> str:
+        if v not in {"generic", "reject"}:
+            raise ValueError("ENRICH_MODELS__UNKNOWN_CATEGORY must be 'generic' or 'reject'")
+        return v
+
+
+class WorkerSettings(BaseModel):
+    batch_size: int = Field(8, ge=1, description="GPU stage micro-batch: most products per model call.")
+    batch_max_wait_ms: int = Field(200, ge=0, description="GPU stage micro-batch: longest wait to fill a batch.")
+    max_retries: int = Field(5, ge=0, description="Retries for transient errors (network, S3, database).")
+    retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each retry, with full jitter.")
+    retry_backoff_max_s: float = Field(300.0, gt=0, description="Largest retry delay.")
+    soft_time_limit_s: int = Field(600, ge=1, description="Soft time limit of one task.")
+    time_limit_s: int = Field(900, ge=1, description="Hard time limit of one task (below the broker consumer timeout).")
+    retrain_interval_s: int = Field(6 * 3600, ge=60, description="How often beat builds DPO preference pairs.")
+    retrain_window_days: int = Field(30, ge=1, description="Oldest feedback a retrain run considers.")
+    retrain_merchant_cap: int = Field(200, ge=1, description="Most preference pairs one merchant contributes per dataset.")
+    retrain_holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of products held out for evaluation.")
+    reconcile_interval_s: int = Field(900, ge=60, description="How often the coverage reconciler runs.")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ENRICH_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    env: str = Field("development", description="development (console logs) or production (JSON logs).")
+    log_level: str = Field("INFO", description="Root log level.")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Local state: embedded DB, originals, caches.")
+    db: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @model_validator(mode="after")
+    def _limits_below_consumer_timeout(self) -> "Settings":
+        if self.workers.time_limit_s >= self.broker.consumer_timeout_s:
+            raise ValueError(
+                "ENRICH_WORKERS__TIME_LIMIT_S must stay below ENRICH_BROKER__CONSUMER_TIMEOUT_S "
+                "(otherwise the broker closes the channel of a task still running)"
+            )
+        if self.workers.soft_time_limit_s >= self.workers.time_limit_s:
+            raise ValueError("ENRICH_WORKERS__SOFT_TIME_LIMIT_S must be below ENRICH_WORKERS__TIME_LIMIT_S")
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def embedded_db_dir(self) -> Path:
+        return self.db.embedded_dir or self.data_dir / "pgdata"
+
+    @property
+    def originals_uri(self) -> str:
+        return self.storage.originals_uri or str(self.data_dir / "originals")
+
+    @property
+    def datasets_uri(self) -> str:
+        return self.storage.datasets_uri or str(self.data_dir / "datasets")
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.models.cache_dir or self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings_cache() -> None:
+    get_settings.cache_clear()
