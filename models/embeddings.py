@@ -1,0 +1,214 @@
+"""CLIP embeddings of product crops and of short visual descriptions (open_clip).
+
+Image and text vectors live in one space, so SQL users can search products by photo or by words, and
+the verifier can score attribute values against the image. Vectors are float32 and L2-normalised
+(cosine = dot product, what the pgvector HNSW index uses). Every profile emits 512-d vectors: the tiny
+architecture keeps ViT-B-32's ``embed_dim`` so tiny runs write into the same index shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.base import ModelVersionInfo, ModelWrapper
+from models.devices import halve_on_oom, inference_context, select_device
+from models.loading import (
+    directory_fingerprint,
+    is_s3_uri,
+    local_path,
+    looks_like_path,
+    resolve_model_ref,
+    weights_missing,
+)
+from models.prompts import category_noun
+from models.tiny import TINY_CLIP_ARCH, random_revision, register_tiny_open_clip, seeded
+
+DEFAULT_CLIP = "ViT-B-32/laion2b_s34b_b79k"
+_RANDOM_FULL_FALLBACK_ARCH = "ViT-B-32"
+
+
+class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
+    """open_clip model by ``ARCH/pretrained-tag``, local directory (``open_clip_config.json`` + weights),
+    ``hf-hub:org/repo`` or ``s3://`` prefix mirroring such a directory."""
+
+    kind = "clip"
+
+    def __init__(
+        self,
+        ref: str = DEFAULT_CLIP,
+        *,
+        profile: str = "pretrained",
+        device: str = "auto",
+        cache_dir: Path = Path("models-cache"),
+        s3_endpoint_url: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.ref, self.profile, self.device_spec = ref, profile, device
+        self.cache_dir, self.s3_endpoint_url, self.seed = Path(cache_dir), s3_endpoint_url, seed
+        self._model: Any = None
+        self._preprocess: Callable[[Image.Image], torch.Tensor] | None = None
+        self._tokenizer: Any = None
+        self._name, self._revision = self._initial_identity()
+
+    def _initial_identity(self) -> tuple[str, str]:
+        if self.profile == "tiny":
+            return TINY_CLIP_ARCH, random_revision(self.seed)
+        arch, _, tag = self.ref.partition("/")
+        if self.profile == "random-full":
+            is_arch = not (is_s3_uri(self.ref) or looks_like_path(self.ref) or self.ref.startswith("hf-hub:"))
+            return (arch if is_arch else _RANDOM_FULL_FALLBACK_ARCH), random_revision(self.seed)
+        return self.ref, "unloaded"
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        import open_clip
+
+        device = select_device(self.device_spec)
+        if self.profile == "tiny":
+            name, pretrained = register_tiny_open_clip(), None
+        elif self.profile == "random-full":
+            name, pretrained = self._name, None
+        else:
+            name, pretrained = self._pretrained_source()
+        try:
+            with seeded(self.seed):
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained, device=device, load_weights=self.profile == "pretrained")
+        except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
+            if self.profile != "pretrained":
+                raise
+            raise weights_missing(self.kind, self.ref, str(exc).splitlines()[0]) from exc
+        self._model = model.eval()
+        self._preprocess = preprocess
+        self._tokenizer = open_clip.get_tokenizer(name)
+        self.device = device
+
+    def _pretrained_source(self) -> tuple[str, str | None]:
+        """(open_clip model name, pretrained tag) for a pretrained ref, resolving dirs and s3."""
+        ref = self.ref.strip()
+        if ref.startswith("hf-hub:"):
+            self._revision = "hub"
+            return ref, None
+        if is_s3_uri(ref) or looks_like_path(ref) or local_path(ref).is_dir():
+            directory = Path(resolve_model_ref(ref, cache_dir=self.cache_dir,
+                                               s3_endpoint_url=self.s3_endpoint_url, kind=self.kind))
+            if not (directory / "open_clip_config.json").is_file():
+                raise weights_missing(self.kind, ref, f"{directory} has no open_clip_config.json")
+            self._revision = directory_fingerprint(directory)
+            return f"local-dir:{directory}", None
+        arch, _, tag = ref.partition("/")
+        if not tag:
+            raise weights_missing(self.kind, ref, "expected 'ARCH/pretrained-tag' (e.g. ViT-B-32/laion2b_s34b_b79k)")
+        self._revision = tag
+        return arch, tag
+
+    def version(self) -> ModelVersionInfo:
+        return ModelVersionInfo(kind=self.kind, name=self._name, revision=self._revision, profile=self.profile,
+                                random_weights=self.profile != "pretrained", dims=self.dims)
+
+    @property
+    def dims(self) -> int | None:
+        """Vector width; known before loading for built-in architectures and config dirs."""
+        if self._model is not None:
+            out = getattr(self._model.visual, "output_dim", None)
+            if out:
+                return int(out)
+        return _config_embed_dim(self._name, self.ref)
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
+        self.load()
+        assert self._preprocess is not None
+        return self._preprocess
+
+    @property
+    def logit_scale(self) -> float:
+        """The model's learned softmax temperature for image-text logits (~100 pretrained, ~14 random)."""
+        self.load()
+        return float(self._model.logit_scale.exp().item())
+
+    # --- inference ---------------------------------------------------------------------------------
+
+    def _predict(self, batch: list[Image.Image], **kwargs: Any) -> list[np.ndarray]:
+        return list(self.embed_images(batch))
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """(n, d) float32, unit-norm rows."""
+        self.load()
+        if not images:
+            return np.zeros((0, self.dims or 0), dtype=np.float32)
+        pixels = torch.stack([self._preprocess(im.convert("RGB")) for im in images])  # type: ignore[misc]
+        chunks = halve_on_oom(lambda a, b: [self._encode(self._model.encode_image, pixels[a:b])], len(images))
+        return np.concatenate(chunks)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(n, d) float32, unit-norm rows."""
+        self.load()
+        if not texts:
+            return np.zeros((0, self.dims or 0), dtype=np.float32)
+        tokens = self._tokenizer(list(texts))
+        chunks = halve_on_oom(lambda a, b: [self._encode(self._model.encode_text, tokens[a:b])], len(texts))
+        return np.concatenate(chunks)
+
+    def _encode(self, encoder: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> np.ndarray:
+        with inference_context(self.device):
+            features = encoder(inputs.to(self.device))
+        features = features.float()
+        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _config_embed_dim(name: str, ref: str) -> int | None:
+    import open_clip
+
+    if name == TINY_CLIP_ARCH:
+        register_tiny_open_clip()
+    cfg = open_clip.get_model_config(name.partition("/")[0])
+    if cfg:
+        return int(cfg["embed_dim"])
+    config_file = local_path(ref) / "open_clip_config.json"
+    if config_file.is_file():
+        return int(json.loads(config_file.read_text())["model_cfg"]["embed_dim"])
+    return None
+
+
+# --- visual-only text for the text embedding (the VL-CLIP idea) ------------------------------------
+
+_ADJECTIVE_ATTRIBUTES = ("color", "colour", "primary_color", "pattern")
+_UNINFORMATIVE = {"", "unknown", "other", "none", "n/a", "solid"}
+_MIN_WORDS, _MAX_WORDS = 10, 20
+_FILLER = "clothing item for sale in an online marketplace"
+
+
+def visual_description(category: str, attributes: dict[str, str]) -> str:
+    """A 10–20 word description of what the product looks like, from verified visual attributes only.
+
+    Merchant titles mix brand, size and marketing words that CLIP cannot see; embedding only visual
+    facts keeps text vectors comparable with image vectors. Deterministic: same inputs, same string.
+    """
+    values = {k: str(v).strip().lower().replace("_", " ") for k, v in attributes.items() if v is not None}
+    adjectives = [values[k] for k in _ADJECTIVE_ATTRIBUTES if values.get(k, "") not in _UNINFORMATIVE]
+    details = [f"{v} {k.replace('_', ' ')}" for k, v in sorted(values.items())
+               if k not in _ADJECTIVE_ATTRIBUTES and v not in _UNINFORMATIVE]
+    head = " ".join(["a catalog photo of a", *adjectives, category_noun(category)])
+    while True:
+        text = head + (" with " + _join(details) if details else "")
+        if len(text.split()) <= _MAX_WORDS or not details:
+            break
+        details.pop()
+    if len(text.split()) < _MIN_WORDS:
+        text += ", a " + _FILLER
+    return " ".join(text.split()[:_MAX_WORDS])
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

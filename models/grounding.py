@@ -1,0 +1,197 @@
+"""Zero-shot grounding: find the product named by its category and crop it.
+
+Merchant photos show garments on beds, floors and hangers among other things; CLIP embeddings and
+VLM descriptions of the crop are about the product, not the clutter. The detector is any
+transformers ``AutoModelForZeroShotObjectDetection`` (OWLv2 by default, Grounding DINO and others by
+id); post-processing goes through the processor's own ``post_process_grounded_object_detection`` so
+the box format is the library's, not ours. When the best box scores below the threshold the full image
+is used and the result says so (``fallback=True``), so downstream stages never depend on a guess.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from models.base import ModelVersionInfo, ModelWrapper
+from models.devices import halve_on_oom, inference_context, select_device
+from models.loading import directory_fingerprint, resolve_model_ref, weights_missing
+from models.prompts import detection_prompt
+from models.tiny import base_owlv2_config, build_owlv2_processor, build_random_owlv2, random_revision, tiny_owlv2_config
+
+DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class GroundingResult:
+    """Where the product is (``box`` in source-image pixels, x0 y0 x1 y1) and the crop to use downstream."""
+
+    box: Box | None
+    score: float | None
+    fallback: bool
+    prompt: str
+    crop: Image.Image
+
+
+def clip_box(box: Box, size: tuple[int, int]) -> Box | None:
+    """The box limited to the image; None when nothing of it is inside (random or broken detections)."""
+    width, height = size
+    a, b, c, d = (float(v) for v in box)
+    # Untrained or degenerate heads can emit inverted corners; order them before clipping.
+    x0, x1, y0, y1 = min(a, c), max(a, c), min(b, d), max(b, d)
+    x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
+    y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
+    if x1 - x0 < 1.0 or y1 - y0 < 1.0:
+        return None
+    return (x0, y0, x1, y1)
+
+
+def padded_crop_box(box: Box, size: tuple[int, int], padding: float) -> tuple[int, int, int, int]:
+    """Integer crop rectangle: ``box`` grown by ``padding`` × its width/height per side, inside the image.
+
+    Detectors box the garment tightly; a little context (collar, hem) helps the VLM and CLIP.
+    """
+    width, height = size
+    x0, y0, x1, y1 = box
+    pad_x, pad_y = (x1 - x0) * padding, (y1 - y0) * padding
+    left, top = max(0, int(x0 - pad_x)), max(0, int(y0 - pad_y))
+    right, bottom = min(width, int(round(x1 + pad_x))), min(height, int(round(y1 + pad_y)))
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+class Grounder(ModelWrapper[Image.Image, GroundingResult]):
+    """Batched zero-shot detector; one query per product, so a batch mixes categories freely.
+
+    A box is used only when its score is strictly above ``threshold`` (so 1.0 always falls back).
+    """
+
+    kind = "detector"
+
+    def __init__(
+        self,
+        ref: str = DEFAULT_DETECTOR,
+        *,
+        profile: str = "pretrained",
+        device: str = "auto",
+        cache_dir: Path = Path("models-cache"),
+        s3_endpoint_url: str | None = None,
+        threshold: float = 0.2,
+        padding: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.ref, self.profile, self.device_spec = ref, profile, device
+        self.cache_dir, self.s3_endpoint_url = Path(cache_dir), s3_endpoint_url
+        self.threshold, self.padding, self.seed = threshold, padding, seed
+        self._model: Any = None
+        self._processor: Any = None
+        self._revision = random_revision(seed) if profile != "pretrained" else "unloaded"
+        self._square_targets = False
+        self._postprocess_takes_input_ids = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        device = select_device(self.device_spec)
+        if self.profile == "tiny":
+            model, processor = build_random_owlv2(tiny_owlv2_config(), self.seed)
+        elif self.profile == "random-full":
+            model, processor = self._random_full()
+        else:
+            model, processor = self._pretrained()
+        self._model = model.to(device).eval()
+        self._processor = processor
+        self.device = device
+        # OWL-ViT/OWLv2 pad to a square at the bottom/right before resizing, so their relative boxes
+        # refer to the padded square; scaling by (side, side) maps them back onto the source pixels.
+        self._square_targets = model.config.model_type in {"owlv2", "owlvit"}
+        post = processor.post_process_grounded_object_detection
+        self._postprocess_takes_input_ids = "input_ids" in inspect.signature(post).parameters
+
+    def _pretrained(self) -> tuple[Any, Any]:
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        source = resolve_model_ref(self.ref, cache_dir=self.cache_dir, s3_endpoint_url=self.s3_endpoint_url,
+                                   kind=self.kind)
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+            model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
+        except OSError as exc:
+            raise weights_missing(self.kind, self.ref, str(exc).splitlines()[0]) from exc
+        local = Path(source)
+        self._revision = directory_fingerprint(local) if local.is_dir() else (
+            getattr(model.config, "_commit_hash", None) or "hub")
+        return model, processor
+
+    def _random_full(self) -> tuple[Any, Any]:
+        """Real-size architecture with random weights: the config from the ref when one is readable
+        locally, else OWLv2-base's (the default), so benchmarks measure production compute offline."""
+        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        source = resolve_model_ref(self.ref, cache_dir=self.cache_dir, s3_endpoint_url=self.s3_endpoint_url,
+                                   kind=self.kind)
+        try:
+            config = AutoConfig.from_pretrained(source)
+            processor = AutoProcessor.from_pretrained(source)
+        except OSError:
+            if "owlv2" not in self.ref.lower():
+                raise weights_missing(self.kind, self.ref, "random-full needs its config.json locally") from None
+            return build_random_owlv2(base_owlv2_config(), self.seed)
+        from models.tiny import seeded
+
+        with seeded(self.seed):
+            model = AutoModelForZeroShotObjectDetection.from_config(config)
+        if processor is None:  # pragma: no cover - defensive; AutoProcessor raises instead
+            processor = build_owlv2_processor(config.vision_config.image_size)
+        return model, processor
+
+    def version(self) -> ModelVersionInfo:
+        name = "owlv2-tiny" if self.profile == "tiny" else self.ref
+        return ModelVersionInfo(kind=self.kind, name=name, revision=self._revision, profile=self.profile,
+                                random_weights=self.profile != "pretrained")
+
+    # --- inference ---------------------------------------------------------------------------------
+
+    def predict(self, batch: list[Image.Image], categories: list[str]) -> list[GroundingResult]:  # type: ignore[override]
+        """Ground each image with the detector query for its own category."""
+        if len(batch) != len(categories):
+            raise ValueError(f"{len(batch)} images but {len(categories)} categories")
+        return super().predict(batch, categories=categories)
+
+    def _predict(self, batch: list[Image.Image], **kwargs: Any) -> list[GroundingResult]:
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in batch]
+        prompts = [detection_prompt(c) for c in kwargs["categories"]]
+        best = halve_on_oom(lambda a, b: self._best_boxes(images[a:b], prompts[a:b]), len(images))
+        return [self._result(im, prompt, box, score) for im, prompt, (box, score) in zip(images, prompts, best)]
+
+    def _best_boxes(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[Box | None, float | None]]:
+        queries = [[p] for p in prompts]
+        inputs = self._processor(text=queries, images=images, return_tensors="pt").to(self.device)
+        with inference_context(self.device):
+            outputs = self._model(**inputs)
+        sizes = [(max(im.size),) * 2 if self._square_targets else (im.height, im.width) for im in images]
+        extra = {"input_ids": inputs["input_ids"]} if self._postprocess_takes_input_ids else {}
+        detections = self._processor.post_process_grounded_object_detection(
+            outputs, threshold=0.0, target_sizes=sizes, text_labels=queries, **extra)
+        best: list[tuple[Box | None, float | None]] = []
+        for image, det in zip(images, detections):
+            scores = det["scores"].float()
+            if scores.numel() == 0:
+                best.append((None, None))
+                continue
+            i = int(scores.argmax())
+            box = clip_box(tuple(det["boxes"][i].float().tolist()), image.size)  # type: ignore[arg-type]
+            best.append((box, float(scores[i])))
+        return best
+
+    def _result(self, image: Image.Image, prompt: str, box: Box | None, score: float | None) -> GroundingResult:
+        if box is None or score is None or not score > self.threshold:
+            return GroundingResult(box=box, score=score, fallback=True, prompt=prompt, crop=image)
+        crop = image.crop(padded_crop_box(box, image.size, self.padding))
+        return GroundingResult(box=box, score=score, fallback=False, prompt=prompt, crop=crop)

@@ -1,0 +1,172 @@
+"""Visual verification of generated attributes against the image (the MACE idea from the OPAL paper).
+
+A VLM constrained to a schema always produces *some* enum value, confident or not. Each visual
+attribute it generated is re-scored with CLIP zero-shot prompts over every allowed value of that
+attribute; it is kept only when the generated value's probability beats the best alternative by
+``margin``. Attributes a photo cannot show (material, size, brand, … the schema's
+``merchant_only_attributes``) are never taken from the model; they come from the merchant or not at
+all. Every kept attribute carries ``confidence`` and ``source``; every dropped one says why and which
+value CLIP preferred, so reviewers and the preference-pair builder can see the disagreement.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from models.embeddings import ClipEmbedder
+from models.prompts import category_noun
+
+SOURCE_IMAGE = "image"
+SOURCE_MERCHANT = "merchant"
+
+
+class _Schema(Protocol):
+    name: str
+    visual_attributes: dict[str, list[str]]
+    merchant_only_attributes: list[str]
+
+
+@dataclass(frozen=True)
+class VerifiedListing:
+    """``content``: title, description and kept attributes ({name: {value, confidence, source}}).
+    ``dropped``: generated attributes not kept ({name: {value, reason, clip_value, confidence}})."""
+
+    content: dict[str, Any]
+    dropped: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _words(value: str) -> str:
+    return value.replace("_", " ").strip()
+
+
+def attribute_prompt(category: str, attribute: str, value: str) -> str:
+    """The CLIP zero-shot prompt for "this product has attribute=value", phrased as a caption."""
+    noun = category_noun(category)
+    words = _words(value)
+    if attribute in {"color", "fit", "length", "silhouette"}:
+        return f"a photo of a {words} {noun}"
+    if attribute == "pattern":
+        return f"a photo of a {'plain' if value == 'solid' else words} patterned {noun}"
+    if attribute.endswith("_type"):
+        return f"a photo of {words}, a kind of {noun}"
+    if attribute == "sleeve_length":
+        return f"a photo of a sleeveless {noun}" if value == "sleeveless" else f"a photo of a {noun} with {words} sleeves"
+    if value in {"none", "no_hood"}:
+        return f"a photo of a {noun} without a {_words(attribute).removesuffix(' type')}"
+    if value == "hooded":
+        return f"a photo of a hooded {noun}"
+    return f"a photo of a {noun} with a {words} {_words(attribute)}"
+
+
+class AttributeVerifier:
+    """Scores generated visual attributes with CLIP; keeps those with a clear margin."""
+
+    def __init__(self, embedder: ClipEmbedder, margin: float) -> None:
+        if not 0.0 <= margin <= 1.0:
+            raise ValueError(f"margin must be within [0, 1], got {margin}")
+        self.embedder = embedder
+        self.margin = margin
+        # Prompt embeddings depend only on (category, attribute, allowed values), never on the image.
+        self._prompt_cache: dict[tuple[str, str, tuple[str, ...]], np.ndarray] = {}
+        self._cache_lock = threading.Lock()
+
+    def verify(
+        self,
+        crops: Sequence[Image.Image],
+        generated: Sequence[Mapping[str, Any]],
+        schemas: Sequence[_Schema],
+        merchant_attributes: Sequence[Mapping[str, Any] | None],
+    ) -> list[VerifiedListing]:
+        """One ``VerifiedListing`` per product; inputs are parallel lists (one entry per product)."""
+        n = len(crops)
+        if not (len(generated) == len(schemas) == len(merchant_attributes) == n):
+            raise ValueError("crops, generated, schemas and merchant_attributes must have the same length")
+        pending = [self._to_score(g, s, m or {}) for g, s, m in zip(generated, schemas, merchant_attributes)]
+        needs_image = [i for i in range(n) if pending[i]]
+        image_vectors = dict(zip(needs_image, self.embedder.embed_images([crops[i] for i in needs_image])))
+        self._warm_prompt_cache([(schemas[i], name) for i in needs_image for name in pending[i]])
+        scale = self.embedder.logit_scale if needs_image else 1.0
+        return [
+            self._listing(generated[i], schemas[i], merchant_attributes[i] or {}, pending[i],
+                          image_vectors.get(i), scale)
+            for i in range(n)
+        ]
+
+    # --- steps ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_score(generated: Mapping[str, Any], schema: _Schema, merchant: Mapping[str, Any]) -> dict[str, str]:
+        """Generated visual attributes that need CLIP: allowed values the merchant did not already give."""
+        out: dict[str, str] = {}
+        for name, value in (generated.get("attributes") or {}).items():
+            allowed = schema.visual_attributes.get(name)
+            if allowed and isinstance(value, str) and value in allowed and not _given(merchant, name):
+                out[name] = value
+        return out
+
+    def _warm_prompt_cache(self, needed: list[tuple[_Schema, str]]) -> None:
+        missing: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
+        for schema, name in needed:
+            values = tuple(schema.visual_attributes[name])
+            key = (schema.name, name, values)
+            if key not in self._prompt_cache and key not in missing:
+                missing[key] = [attribute_prompt(schema.name, name, v) for v in values]
+        if not missing:
+            return
+        vectors = self.embedder.embed_texts([p for prompts in missing.values() for p in prompts])
+        with self._cache_lock:
+            start = 0
+            for key, prompts in missing.items():
+                self._prompt_cache[key] = vectors[start : start + len(prompts)]
+                start += len(prompts)
+
+    def _listing(
+        self,
+        generated: Mapping[str, Any],
+        schema: _Schema,
+        merchant: Mapping[str, Any],
+        to_score: dict[str, str],
+        image_vector: np.ndarray | None,
+        logit_scale: float,
+    ) -> VerifiedListing:
+        attributes: dict[str, dict[str, Any]] = {}
+        dropped: dict[str, dict[str, Any]] = {}
+        for name, value in (generated.get("attributes") or {}).items():
+            if name in to_score or _given(merchant, name):
+                continue
+            reason = "merchant_only" if name in schema.merchant_only_attributes else "not_in_schema"
+            dropped[name] = {"value": value, "reason": reason, "clip_value": None, "confidence": None}
+        for name, value in to_score.items():
+            values = schema.visual_attributes[name]
+            probs = _softmax(logit_scale * (self._prompt_cache[(schema.name, name, tuple(values))] @ image_vector))
+            chosen = values.index(value)
+            rival = float(np.delete(probs, chosen).max()) if len(values) > 1 else 0.0
+            confidence = round(float(probs[chosen]), 4)
+            if probs[chosen] - rival >= self.margin:
+                attributes[name] = {"value": value, "confidence": confidence, "source": SOURCE_IMAGE}
+            else:
+                clip_value = values[int(probs.argmax())]
+                reason = "clip_prefers_other" if clip_value != value else "below_margin"
+                dropped[name] = {"value": value, "reason": reason, "clip_value": clip_value, "confidence": confidence}
+        for name in [*schema.visual_attributes, *schema.merchant_only_attributes]:
+            if _given(merchant, name):
+                attributes[name] = {"value": merchant[name], "confidence": 1.0, "source": SOURCE_MERCHANT}
+        content = {"title": generated.get("title", ""), "description": generated.get("description", ""),
+                   "attributes": attributes}
+        return VerifiedListing(content=content, dropped=dropped)
+
+
+def _given(merchant: Mapping[str, Any], name: str) -> bool:
+    value = merchant.get(name)
+    return value is not None and value != ""
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
