@@ -1,0 +1,445 @@
+"""Blue/green embedding model versions: register, backfill bookkeeping, compare, activate, drop.
+
+The *target set* of a backfill is what searches can currently return: the listings embedded by
+the active clip version (every listing when none is active yet). A new version is written beside
+the active one (status ``backfilling``, invisible to the ``catalog`` functions), compared, and
+switched in one transaction. HNSW indexes are partial per dimension, so a version of a new size
+gets its own pair of indexes (:func:`ensure_dimension_index`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import session_scope
+from db.enums import ModelKind, ModelStatus
+
+HNSW_MAX_DIMS = 2000  # pgvector's HNSW limit for the vector type
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+
+Bind = Session | Connection | Engine
+
+
+class VersionError(Exception):
+    """A lifecycle step refused (unknown version, active version dropped, coverage too low…)."""
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    name: str
+    revision: str
+    dims: int
+    profile: str
+    random_weights: bool
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    id: int
+    name: str
+    revision: str
+    dims: int | None
+    status: str
+    rows: int
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BackfillItem:
+    """What an embedder needs to embed one listing: its image (and crop box) and its text."""
+
+    listing_id: int
+    tenant_id: str
+    product_id: int
+    category: str
+    image_id: int
+    storage_uri: str
+    box: list[float] | None
+    text_input: str
+
+
+@dataclass(frozen=True)
+class Coverage:
+    target: int
+    embedded: int
+
+    @property
+    def ratio(self) -> float:
+        return 1.0 if self.target == 0 else self.embedded / self.target
+
+
+@dataclass(frozen=True)
+class BackfillReport:
+    written: int
+    seconds: float
+    coverage: Coverage
+
+
+@dataclass(frozen=True)
+class Comparison:
+    version_id: int
+    coverage: Coverage
+    recall_at_k: float | None
+    k: int
+    queries: int
+    ef_search: int
+
+
+EmbedBatch = Callable[[Sequence[BackfillItem]], tuple[np.ndarray, np.ndarray]]
+"""Returns (image vectors, text vectors), one row per item, in item order."""
+
+
+# ---------------------------------------------------------------- registry
+
+def register_version(session: Session, spec: VersionSpec) -> int:
+    """Idempotent: the id of the clip version (kind, name, revision), created as a candidate."""
+    _check_dims(spec.dims)
+    row = session.execute(
+        text(
+            "INSERT INTO model_versions (kind, name, revision, profile, random_weights, dims, params) "
+            "VALUES (:kind, :name, :revision, :profile, :random_weights, :dims, CAST(:params AS jsonb)) "
+            "ON CONFLICT (kind, name, revision) DO UPDATE SET kind = EXCLUDED.kind "
+            "RETURNING id, dims"
+        ),
+        {"kind": ModelKind.clip.value, "name": spec.name, "revision": spec.revision,
+         "profile": spec.profile, "random_weights": spec.random_weights, "dims": spec.dims,
+         "params": _json(spec.params)},
+    ).one()
+    if row.dims != spec.dims:
+        raise VersionError(f"clip version {spec.name}@{spec.revision} is registered with {row.dims} dims, "
+                           f"not {spec.dims}")
+    return int(row.id)
+
+
+def get_version(session: Session, version_id: int, *, lock: bool = False) -> VersionRow:
+    row = session.execute(
+        text("SELECT mv.id, mv.name, mv.revision, mv.dims, mv.status, mv.metrics, "
+             "(SELECT count(*) FROM embeddings e WHERE e.model_version_id = mv.id) AS rows "
+             "FROM model_versions mv WHERE mv.id = :id AND mv.kind = 'clip'"
+             + (" FOR UPDATE" if lock else "")),
+        {"id": version_id},
+    ).first()
+    if row is None:
+        raise VersionError(f"no clip model version with id {version_id}")
+    return VersionRow(row.id, row.name, row.revision, row.dims, row.status, int(row.rows), row.metrics)
+
+
+def list_versions(session: Session) -> list[VersionRow]:
+    rows = session.execute(
+        text("SELECT mv.id, mv.name, mv.revision, mv.dims, mv.status, mv.metrics, coalesce(c.n, 0) AS rows "
+             "FROM model_versions mv LEFT JOIN (SELECT model_version_id, count(*) AS n FROM embeddings "
+             "GROUP BY model_version_id) c ON c.model_version_id = mv.id "
+             "WHERE mv.kind = 'clip' ORDER BY mv.id")
+    )
+    return [VersionRow(r.id, r.name, r.revision, r.dims, r.status, int(r.rows), r.metrics) for r in rows]
+
+
+def active_version_id(session: Session) -> int | None:
+    return session.execute(
+        text("SELECT id FROM model_versions WHERE kind = 'clip' AND status = 'active'")
+    ).scalar_one_or_none()
+
+
+# ---------------------------------------------------------------- indexes
+
+def _check_dims(dims: int) -> int:
+    if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= HNSW_MAX_DIMS:
+        raise VersionError(f"embedding dims must be an integer in 1..{HNSW_MAX_DIMS}, got {dims!r}")
+    return dims
+
+
+def index_names(dims: int) -> list[str]:
+    return [f"ix_embeddings_{column}_{_check_dims(dims)}_hnsw" for column in EMBEDDING_COLUMNS]
+
+
+def _run_ddl(bind: Bind, statements: Callable[[bool], list[str]]) -> None:
+    """Engine: CONCURRENTLY in autocommit (writers keep writing). Session/Connection: in their transaction."""
+    if isinstance(bind, Engine):
+        with bind.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for sql in statements(True):
+                conn.execute(text(sql))
+    else:
+        for sql in statements(False):
+            bind.execute(text(sql))
+
+
+def _index_validity(bind: Bind, name: str) -> bool | None:
+    sql = text("SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
+               "WHERE c.relname = :name AND c.relnamespace = 'public'::regnamespace")
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return conn.execute(sql, {"name": name}).scalar_one_or_none()
+    return bind.execute(sql, {"name": name}).scalar_one_or_none()
+
+
+def has_dimension_index(bind: Bind, dims: int) -> bool:
+    return all(_index_validity(bind, name) is True for name in index_names(dims))
+
+
+def ensure_dimension_index(bind: Bind, dims: int) -> list[str]:
+    """Create the partial HNSW indexes ``((col::vector(dims)) vector_cosine_ops) WHERE dims = dims``.
+
+    Idempotent; an invalid index left by an interrupted CONCURRENTLY build is rebuilt. Returns the
+    names created. Identifiers and the dimension come from the validated integer only.
+    """
+    dims = _check_dims(dims)
+    created: list[str] = []
+    for column, name in zip(EMBEDDING_COLUMNS, index_names(dims), strict=True):
+        valid = _index_validity(bind, name)
+        if valid is True:
+            continue
+
+        def ddl(concurrently: bool, column: str = column, name: str = name, valid: bool | None = valid) -> list[str]:
+            how = " CONCURRENTLY" if concurrently else ""
+            out = [f"DROP INDEX{how} IF EXISTS {name}"] if valid is False else []
+            out.append(f"CREATE INDEX{how} IF NOT EXISTS {name} ON embeddings USING hnsw "
+                       f"(({column}::vector({dims})) vector_cosine_ops) WHERE dims = {dims}")
+            return out
+
+        _run_ddl(bind, ddl)
+        created.append(name)
+    return created
+
+
+def drop_dimension_index(bind: Bind, dims: int) -> list[str]:
+    names = index_names(dims)
+    _run_ddl(bind, lambda concurrently: [
+        f"DROP INDEX{' CONCURRENTLY' if concurrently else ''} IF EXISTS {name}" for name in names])
+    return names
+
+
+# ---------------------------------------------------------------- backfill
+
+# Listings searches can return now: those embedded by the active version, or all when none is active.
+_TARGETS = """
+    WITH active AS (SELECT id FROM model_versions WHERE kind = 'clip' AND status = 'active')
+    SELECT l.id AS listing_id FROM listings l
+    WHERE NOT EXISTS (SELECT 1 FROM active)
+       OR EXISTS (SELECT 1 FROM embeddings ae, active a
+                  WHERE ae.listing_id = l.id AND ae.model_version_id = a.id)
+"""
+
+
+def coverage(session: Session, version_id: int) -> Coverage:
+    row = session.execute(
+        text(f"WITH targets AS ({_TARGETS}) SELECT count(*) AS target, "
+             "count(*) FILTER (WHERE EXISTS (SELECT 1 FROM embeddings e WHERE e.listing_id = t.listing_id "
+             "AND e.model_version_id = :v)) AS embedded FROM targets t"),
+        {"v": version_id},
+    ).one()
+    return Coverage(int(row.target), int(row.embedded))
+
+
+def pending_items(session: Session, version_id: int, *, after_listing_id: int = 0,
+                  limit: int = 256) -> list[BackfillItem]:
+    """Target listings that lack ``version_id``, in listing-id order after a cursor."""
+    rows = session.execute(
+        text(f"""
+            WITH targets AS ({_TARGETS})
+            SELECT l.id, l.tenant_id, l.product_id, l.category, l.image_id, i.storage_uri, g.box,
+                   coalesce((SELECT ae.text_input FROM embeddings ae
+                             JOIN model_versions mv ON mv.id = ae.model_version_id AND mv.status = 'active'
+                             WHERE ae.listing_id = l.id), l.content ->> 'title', '') AS text_input
+            FROM targets t
+            JOIN listings l ON l.id = t.listing_id
+            JOIN images i ON i.id = l.image_id
+            LEFT JOIN groundings g ON g.id = l.grounding_id
+            WHERE l.id > :after
+              AND NOT EXISTS (SELECT 1 FROM embeddings e WHERE e.listing_id = l.id AND e.model_version_id = :v)
+            ORDER BY l.id
+            LIMIT :limit
+        """),
+        {"v": version_id, "after": after_listing_id, "limit": limit},
+    )
+    return [BackfillItem(*r) for r in rows]
+
+
+def write_embeddings(session: Session, version_id: int, dims: int, items: Sequence[BackfillItem],
+                     image_vectors: np.ndarray, text_vectors: np.ndarray) -> int:
+    """Idempotent insert of one batch (ON CONFLICT on (listing, version) does nothing)."""
+    image_vectors, text_vectors = np.asarray(image_vectors), np.asarray(text_vectors)
+    expected = (len(items), dims)
+    if image_vectors.shape != expected or text_vectors.shape != expected:
+        raise VersionError(f"embedder returned {image_vectors.shape}/{text_vectors.shape}, expected {expected}")
+    if not items:
+        return 0
+    result = session.execute(
+        text("INSERT INTO embeddings (tenant_id, product_id, listing_id, model_version_id, category, dims, "
+             "image_embedding, text_embedding, text_input) VALUES (:tenant_id, :product_id, :listing_id, :v, "
+             ":category, :dims, CAST(:image AS vector), CAST(:text AS vector), :text_input) "
+             "ON CONFLICT (listing_id, model_version_id) DO NOTHING"),
+        [{"tenant_id": it.tenant_id, "product_id": it.product_id, "listing_id": it.listing_id, "v": version_id,
+          "category": it.category, "dims": dims, "image": image_vectors[n].astype(np.float32),
+          "text": text_vectors[n].astype(np.float32), "text_input": it.text_input}
+         for n, it in enumerate(items)],
+    )
+    session.flush()
+    return int(result.rowcount or 0)
+
+
+def _mark_backfilling(session: Session, version_id: int) -> VersionRow:
+    version = get_version(session, version_id, lock=True)
+    if version.status == ModelStatus.retired and version.rows == 0:
+        raise VersionError(f"clip version {version_id} was dropped; register a new revision instead")
+    if version.dims is None:
+        raise VersionError(f"clip version {version_id} has no dims")
+    if version.status == ModelStatus.candidate:
+        session.execute(text("UPDATE model_versions SET status = 'backfilling' WHERE id = :id"),
+                        {"id": version_id})
+    return version
+
+
+def run_backfill(factory: sessionmaker[Session], version_id: int, embed: EmbedBatch, *,
+                 batch_size: int = 64, max_rows_per_s: float | None = None, limit: int | None = None,
+                 on_progress: Callable[[int, Coverage], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> BackfillReport:
+    """Embed every target listing that lacks ``version_id``; one committed transaction per batch.
+
+    Resumable by construction (done listings are skipped), paced to ``max_rows_per_s``, and
+    stopping after ``limit`` rows when given. ``on_progress(written_so_far, coverage_at_start)``.
+    """
+    with session_scope(factory) as s:
+        dims = int(_mark_backfilling(s, version_id).dims or 0)
+        start = coverage(s, version_id)
+    started, written, cursor = clock(), 0, 0
+    while limit is None or written < limit:
+        size = batch_size if limit is None else min(batch_size, limit - written)
+        with session_scope(factory) as s:
+            items = pending_items(s, version_id, after_listing_id=cursor, limit=size)
+            if not items:
+                break
+            image_vectors, text_vectors = embed(items)
+            write_embeddings(s, version_id, dims, items, image_vectors, text_vectors)
+        written += len(items)
+        cursor = items[-1].listing_id
+        if on_progress is not None:
+            on_progress(written, start)
+        if max_rows_per_s:
+            ahead = written / max_rows_per_s - (clock() - started)
+            if ahead > 0:
+                sleep(ahead)
+    with session_scope(factory) as s:
+        final = coverage(s, version_id)
+    return BackfillReport(written, clock() - started, final)
+
+
+# ---------------------------------------------------------------- compare / activate / drop
+
+def compare(session: Session, version_id: int, *, k: int = 10, queries: int = 100, ef_search: int = 40,
+            seed: float = 0.42) -> Comparison:
+    """Coverage and recall@k of the version's HNSW neighbours against exact search, stored in metrics."""
+    version = get_version(session, version_id)
+    dims = _check_dims(int(version.dims or 0))
+    cov = coverage(session, version_id)
+    session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true), "
+                         "set_config('hnsw.iterative_scan', 'relaxed_order', true), setseed(:seed)"),
+                    {"ef": str(int(ef_search)), "seed": seed})
+    sample = session.execute(
+        text("SELECT id, tenant_id, image_embedding FROM embeddings WHERE model_version_id = :v "
+             "ORDER BY random() LIMIT :n"),
+        {"v": version_id, "n": queries},
+    ).all()
+    # The HNSW index matches only the cast expression; the bare column forces an exact scan.
+    approx_sql = text(
+        f"SELECT id FROM embeddings WHERE dims = {dims} AND model_version_id = :v AND tenant_id = :t "
+        f"ORDER BY image_embedding::vector({dims}) <=> CAST(:q AS vector({dims})) LIMIT :k")
+    exact_sql = text(
+        "SELECT id FROM embeddings WHERE model_version_id = :v AND tenant_id = :t "
+        "ORDER BY image_embedding <=> CAST(:q AS vector) LIMIT :k")
+    hits = total = 0
+    for row in sample:
+        params = {"v": version_id, "t": row.tenant_id, "q": row.image_embedding, "k": k}
+        approx = set(session.execute(approx_sql, params).scalars())
+        exact = set(session.execute(exact_sql, params).scalars())
+        hits += len(approx & exact)
+        total += len(exact)
+    recall = hits / total if total else None
+    result = Comparison(version_id, cov, recall, k, len(sample), ef_search)
+    session.execute(
+        text("UPDATE model_versions SET metrics = metrics || CAST(:m AS jsonb) WHERE id = :id"),
+        {"id": version_id, "m": _json({"compare": {"coverage": cov.ratio, "target": cov.target,
+                                                   "embedded": cov.embedded, f"recall_at_{k}": recall,
+                                                   "queries": len(sample), "ef_search": ef_search}})},
+    )
+    return result
+
+
+def activate(session: Session, version_id: int, *, force: bool = False) -> int | None:
+    """Make ``version_id`` the active clip version in the caller's transaction; returns the old id.
+
+    Refuses below 100 % coverage or without its dimension index unless ``force``. Readers see the
+    old or the new version, never a mix: both status flips commit together.
+    """
+    old_id = session.execute(
+        text("SELECT id FROM model_versions WHERE kind = 'clip' AND status = 'active' FOR UPDATE")
+    ).scalar_one_or_none()
+    version = get_version(session, version_id, lock=True)
+    if old_id == version_id:
+        return old_id
+    if version.status == ModelStatus.retired and version.rows == 0:
+        raise VersionError(f"clip version {version_id} was dropped and has no embeddings")
+    if not force:
+        cov = coverage(session, version_id)
+        if cov.embedded < cov.target:
+            raise VersionError(f"clip version {version_id} covers {cov.embedded}/{cov.target} listings "
+                               f"({cov.ratio:.1%}); finish the backfill or pass --force")
+        if not has_dimension_index(session, int(version.dims or 0)):
+            raise VersionError(f"no valid HNSW index for {version.dims} dims; run ensure_dimension_index first "
+                               "or pass --force")
+    if old_id is not None:
+        session.execute(text("UPDATE model_versions SET status = 'retired' WHERE id = :id"), {"id": old_id})
+    session.execute(text("UPDATE model_versions SET status = 'active', activated_at = now() WHERE id = :id"),
+                    {"id": version_id})
+    session.flush()
+    return old_id
+
+
+def dims_still_used(session: Session, dims: int, *, except_version: int) -> bool:
+    return bool(session.execute(
+        text("SELECT EXISTS (SELECT 1 FROM model_versions mv WHERE mv.kind = 'clip' AND mv.dims = :d "
+             "AND mv.id <> :v AND (mv.status <> 'retired' OR EXISTS "
+             "(SELECT 1 FROM embeddings e WHERE e.model_version_id = mv.id)))"),
+        {"d": dims, "v": except_version},
+    ).scalar_one())
+
+
+def delete_version_rows(session: Session, version_id: int, *, batch_size: int = 10_000) -> int:
+    """Delete one batch of the version's embeddings; 0 when none are left. Refuses the active version."""
+    version = get_version(session, version_id, lock=True)
+    if version.status == ModelStatus.active:
+        raise VersionError(f"clip version {version_id} is active; activate another version before dropping it")
+    deleted = session.execute(
+        text("DELETE FROM embeddings WHERE id IN (SELECT id FROM embeddings WHERE model_version_id = :v "
+             "LIMIT :n)"),
+        {"v": version_id, "n": batch_size},
+    ).rowcount or 0
+    session.execute(
+        text("UPDATE model_versions SET status = 'retired', "
+             "metrics = metrics || jsonb_build_object('dropped_at', now()) WHERE id = :v"),
+        {"v": version_id},
+    )
+    return int(deleted)
+
+
+def drop_version(session: Session, version_id: int) -> tuple[int, bool]:
+    """Delete all rows of a non-active version in this transaction. Returns (deleted, dims index unused)."""
+    total = 0
+    while (n := delete_version_rows(session, version_id)) > 0:
+        total += n
+    dims = get_version(session, version_id).dims
+    return total, dims is not None and not dims_still_used(session, dims, except_version=version_id)
+
+
+def _json(value: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(value, default=str)
