@@ -1,0 +1,66 @@
+"""CLIP embeddings (tiny open_clip, 512-d like ViT-B-32) on real photos, and the visual description."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.embeddings import ClipEmbedder, visual_description
+
+
+@pytest.fixture(scope="module")
+def images(sample_photos: list[tuple[Path, str]]) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p, _ in sample_photos[:6]]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> ClipEmbedder:
+    return ClipEmbedder(profile="tiny", device="cpu")
+
+
+def test_image_vectors_are_512d_unit_float32(embedder: ClipEmbedder, images) -> None:
+    vectors = embedder.embed_images(images)
+    assert vectors.shape == (len(images), 512) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.dims == 512
+    assert embedder.version().dims == 512 and embedder.version().random_weights
+
+
+def test_batch_equals_one_by_one_and_is_deterministic(embedder: ClipEmbedder, images) -> None:
+    batch = embedder.embed_images(images)
+    single = np.concatenate([embedder.embed_images([im]) for im in images])
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+    again = ClipEmbedder(profile="tiny", device="cpu").embed_images(images)
+    np.testing.assert_allclose(batch, again, atol=1e-6)
+    assert not np.allclose(batch[0], batch[1]), "different photos, different vectors"
+
+
+def test_predict_returns_one_vector_per_image(embedder: ClipEmbedder, images) -> None:
+    rows = embedder.predict(images[:2])
+    assert len(rows) == 2 and rows[0].shape == (512,)
+
+
+def test_text_vectors(embedder: ClipEmbedder) -> None:
+    texts = ["a photo of a red dress", "a photo of a blue hat", "a photo of a red dress"]
+    vectors = embedder.embed_texts(texts)
+    assert vectors.shape == (3, 512)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    np.testing.assert_allclose(embedder.embed_texts(texts[1:2])[0], vectors[1], atol=1e-5)
+    assert embedder.embed_texts([]).shape == (0, 512)
+
+
+def test_visual_description_is_visual_short_and_deterministic() -> None:
+    attrs = {"color": "navy", "pattern": "polka_dot", "sleeve_length": "three_quarter", "neckline": "v_neck",
+             "length": "midi", "fit": "a_line"}
+    text = visual_description("dress", attrs)
+    assert text == visual_description("dress", dict(reversed(attrs.items())))
+    assert 10 <= len(text.split()) <= 20
+    assert "navy" in text and "polka dot" in text and "dress" in text and "_" not in text
+    minimal = visual_description("outwear", {"color": "black", "pattern": "solid"})
+    assert 10 <= len(minimal.split()) <= 20 and "black jacket" in minimal and "solid" not in minimal
+    long_values = {f"attribute_{i}": "very_long_value_name" for i in range(12)}
+    assert len(visual_description("shoes", long_values).split()) <= 20
