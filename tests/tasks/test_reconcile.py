@@ -1,0 +1,100 @@
+"""Coverage reconciler: which products are re-queued and why, and the counts ``enrich status`` shows."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import numpy as np
+from sqlalchemy import text
+
+from tasks.reconcile import Reason, coverage_counts, find_incomplete_products, reconcile, requeue
+from tests.db.catalog_rows import (
+    add_embeddings,
+    add_listings,
+    add_model_version,
+    add_products,
+    add_tenant,
+    unit_rows,
+)
+
+
+def _job(session, tenant: str, product_id: int, *, status: str, stage: str | None = None,  # noqa: ANN001
+         age: str = "0 seconds", retryable: bool | None = None) -> int:
+    event = uuid.uuid4()
+    session.execute(text("INSERT INTO inbox_events (event_id, tenant_id, event_type, status) "
+                         "VALUES (:e, :t, 'product.created', 'accepted')"), {"e": event, "t": tenant})
+    return int(session.execute(
+        text("INSERT INTO enrichment_jobs (tenant_id, event_id, product_id, product_version, status, stage, "
+             "error_code, retryable, work, updated_at) VALUES (:t, :e, :p, 1, :s, :st, :code, :r, "
+             "CAST(:w AS jsonb), now() - CAST(:age AS interval)) RETURNING id"),
+        {"t": tenant, "e": event, "p": product_id, "s": status, "st": stage,
+         "code": "model_error" if status == "failed" else None, "r": retryable, "age": age,
+         "w": '{"image_urls": [["https://img.example/1.jpg", "primary"]], "claims": {"model": "dead-task"}}'},
+    ).scalar_one())
+
+
+def test_reasons_and_counts(db_session) -> None:  # noqa: ANN001
+    s = db_session
+    vlm = add_model_version(s, "vlm", "vlm-a")
+    clip = add_model_version(s, "clip", "clip-a", dims=8)
+    add_tenant(s, "acme")
+    names = ["complete", "no_listing", "no_embedding", "stalled", "in_flight", "failed_retry", "failed_perm"]
+    pids = dict(zip(names, add_products(s, "acme", names, ["dress"] * len(names)), strict=True))
+    listed = [pids[n] for n in ("complete", "no_embedding")]
+    lids = add_listings(s, "acme", listed, ["dress"] * 2, vlm_id=vlm)
+    add_embeddings(s, "acme", [pids["complete"]], lids[:1], ["dress"], unit_rows(np.random.default_rng(0), 1, 8),
+                   clip_id=clip)
+    for name in ("complete", "no_listing", "no_embedding"):
+        _job(s, "acme", pids[name], status="done", stage="persist")
+    stalled_job = _job(s, "acme", pids["stalled"], status="running", stage="model", age="2 hours")
+    _job(s, "acme", pids["in_flight"], status="running", stage="model", age="1 minute")
+    _job(s, "acme", pids["failed_retry"], status="failed", retryable=True)
+    _job(s, "acme", pids["failed_perm"], status="failed", retryable=False)
+
+    found = {i.external_id: i for i in find_incomplete_products(s, stalled_after=timedelta(minutes=30))}
+    assert {k: v.reason for k, v in found.items()} == {
+        "no_listing": Reason.missing_listing, "no_embedding": Reason.missing_embedding,
+        "stalled": Reason.job_stalled, "failed_retry": Reason.job_failed_retryable}
+    assert found["stalled"].job_id == stalled_job and found["stalled"].job_stage == "model"
+    assert find_incomplete_products(s, tenant_id="other") == []
+
+    assert coverage_counts(s) == {"products": 7, "complete": 1, "in_flight": 1, "job_stalled": 1,
+                                  "job_failed_retryable": 1, "missing_listing": 1, "missing_embedding": 1,
+                                  "failed_permanently": 1}
+
+    # A new clip version becoming active makes every product miss its embedding.
+    add_model_version(s, "clip", "clip-b", dims=8)
+    assert coverage_counts(s)["complete"] == 0
+
+
+def test_requeue_releases_stalled_claim_and_creates_new_jobs(db_session) -> None:  # noqa: ANN001
+    s = db_session
+    add_model_version(s, "vlm", "vlm-a")
+    add_tenant(s, "acme")
+    stalled_pid, missing_pid = add_products(s, "acme", ["stalled", "missing"], ["dress", "dress"])
+    stalled_job = _job(s, "acme", stalled_pid, status="running", stage="model", age="2 hours")
+    _job(s, "acme", missing_pid, status="done", stage="persist")
+
+    dispatches = reconcile(s)
+    by_job = {d.job_id: d.stage for d in dispatches}
+    assert by_job[stalled_job] == "model"
+    claims = s.execute(text("SELECT work -> 'claims' FROM enrichment_jobs WHERE id = :id"),
+                       {"id": stalled_job}).scalar_one()
+    assert "model" not in claims
+    new_job = next(j for j in by_job if j != stalled_job)
+    row = s.execute(text("SELECT j.status, j.product_id, j.work, i.event_type FROM enrichment_jobs j "
+                         "JOIN inbox_events i ON i.event_id = j.event_id WHERE j.id = :id"), {"id": new_job}).one()
+    assert (row.status, row.product_id, row.event_type) == ("pending", missing_pid, "reconcile")
+    assert row.work["image_urls"] == [["https://img.example/1.jpg", "primary"]]
+    # The re-queued product is now in flight: a second pass finds nothing to do.
+    assert {i.external_id for i in find_incomplete_products(s)} == set()
+
+
+def test_requeue_without_any_job_has_nothing_to_run(db_session) -> None:  # noqa: ANN001
+    s = db_session
+    add_model_version(s, "vlm", "vlm-a")
+    add_tenant(s, "acme")
+    add_products(s, "acme", ["orphan"], ["dress"])
+    (item,) = find_incomplete_products(s)
+    assert item.reason is Reason.missing_listing and requeue(s, item) is None
