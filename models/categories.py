@@ -76,18 +76,22 @@ def _available() -> dict[str, dict[int, Path]]:
     return found
 
 
-@cache
 def load_schema(name: str, version: int | None = None) -> CategorySchema:
-    """Load ``<name>.v<version>.json`` (the latest version when ``version`` is None)."""
+    """Load ``<name>.v<version>.json`` (the latest version when ``version`` is None); one object per file."""
     versions = _available().get(name)
     if not versions:
         raise UnsupportedCategory(f"no listing schema for category {name!r}", reason="unknown_category")
     chosen = max(versions) if version is None else version
     if chosen not in versions:
         raise UnsupportedCategory(f"no version {chosen} of the {name!r} schema", reason="unknown_version")
-    schema = _parse(json.loads(versions[chosen].read_text()))
-    if schema.name != name or schema.version != chosen:
-        raise ValueError(f"{versions[chosen].name}: x-catalog says {schema.schema_id}")
+    return _load_file(name, chosen, versions[chosen])
+
+
+@cache
+def _load_file(name: str, version: int, path: Path) -> CategorySchema:
+    schema = _parse(json.loads(path.read_text()))
+    if schema.name != name or schema.version != version:
+        raise ValueError(f"{path.name}: x-catalog says {schema.schema_id}")
     return schema
 
 
@@ -119,7 +123,8 @@ def resolve_schema(category: str, *, unknown: Literal["generic", "reject"] = "ge
         raise ValueError(f"unknown must be 'generic' or 'reject', not {unknown!r}")
     key = normalise_category(category or "")
     index = _alias_index()
-    for candidate in (key, key.replace("-", ""), key[:-1] if key.endswith("s") else None):
+    plural_or_singular = key[:-1] if key.endswith("s") else f"{key}s"
+    for candidate in (key, key.replace("-", ""), plural_or_singular):
         if candidate and candidate in index:
             return CATEGORIES[index[candidate]]
     if unknown == "reject":

@@ -11,9 +11,8 @@ template, and decoding constraints work with any tokenizer xgrammar can read.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 from models.base import ModelVersionInfo, ModelWrapper
 from models.categories import CategorySchema, validate_listing
 from models.constrained import GrammarCache, GrammarVocab, SchemaLogitsProcessor, finish_row, grammar_vocab
-from models.errors import ModelError, ModelOutOfMemory, WeightsMissing
+from models.devices import halve_on_oom, select_device
+from models.errors import ModelError
+from models.loading import directory_fingerprint, resolve_model_ref, weights_missing
 from models.prompting import IMAGE_PLACEHOLDER, ListingPrompt, build_listing_prompt
+from models.tiny import random_revision
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_MAX_NEW_TOKENS = 512  # > longest schema-valid listing (80 + 400 chars + attributes) at ~3 chars/token
@@ -87,9 +89,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         self.profile = getattr(self.profile, "value", self.profile)  # StrEnum or str
         if self.profile not in PROFILES:
             raise ValueError(f"unknown VLM profile {self.profile!r}; expected one of {PROFILES}")
-        device = device or _config_value(config, "device", "cpu")
-        self.device = torch.device("cuda:0" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = select_device(str(device or _config_value(config, "device", "auto")))
         self.ref = vlm or _config_value(config, "vlm", DEFAULT_VLM)
         cache = cache_dir or _config_value(config, "cache_dir", None)
         self.cache_dir = Path(cache) if cache else None
@@ -112,7 +112,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
 
             build = build_tiny_vlm if self.profile == "tiny" else build_random_full_vlm
             model, processor = build(seed=self.seed)
-            self._revision = f"random-seed{self.seed}"
+            self._revision = random_revision(self.seed)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.processor = processor
         tokenizer = processor.tokenizer
@@ -122,23 +122,17 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         self._grammars = GrammarCache(self._grammar_vocab())
 
     def _load_pretrained(self) -> tuple[Any, Any]:
-        ref = self.ref
-        if ref.startswith("s3://"):
-            from models.loading import resolve_model_ref
-
-            ref = resolve_model_ref(ref, cache_dir=self.cache_dir or Path("models-cache"),
-                                    s3_endpoint_url=self.s3_endpoint_url)
+        # A hub id passes through unchanged; s3:// is mirrored to the cache; a missing path raises.
+        ref = resolve_model_ref(self.ref, cache_dir=self.cache_dir or Path("models-cache"),
+                                s3_endpoint_url=self.s3_endpoint_url, kind="vlm")
         try:
             processor = AutoProcessor.from_pretrained(ref)
             model = AutoModelForImageTextToText.from_pretrained(ref, dtype=self.dtype)
-        except OSError as exc:
-            raise WeightsMissing(
-                f"listing VLM {self.ref!r} is not available locally and the hub is offline: set "
-                "ENRICH_MODELS__VLM to a local directory or s3:// URI (or ENRICH_MODELS__PROFILE=tiny "
-                f"for random-weight smoke runs). Cause: {exc}",
-                reason="vlm_weights_missing",
-            ) from exc
-        self._revision = getattr(model.config, "_commit_hash", None) or _local_revision(Path(ref))
+        except OSError as exc:  # offline hub / incomplete directory
+            raise weights_missing("vlm", self.ref, str(exc).splitlines()[0]) from exc
+        local = Path(ref)
+        self._revision = (directory_fingerprint(local) if local.is_dir()
+                          else getattr(model.config, "_commit_hash", None) or "unknown")
         return model, processor
 
     def _stop_token_ids(self) -> list[int]:
@@ -163,7 +157,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         return ModelVersionInfo(
             kind="vlm",
             name=name,
-            revision=self._revision or ("unloaded" if self.profile == "pretrained" else f"random-seed{self.seed}"),
+            revision=self._revision or ("unloaded" if self.profile == "pretrained" else random_revision(self.seed)),
             profile=self.profile,
             random_weights=self.profile != "pretrained",
         )
@@ -172,7 +166,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
 
     def _predict(self, batch: list[ListingRequest], **kwargs: Any) -> list[GeneratedListing]:
         max_new = int(kwargs.get("max_new_tokens") or self.max_new_tokens)
-        return _split_on_oom(batch, lambda rows: self._generate(rows, max_new))
+        return halve_on_oom(lambda start, stop: self._generate(batch[start:stop], max_new), len(batch))
 
     def _render(self, prompt: ListingPrompt) -> str:
         return self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
@@ -240,33 +234,3 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
                       "separators": [", ", ": "]},
         )
         return record
-
-
-def _split_on_oom(batch: list[ListingRequest], run: Callable[[list[ListingRequest]], list[GeneratedListing]]
-                  ) -> list[GeneratedListing]:
-    """Halve the batch on accelerator OOM; at one row there is nothing left to shed."""
-    try:
-        return run(batch)
-    except torch.OutOfMemoryError as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(batch) == 1:
-            raise ModelOutOfMemory("listing VLM out of memory at batch size 1", reason="vlm_oom") from exc
-        mid = len(batch) // 2
-        return _split_on_oom(batch[:mid], run) + _split_on_oom(batch[mid:], run)
-
-
-def _local_revision(directory: Path) -> str:
-    """Content fingerprint of a local checkpoint (config + weight files' sizes, heads and tails), so two
-    checkpoints with the same config but different weights never share a version."""
-    digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.json")) + sorted(directory.glob("*.safetensors")):
-        digest.update(path.name.encode())
-        size = path.stat().st_size
-        digest.update(str(size).encode())
-        with path.open("rb") as fh:
-            digest.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                digest.update(fh.read())
-    return "sha256-" + digest.hexdigest()[:12]

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.models.idefics3 import Idefics3ImageProcessor, Idefics3Processor
 
 from models.categories import CATEGORIES
 from models.prompting import SYSTEM_INSTRUCTION
+from models.tiny import seeded
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -141,9 +141,9 @@ def _processor(tokenizer: PreTrainedTokenizerFast, sizes: dict, *, splitting: bo
     )
 
 
-def _model(tokenizer: PreTrainedTokenizerFast, sizes: dict, vocab_size: int, seed: int):
-    tok = tokenizer
-    config = Idefics3Config(
+def idefics3_config(tok: PreTrainedTokenizerFast, sizes: dict, vocab_size: int) -> Idefics3Config:
+    """An Idefics3 config of the given sizes whose special-token ids match ``tok``."""
+    return Idefics3Config(
         text_config={
             "model_type": "llama",
             "vocab_size": vocab_size,
@@ -158,9 +158,11 @@ def _model(tokenizer: PreTrainedTokenizerFast, sizes: dict, vocab_size: int, see
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         pad_token_id=tok.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Idefics3ForConditionalGeneration(config)
+
+
+def _model(tok: PreTrainedTokenizerFast, sizes: dict, vocab_size: int, seed: int) -> Idefics3ForConditionalGeneration:
+    with seeded(seed):
+        model = Idefics3ForConditionalGeneration(idefics3_config(tok, sizes, vocab_size))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval()
