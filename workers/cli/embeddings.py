@@ -1,0 +1,172 @@
+"""``enrich backfill`` and ``enrich embeddings list|compare|activate|drop``: blue/green clip versions."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import typer
+
+from db import embedding_versions as ev
+from db.engine import session_scope
+from workers.cli.errors import CliError, one_line_errors
+from workers.settings import Settings, get_settings
+
+embeddings_app = typer.Typer(help="Embedding model versions: list, compare, activate, drop.", no_args_is_help=True)
+
+
+class ModelEmbedder:
+    """Embeds backfill items with a loaded clip wrapper: the listing's image (cropped to its grounding
+    box) through the image tower, its stored visual text through the text tower."""
+
+    def __init__(self, clip: Any, read_bytes: Any) -> None:
+        self.clip = clip
+        self.read_bytes = read_bytes
+
+    def __call__(self, items: Sequence[ev.BackfillItem]) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image
+
+        images = []
+        for item in items:
+            image = Image.open(io.BytesIO(self.read_bytes(item.storage_uri))).convert("RGB")
+            if item.box:
+                image = image.crop(tuple(int(round(c)) for c in item.box[:4]))
+            images.append(image)
+        return self.clip.embed_images(images), self.clip.embed_texts([i.text_input for i in items])
+
+
+def load_embedder(model: str, settings: Settings) -> tuple[ev.VersionSpec, ev.EmbedBatch]:
+    """The clip model named ``model`` (same reference forms as ENRICH_MODELS__CLIP), loaded once."""
+    try:
+        from dataclasses import replace
+
+        from models.factory import build_models
+        from tasks.storage import open_blob_store
+        from workers.runtime import model_config
+        from workers.storage import s3_client
+    except ModuleNotFoundError as exc:
+        raise CliError(f"the model layer is not installed ({exc.name}); cannot compute embeddings") from exc
+    bundle = build_models(replace(model_config(settings), clip=model))
+    clip = bundle.embedder
+    clip.load()
+    info = clip.version()
+    if not info.dims:
+        raise CliError(f"clip model {model} reports no embedding dimension")
+    blobs = open_blob_store(settings.originals_uri, s3_client_factory=lambda: s3_client(settings))
+    spec = ev.VersionSpec(name=info.name, revision=info.revision, dims=int(info.dims), profile=info.profile,
+                          random_weights=info.random_weights, params={"ref": model})
+    return spec, ModelEmbedder(clip, blobs.get)
+
+
+def _factory():  # noqa: ANN202
+    from workers.database import get_session_factory
+
+    return get_session_factory()
+
+
+def backfill(
+    model: str = typer.Option(..., "--model", help="Clip model reference: ARCH/pretrained-tag, directory or s3:// URI."),
+    batch_size: int = typer.Option(64, min=1, help="Listings per model call and per committed transaction."),
+    rate: float = typer.Option(0.0, min=0, help="Most rows per second (0 = unlimited), to spare the database."),
+    limit: int = typer.Option(0, min=0, help="Stop after this many rows (0 = all); run again to resume."),
+) -> None:
+    """Embed every searchable listing with a new clip version, beside the active one (resumable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from workers.database import get_engine
+
+    with one_line_errors():
+        settings = get_settings()
+        spec, embed = load_embedder(model, settings)
+        factory = _factory()
+        with session_scope(factory) as s:
+            version_id = ev.register_version(s, spec)
+        created = ev.ensure_dimension_index(get_engine(), spec.dims)  # CONCURRENTLY: writers keep writing
+        if created:
+            typer.echo(f"created HNSW indexes {', '.join(created)}")
+        with session_scope(factory) as s:
+            start = ev.coverage(s, version_id)
+        todo = start.target - start.embedded if not limit else min(limit, start.target - start.embedded)
+        with Progress(TextColumn(f"backfill clip version {version_id}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn()) as bar:
+            task = bar.add_task("rows", total=max(todo, 0))
+            report = ev.run_backfill(factory, version_id, embed, batch_size=batch_size,
+                                     max_rows_per_s=rate or None, limit=limit or None,
+                                     on_progress=lambda done, _start: bar.update(task, completed=done))
+    cov = report.coverage
+    typer.echo(f"version {version_id} ({spec.name}@{spec.revision}, {spec.dims} dims): wrote {report.written} rows "
+               f"in {report.seconds:.1f}s; coverage {cov.embedded}/{cov.target} ({cov.ratio:.1%})")
+
+
+@embeddings_app.command("list")
+def list_versions() -> None:
+    """Clip model versions with their status, size and row counts."""
+    with one_line_errors(), session_scope(_factory()) as s:
+        versions = ev.list_versions(s)
+    for v in versions:
+        compare = v.metrics.get("compare", {})
+        recall = compare.get("recall_at_10")
+        extra = f"  coverage {compare['coverage']:.1%} recall@10 {recall:.3f}" if recall is not None else ""
+        typer.echo(f"{v.id:>4}  {v.status:<11} {v.dims or '-':>5}d  {v.rows:>9} rows  {v.name}@{v.revision}{extra}")
+
+
+@embeddings_app.command("compare")
+def compare(version_id: int = typer.Argument(..., help="Clip model version id (see `enrich embeddings list`)."),
+            queries: int = typer.Option(100, min=1, help="Sampled query rows."),
+            k: int = typer.Option(10, min=1, max=100),
+            ef_search: int = typer.Option(40, min=1, help="hnsw.ef_search for the approximate side.")) -> None:
+    """Coverage and recall@k of the version's HNSW neighbours against exact search."""
+    with one_line_errors(), session_scope(_factory()) as s:
+        result = ev.compare(s, version_id, k=k, queries=queries, ef_search=ef_search)
+    recall = "n/a (no rows)" if result.recall_at_k is None else f"{result.recall_at_k:.3f}"
+    cov = result.coverage
+    typer.echo(f"version {version_id}: coverage {cov.embedded}/{cov.target} ({cov.ratio:.1%}); "
+               f"recall@{k} {recall} over {result.queries} queries at ef_search={ef_search}")
+
+
+@embeddings_app.command("activate")
+def activate(version_id: int = typer.Argument(...),
+             force: bool = typer.Option(False, "--force", help="Activate below 100% coverage / without index.")) -> None:
+    """Switch SQL searches to this version, atomically (one transaction)."""
+    with one_line_errors():
+        try:
+            with session_scope(_factory()) as s:
+                old = ev.activate(s, version_id, force=force)
+        except ev.VersionError as exc:
+            raise CliError(str(exc)) from exc
+    typer.echo(f"clip version {version_id} is active" + (f"; version {old} retired" if old else ""))
+
+
+@embeddings_app.command("drop")
+def drop(version_id: int = typer.Argument(...),
+         yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation.")) -> None:
+    """Delete a non-active version's embeddings (in batches) and its dimension index if now unused."""
+    from workers.database import get_engine
+
+    if not yes:
+        typer.confirm(f"delete every embedding of clip version {version_id}?", abort=True)
+    with one_line_errors():
+        factory = _factory()
+        total = 0
+        try:
+            while True:
+                with session_scope(factory) as s:
+                    n = ev.delete_version_rows(s, version_id)
+                total += n
+                if n == 0:
+                    break
+            with session_scope(factory) as s:
+                dims = ev.get_version(s, version_id).dims
+                unused = dims is not None and not ev.dims_still_used(s, dims, except_version=version_id)
+        except ev.VersionError as exc:
+            raise CliError(str(exc)) from exc
+        dropped = ev.drop_dimension_index(get_engine(), dims) if unused and dims else []
+    typer.echo(f"deleted {total} embeddings of version {version_id}"
+               + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("backfill")(backfill)
+    app.add_typer(embeddings_app, name="embeddings")
