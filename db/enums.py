@@ -27,11 +27,11 @@ class JobStatus(StrEnum):
 
 
 class Stage(StrEnum):
-    fetch = "fetch"
-    ground = "ground"
-    describe = "describe"
-    embed = "embed"
-    persist = "persist"
+    """Claimable pipeline stages, in order. Timings are finer (ground, describe, verify, embed)."""
+
+    fetch = "fetch"  # fetch + dedup, CPU
+    model = "model"  # ground → describe → verify → embed, GPU, micro-batched
+    persist = "persist"  # one transaction + outbox, CPU
 
 
 class InboxStatus(StrEnum):

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -263,6 +264,21 @@ class OutboxMessage(CreatedAt, Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     published_at: Mapped[datetime | None] = mapped_column(TZ)
     publish_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+
+
+class DeadLetter(CreatedAt, Base):
+    """Messages given up on, kept by the application (brokers without dead-lettering, e.g. Redis,
+    and a record beside the broker's dead-letter queue on RabbitMQ)."""
+
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    queue: Mapped[str] = mapped_column(String(128), nullable=False)
+    routing_key: Mapped[str | None] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(String(64), nullable=False)
+    detail: Mapped[str | None] = mapped_column(Text)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
 
 
 class ReviewFeedback(CreatedAt, Base):

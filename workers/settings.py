@@ -63,8 +63,12 @@ class BrokerSettings(BaseModel):
         description="Celery/kombu broker URL: amqp://… (RabbitMQ, recommended), redis://…, sqs://… "
         "Empty: an embedded SQLite-backed kombu transport under <data_dir> (single machine only).",
     )
-    events_exchange: str = Field("catalog.events", description="Topic exchange for domain events in and out.")
+    namespace: str = Field(
+        "catalog", pattern=r"^[a-z][a-z0-9-]{0,31}$",
+        description="Prefix of every exchange and queue name (catalog.events, catalog.gpu, …).",
+    )
     quorum_queues: bool = Field(True, description="Declare quorum queues on RabbitMQ (ignored on other brokers).")
+    publish_confirm_timeout_s: float = Field(10.0, gt=0, description="Wait for broker publisher confirms.")
     delivery_limit: int = Field(5, ge=1, description="Deliveries before a poison message is dead-lettered.")
     consumer_timeout_s: int = Field(
         1800, ge=60, description="Broker consumer timeout; task hard time limits stay below it."
@@ -189,3 +193,15 @@ def get_settings() -> Settings:
 
 def reset_settings_cache() -> None:
     get_settings.cache_clear()
+
+
+def export_overrides(**values: str) -> None:
+    """Set settings for this process and the worker processes it starts (CLI flags such as
+    ``--device``), e.g. ``export_overrides(ENRICH_MODELS__DEVICE="cuda:0")``."""
+    import os
+
+    for name, value in values.items():
+        if not name.startswith("ENRICH_"):
+            raise ValueError(f"not a setting: {name}")
+        os.environ[name] = value
+    reset_settings_cache()

@@ -26,6 +26,18 @@ DEFAULT_DIMS = 512
 
 def upgrade() -> None:
     op.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    op.create_table('dead_letters',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('tenant_id', sa.String(length=128), nullable=True),
+    sa.Column('queue', sa.String(length=128), nullable=False),
+    sa.Column('routing_key', sa.String(length=128), nullable=True),
+    sa.Column('reason', sa.String(length=64), nullable=False),
+    sa.Column('detail', sa.Text(), nullable=True),
+    sa.Column('headers', postgresql.JSONB(astext_type=sa.Text()), server_default='{}', nullable=False),
+    sa.Column('body', sa.LargeBinary(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_dead_letters'))
+    )
     op.create_table('inbox_events',
     sa.Column('event_id', sa.UUID(), nullable=False),
     sa.Column('tenant_id', sa.String(length=128), nullable=True),
@@ -351,4 +363,5 @@ def downgrade() -> None:
     op.drop_index('uq_model_versions_one_active', table_name='model_versions', postgresql_where=sa.text("status = 'active'"))
     op.drop_table('model_versions')
     op.drop_table('inbox_events')
+    op.drop_table('dead_letters')
     op.execute("DROP EXTENSION IF EXISTS vector")

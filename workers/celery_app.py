@@ -1,0 +1,126 @@
+"""The Celery application. Importing this module never touches CUDA or loads a model: workers
+build their runtime after fork (``worker_process_init``), and models load on first use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from workers.broker import broker_kind, broker_url
+from workers.settings import Settings, get_settings
+from workers.topology import build_topology
+
+TASK_MODULES = ["tasks.stages"]
+OPTIONAL_TASK_MODULES = ["tasks.reconcile", "tasks.feedback_tasks", "tasks.retrain_tasks"]
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    url = broker_url(settings)
+    kind = broker_kind(url)
+    topo = build_topology(settings, rabbitmq=kind == "rabbitmq")
+    w = settings.workers
+    transport: dict[str, Any] = {}
+    if kind == "rabbitmq":
+        transport["confirm_publish"] = True
+    if kind in {"redis", "sqs"}:
+        transport["visibility_timeout"] = settings.broker.visibility_timeout_s
+    from celery.schedules import schedule
+
+    return dict(
+        broker_url=url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport,
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        task_track_started=False,
+        task_soft_time_limit=w.soft_time_limit_s,
+        task_time_limit=w.time_limit_s,
+        task_queues=topo.task_queues,
+        task_default_queue=topo.cpu.name,
+        task_default_exchange=topo.tasks.name,
+        task_default_exchange_type="topic",
+        task_default_routing_key="cpu",
+        task_create_missing_queues=False,
+        task_routes=(_route,),
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        worker_enable_remote_control=kind != "embedded",
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        beat_schedule=_beat_schedule(settings, schedule),
+        timezone="UTC",
+    )
+
+
+def _beat_schedule(settings: Settings, schedule: Any) -> dict[str, Any]:
+    beat: dict[str, Any] = {
+        "relay-outbox": {"task": "catalog.relay_outbox", "schedule": schedule(30.0)},
+    }
+    if _importable("tasks.reconcile"):
+        beat["reconcile-coverage"] = {"task": "catalog.reconcile", "schedule": schedule(settings.workers.reconcile_interval_s)}
+    if _importable("tasks.retrain_tasks"):
+        beat["retrain-build-pairs"] = {"task": "catalog.retrain.build_pairs",
+                                       "schedule": schedule(settings.workers.retrain_interval_s)}
+    return beat
+
+
+def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, Any] | None:
+    logical = getattr(task, "logical_queue", None) if task is not None else None
+    if logical is None:
+        t = app.tasks.get(name)
+        logical = getattr(t, "logical_queue", "cpu")
+    topo = build_topology(get_settings(), rabbitmq=broker_kind(app.conf.broker_url) == "rabbitmq")
+    queue = topo.task_queue(__import__("workers.topology", fromlist=["TaskQueue"]).TaskQueue(logical))
+    return {"queue": queue, "exchange": topo.tasks.name, "routing_key": logical}
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    celery = Celery("catalog")
+    celery.conf.update(celery_config(settings))
+    celery.conf.include = TASK_MODULES + [m for m in OPTIONAL_TASK_MODULES if _importable(m)]
+    return celery
+
+
+app = create_app()
+
+
+@signals.worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    """Each forked child builds its own runtime (database pool, storage, publisher)."""
+    from workers.runtime import install_from_settings
+
+    install_from_settings()
+
+
+@signals.worker_init.connect
+def _init_worker(sender: Any = None, **_: Any) -> None:
+    from workers.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(json=settings.is_production, level=settings.log_level, force=True)
+    # solo/threads pools do not fork: their runtime is installed once, here. Prefork children
+    # install theirs after fork (worker_process_init) so no connection is shared across a fork.
+    pool_cls = getattr(sender, "pool_cls", None)
+    name = pool_cls if isinstance(pool_cls, str) else f"{getattr(pool_cls, '__module__', '')}.{getattr(pool_cls, '__name__', '')}"
+    if "prefork" not in name.lower():
+        from workers.runtime import install_from_settings
+
+        install_from_settings()

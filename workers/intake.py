@@ -1,0 +1,165 @@
+"""Domain-event intake: product events, reviews and dead letters, consumed as plain JSON.
+
+Handlers receive the raw kombu message and never call ``message.decode()``: only
+``application/json`` bodies are parsed (tasks.events), so a pickled message is refused unread.
+They run inside the Celery worker as a consumer bootstep (``enrich worker --queues events,…``)
+or alone in a kombu consumer loop (``enrich worker --queues events``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import bootsteps
+from kombu import Connection, Consumer, Message
+from kombu.mixins import ConsumerMixin
+from sqlalchemy.exc import OperationalError
+
+from db.tables import DeadLetter
+from tasks import jobs
+from tasks.errors import ErrorCode
+from tasks.events import InvalidEvent, parse_product_event
+from tasks.intake import Outcome, accept_product_event, reject_invalid_event
+from tasks.outbox import relay
+from workers.broker import broker_kind, broker_url
+from workers.database import get_session_factory
+from workers.logs import bind_context, get_logger
+from workers.publisher import KombuEventPublisher
+from workers.settings import Settings, get_settings
+from workers.topology import Topology, build_topology
+
+log = get_logger(__name__)
+
+
+class EventHandlers:
+    """The three handlers, sharing one publisher and one session factory per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rabbitmq = broker_kind(broker_url(settings)) == "rabbitmq"
+        self.topology: Topology = build_topology(settings, rabbitmq=self.rabbitmq)
+        self.publisher = KombuEventPublisher(settings)
+        self._factory = None
+
+    @property
+    def factory(self):  # noqa: ANN201
+        if self._factory is None:
+            self._factory = get_session_factory()
+        return self._factory
+
+    def _relay(self) -> None:
+        try:
+            relay(self.factory, self.publisher)
+        except Exception as exc:  # noqa: BLE001 - the periodic relay catches up
+            log.warning("outbox.relay_deferred", error=str(exc)[:200])
+
+    def _keep_dead_letter(self, message: Message, queue: str, reason: str, detail: str | None,
+                          tenant_id: str | None = None) -> None:
+        with self.factory() as session, session.begin():
+            session.add(DeadLetter(tenant_id=tenant_id, queue=queue, routing_key=message.delivery_info.get("routing_key"),
+                                   reason=reason, detail=(detail or "")[:2000], headers=_jsonable(message.headers),
+                                   body=bytes(message.body if isinstance(message.body, bytes) else str(message.body).encode())))
+
+    def _reject(self, message: Message, queue: str, reason: str, detail: str) -> None:
+        """Dead-letter: the broker does it on RabbitMQ; elsewhere the application keeps the message."""
+        if not self.rabbitmq:
+            self._keep_dead_letter(message, queue, reason, detail)
+        message.reject(requeue=False)
+
+    def on_product_event(self, message: Message) -> None:
+        rk = message.delivery_info.get("routing_key", "")
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        try:
+            try:
+                event = parse_product_event(body, message.content_type, rk)
+            except InvalidEvent as exc:
+                with self.factory() as session, session.begin():
+                    reject_invalid_event(session, exc, body, rk)
+                self._relay()
+                self._reject(message, self.topology.product_events.name, "invalid_event", exc.detail)
+                return
+            with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id, product_id=event.external_id):
+                with self.factory() as session, session.begin():
+                    result = accept_product_event(session, event)
+                if result.outcome in (Outcome.accepted, Outcome.redispatch):
+                    from tasks.stages import fetch
+
+                    fetch.delay(result.job_id)
+                elif result.outcome is Outcome.stale:
+                    self._relay()
+                message.ack()
+        except OperationalError as exc:
+            log.warning("intake.database_unavailable", error=str(exc).splitlines()[0][:200])
+            time.sleep(1.0)
+            message.requeue()
+
+    def on_dead_letter(self, message: Message) -> None:
+        """A message the broker gave up on (delivery limit): keep it, and end its job as failed."""
+        headers = message.headers or {}
+        deaths = headers.get("x-death") or []
+        reason = str(deaths[0].get("reason")) if deaths else "dead-lettered"
+        queue = str(deaths[0].get("queue")) if deaths else "?"
+        job_id = _job_id_of_task(message) if headers.get("task") else None
+        self._keep_dead_letter(message, queue, reason, f"task {headers.get('task')}" if job_id else None)
+        if job_id is not None:
+            with self.factory() as session, session.begin():
+                jobs.fail(session, job_id, ErrorCode.worker_lost,
+                          f"{headers.get('task')} was delivered {self.settings.broker.delivery_limit}+ times without "
+                          f"completing (the worker died each time); dead-lettered", retryable=False)
+            self._relay()
+        message.ack()
+
+    def queues_and_handlers(self) -> list[tuple[Any, Callable[[Message], None]]]:
+        pairs: list[tuple[Any, Callable[[Message], None]]] = [
+            (self.topology.product_events, self.on_product_event),
+            (self.topology.dead_letters, self.on_dead_letter),
+        ]
+        try:
+            from workers.review_intake import on_review_event  # feedback intake (issue 6)
+
+            pairs.append((self.topology.review_events, lambda m: on_review_event(self, m)))
+        except ModuleNotFoundError:
+            pass
+        return pairs
+
+
+def _job_id_of_task(message: Message) -> int | None:
+    try:
+        args = json.loads(message.body)[0]
+        return int(args[0]) if args else None
+    except (ValueError, TypeError, IndexError, KeyError):
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        return json.loads(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        return {}
+
+
+class IntakeStep(bootsteps.ConsumerStep):
+    """Runs the event handlers inside a Celery worker's consumer."""
+
+    def get_consumers(self, channel) -> list[Consumer]:  # noqa: ANN001
+        handlers = EventHandlers(get_settings())
+        consumers = []
+        for queue, handler in handlers.queues_and_handlers():
+            consumers.append(Consumer(channel, queues=[queue], on_message=handler, prefetch_count=1,
+                                      accept=["application/json"]))
+        return consumers
+
+
+class StandaloneIntake(ConsumerMixin):
+    """The same handlers in a plain kombu consumer loop, for an events-only worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.connection = Connection(broker_url(settings))
+        self.handlers = EventHandlers(settings)
+
+    def get_consumers(self, consumer_cls, channel) -> list[Consumer]:  # noqa: ANN001
+        return [consumer_cls(queues=[q], on_message=h, prefetch_count=1, accept=["application/json"])
+                for q, h in self.handlers.queues_and_handlers()]

@@ -1,0 +1,55 @@
+"""Publishing domain events as plain JSON on the events exchange, with publisher confirms."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from kombu import Connection, Producer
+
+from workers.broker import broker_kind, broker_url
+from workers.settings import Settings
+from workers.topology import Topology, build_topology, declare
+
+
+class KombuEventPublisher:
+    """Thread-safe; one connection per process, re-established on failure."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = broker_url(settings)
+        self._rabbit = broker_kind(self._url) == "rabbitmq"
+        self.topology: Topology = build_topology(settings, rabbitmq=self._rabbit)
+        self._timeout = settings.broker.publish_confirm_timeout_s
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._producer: Producer | None = None
+
+    def _ensure(self) -> Producer:
+        if self._producer is None:
+            options = {"confirm_publish": True} if self._rabbit else {}
+            self._conn = Connection(self._url, transport_options=options, connect_timeout=self._timeout)
+            self._conn.ensure_connection(max_retries=3)
+            declare(self._conn, self.topology)
+            self._producer = Producer(self._conn.channel(), exchange=self.topology.events)
+        return self._producer
+
+    def publish(self, routing_key: str, payload: dict[str, Any], *, message_id: str) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        with self._lock:
+            try:
+                self._ensure().publish(body, routing_key=routing_key, content_type="application/json",
+                                       content_encoding="utf-8", delivery_mode=2, message_id=message_id,
+                                       headers={"event_type": payload.get("event_type", routing_key)},
+                                       retry=True, retry_policy={"max_retries": 3})
+            except Exception:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:  # noqa: BLE001
+                pass
+        self._conn, self._producer = None, None

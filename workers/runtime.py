@@ -1,0 +1,62 @@
+"""Build the task runtime from settings and install it in this process (after fork)."""
+
+from __future__ import annotations
+
+from workers.logs import get_logger
+from workers.settings import Settings, get_settings
+
+log = get_logger(__name__)
+
+
+def model_config(settings: Settings):  # noqa: ANN201
+    from models.factory import ModelConfig
+
+    m = settings.models
+    return ModelConfig(profile=m.profile.value, device=m.device, detector=m.detector, vlm=m.vlm, clip=m.clip,
+                       cache_dir=settings.model_cache_dir, s3_endpoint_url=settings.storage.s3_endpoint_url,
+                       detection_threshold=m.detection_threshold, crop_padding=m.crop_padding,
+                       verify_margin=m.verify_margin, max_new_tokens=m.max_new_tokens)
+
+
+def fetch_policy(settings: Settings):  # noqa: ANN201
+    from tasks.fetching import FetchPolicy
+
+    s = settings.storage
+    return FetchPolicy(allow_file_urls=s.allow_file_urls, allow_private_addresses=s.allow_private_addresses,
+                       allow_http=s.allow_http, allowed_buckets=tuple(s.allowed_buckets),
+                       max_bytes=s.max_image_bytes, timeout_s=s.fetch_timeout_s,
+                       s3_endpoint_url=s.s3_endpoint_url, s3_region=s.s3_region)
+
+
+def build_runtime(settings: Settings):  # noqa: ANN201
+    from models.factory import build_models
+    from models.images import ImageLimits
+    from tasks.fetching import ImageFetcher
+    from tasks.runtime import RetryPolicy, Runtime
+    from tasks.storage import open_blob_store
+    from workers.database import get_session_factory, reset_engine
+    from workers.publisher import KombuEventPublisher
+    from workers.storage import s3_client
+
+    reset_engine()  # never reuse a connection pool inherited across fork
+    config = model_config(settings)
+    w = settings.workers
+    return Runtime(
+        session_factory=get_session_factory(),
+        blobs=open_blob_store(settings.originals_uri, s3_client_factory=lambda: s3_client(settings)),
+        fetcher=ImageFetcher(fetch_policy(settings), s3_client_factory=lambda: s3_client(settings)),
+        publisher=KombuEventPublisher(settings),
+        image_limits=ImageLimits(max_pixels=settings.storage.max_pixels, max_frames=settings.storage.max_frames),
+        models_factory=lambda: build_models(config),
+        retry=RetryPolicy(max_retries=w.max_retries, backoff_s=w.retry_backoff_s, backoff_max_s=w.retry_backoff_max_s),
+        unknown_category=settings.models.unknown_category,
+        batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
+    )
+
+
+def install_from_settings(settings: Settings | None = None) -> None:
+    from tasks.runtime import install_runtime
+
+    settings = settings or get_settings()
+    install_runtime(build_runtime(settings))
+    log.info("runtime.installed", profile=settings.models.profile.value, device=settings.models.device)

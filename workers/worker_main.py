@@ -1,0 +1,46 @@
+"""Start a Celery worker (or the standalone intake loop) for the requested queues."""
+
+from __future__ import annotations
+
+import socket
+
+from workers.logs import configure_logging, get_logger
+from workers.settings import export_overrides, get_settings
+
+log = get_logger(__name__)
+
+
+def run_worker(queues: list[str], *, device: str | None, concurrency: int | None, loglevel: str,
+               hostname: str | None) -> None:
+    if device:
+        export_overrides(ENRICH_MODELS__DEVICE=device)
+    settings = get_settings()
+    configure_logging(json=settings.is_production, level=loglevel, force=True)
+    task_queues = [q for q in queues if q in ("cpu", "gpu")]
+    if not task_queues:
+        from workers.intake import StandaloneIntake
+
+        log.info("worker.intake_only")
+        StandaloneIntake(settings).run()
+        return
+
+    from workers.celery_app import app
+    from workers.topology import build_topology
+    from workers.broker import broker_kind, broker_url
+
+    topo = build_topology(settings, rabbitmq=broker_kind(broker_url(settings)) == "rabbitmq")
+    if "events" in queues:
+        from workers.intake import IntakeStep
+
+        app.steps["consumer"].add(IntakeStep)
+    names = [topo.task_queue(__import__("workers.topology", fromlist=["TaskQueue"]).TaskQueue(q)).name
+             for q in task_queues]
+    gpu = "gpu" in task_queues
+    # GPU: one process, a thread per in-flight product (prefetch 1 each) feeding one micro-batcher.
+    pool = "threads" if gpu else "prefork"
+    size = concurrency or (settings.workers.batch_size if gpu else 2)
+    node = hostname or f"{'+'.join(queues)}@{socket.gethostname()}"
+    argv = ["worker", f"--queues={','.join(names)}", f"--pool={pool}", f"--concurrency={size}",
+            f"--loglevel={loglevel}", f"--hostname={node}", "--without-gossip", "--without-mingle"]
+    log.info("worker.start", queues=queues, pool=pool, concurrency=size)
+    app.worker_main(argv)
