@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Deployment, base_env, require_service
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> None:
+    require_service(5672, "RabbitMQ", "start it (rabbitmq-server -detached) or run infra/scripts/services.sh")
+
+
+@pytest.fixture(scope="module")
+def deployment(rabbitmq, pg_url: str, engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:  # noqa: ANN001
+    """events+cpu worker and gpu worker on RabbitMQ, tiny models, unknown categories rejected."""
+    data_dir: Path = tmp_path_factory.mktemp("deploy")
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    env = base_env(pg_url=pg_url, data_dir=data_dir, namespace=namespace,
+                   ENRICH_MODELS__UNKNOWN_CATEGORY="reject")
+    dep = Deployment(env=env, data_dir=data_dir, namespace=namespace, engine=engine)
+    try:
+        dep.start_worker("events,cpu")
+        dep.start_worker("gpu")
+        yield dep
+    finally:
+        dep.stop_workers()
+        dep.delete_broker_objects()
+
+
+def tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:8]}"
