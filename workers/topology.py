@@ -92,7 +92,7 @@ def rabbitmq_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]
     for queue in topology.all_queues:
         queues.append({"name": queue.name, "vhost": vhost, "durable": True, "auto_delete": False,
                        "arguments": dict(queue.queue_arguments or {})})
-        for b in queue.bindings:
+        for b in sorted(queue.bindings, key=lambda b: (b.exchange.name, b.routing_key)):
             bindings.append({"source": b.exchange.name, "vhost": vhost, "destination": queue.name,
                              "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}})
     return {"exchanges": exchanges, "queues": queues, "bindings": bindings}
