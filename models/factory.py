@@ -89,8 +89,7 @@ class ModelBundle:
             if self._generator is None:
                 from models.listing import ListingGenerator
 
-                self._generator = ListingGenerator(self.config.vlm, max_new_tokens=self.config.max_new_tokens,
-                                                   **self._common())
+                self._generator = ListingGenerator(self.config)
             return self._generator
 
     def versions(self) -> dict[str, ModelVersionInfo]:

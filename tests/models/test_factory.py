@@ -72,3 +72,12 @@ def test_importing_the_model_layer_loads_no_model() -> None:
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_generator_comes_from_the_same_config_and_loads_lazily(tmp_path: Path) -> None:
+    pytest.importorskip("models.listing")
+    bundle = build_models(ModelConfig(profile="tiny", device="cpu", cache_dir=tmp_path, seed=2))
+    generator = bundle.generator
+    assert generator is bundle.generator and not generator.loaded
+    vlm = bundle.versions()["vlm"]
+    assert vlm.random_weights and vlm.revision == "random-seed2" and not generator.loaded
