@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     from models.images import ImageLimits
     from tasks.batching import MicroBatcher
     from tasks.fetching import ImageFetcher
+    from tasks.retrain import RetrainConfig
     from tasks.storage import BlobStore
 
 
@@ -51,6 +52,8 @@ class Runtime:
     _model_ids: dict[str, int] | None = field(default=None, init=False, repr=False)
     _batcher: MicroBatcher | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    datasets: BlobStore | None = None  # where DPO datasets are written (retrain)
+    retrain: RetrainConfig | None = None
 
     @property
     def models(self) -> ModelBundle:

@@ -28,6 +28,14 @@ def fetch_policy(settings: Settings):  # noqa: ANN201
                        s3_endpoint_url=s.s3_endpoint_url, s3_region=s.s3_region)
 
 
+def retrain_config(settings: Settings):  # noqa: ANN201
+    from tasks.retrain import RetrainConfig
+
+    w = settings.workers
+    return RetrainConfig(window_days=w.retrain_window_days, merchant_cap=w.retrain_merchant_cap,
+                         holdout_fraction=w.retrain_holdout_fraction)
+
+
 def build_runtime(settings: Settings):  # noqa: ANN201
     from models.factory import build_models
     from models.images import ImageLimits
@@ -51,6 +59,8 @@ def build_runtime(settings: Settings):  # noqa: ANN201
         retry=RetryPolicy(max_retries=w.max_retries, backoff_s=w.retry_backoff_s, backoff_max_s=w.retry_backoff_max_s),
         unknown_category=settings.models.unknown_category,
         batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
+        datasets=open_blob_store(settings.datasets_uri, s3_client_factory=lambda: s3_client(settings)),
+        retrain=retrain_config(settings),
     )
 
 

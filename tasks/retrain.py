@@ -1,0 +1,267 @@
+"""DPO preference pairs from merchant feedback, built incrementally into versioned datasets.
+
+One run, in one transaction under a transaction-scoped advisory lock (a concurrent run is
+``skipped``): read the feedback newer than the watermark (the highest feedback id any dataset
+consumed) inside the time window, keep each listing's latest review, and build pairs:
+
+- ``merchant_correction``: prompt = the listing's exact model input (rendered prompt text, the
+  stored original's URI and grounding box, the schema id), rejected = the model's JSON,
+  chosen = the model's JSON with the merchant's corrections applied, valid under the same schema;
+- ``verification_drop``: for an accepted listing whose visual verification dropped attributes,
+  chosen = the verified listing the merchant accepted, rejected = the raw model output.
+
+Pairs are de-duplicated by content hash (against earlier datasets too), capped per merchant,
+split into train/holdout by a hash of the product, written with ``tasks.datasets`` and recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from jsonschema import ValidationError
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.enums import DatasetSplit, PairSource, ReviewDecision
+from db.tables import PreferencePair, TrainingDataset
+from models.categories import CategorySchema, load_schema, validate_listing
+from models.errors import UnsupportedCategory
+from tasks.datasets import listing_json, write_dataset
+from tasks.storage import BlobStore
+
+log = structlog.get_logger(__name__)
+
+ADVISORY_LOCK_KEY = 0x0D90_7EA1  # one pair builder at a time across all beat/worker processes
+# Review transactions are short and statements time out after 30 s: feedback older than twice that
+# has committed, so no lower feedback id can still appear behind the watermark.
+DEFAULT_SETTLE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    window_days: int = 30
+    merchant_cap: int = 200
+    holdout_fraction: float = 0.1
+    settle: timedelta = DEFAULT_SETTLE
+    max_feedback: int = 50_000
+
+
+class BuildStatus(StrEnum):
+    built = "built"
+    empty = "empty"  # no new feedback, or none that makes a valid pair
+    skipped = "skipped"  # another run holds the lock
+
+
+@dataclass(frozen=True)
+class Pair:
+    feedback_id: int
+    tenant_id: str
+    merchant_id: str
+    listing_id: int
+    product_id: int
+    external_id: str
+    category: str
+    source: PairSource
+    schema: CategorySchema
+    prompt: dict[str, Any]
+    chosen: dict[str, Any]
+    rejected: dict[str, Any]
+    vlm_version_id: int | None
+
+    @property
+    def pair_hash(self) -> str:
+        doc = [self.tenant_id, self.prompt["text"], self.prompt["image_uri"], self.chosen, self.rejected]
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class BuildResult:
+    status: BuildStatus
+    dataset_id: int | None = None
+    name: str | None = None
+    uri: str | None = None
+    pairs: int = 0
+    watermark: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+_NEW_FEEDBACK = text("""
+    SELECT f.id AS feedback_id, f.tenant_id, f.decision, f.corrected, f.created_at,
+           l.id AS listing_id, l.product_id, l.category, l.schema_id, l.content, l.dropped_attributes,
+           l.model_output, l.model_input, l.model_version_id, p.merchant_id, p.external_id,
+           i.storage_uri, g.box
+    FROM review_feedback f
+    JOIN listings l ON l.id = f.listing_id AND l.tenant_id = f.tenant_id
+    JOIN products p ON p.id = l.product_id AND p.tenant_id = l.tenant_id
+    JOIN images i ON i.id = l.image_id AND i.tenant_id = l.tenant_id
+    LEFT JOIN groundings g ON g.id = l.grounding_id AND g.tenant_id = l.tenant_id
+    WHERE f.id > :watermark AND f.created_at >= now() - :window AND f.created_at <= now() - :settle
+    ORDER BY f.id
+    LIMIT :limit
+""")
+
+
+def current_watermark(session: Session) -> int:
+    return int(session.execute(text(
+        "SELECT coalesce(max(watermark_feedback_id), 0) FROM training_datasets")).scalar_one())
+
+
+def holdout_split(tenant_id: str, external_id: str, fraction: float) -> DatasetSplit:
+    """Every version and listing of one product lands on the same side, in every dataset."""
+    digest = hashlib.sha256(f"{tenant_id}\x1f{external_id}".encode()).digest()
+    return DatasetSplit.holdout if int.from_bytes(digest[:8]) / 2**64 < fraction else DatasetSplit.train
+
+
+def corrected_listing(schema: CategorySchema, model_output: dict[str, Any], corrected: dict[str, Any]) -> dict[str, Any]:
+    """The model's JSON with the merchant's corrections; merchant-only attributes are not model output."""
+    out = json.loads(json.dumps(model_output))
+    for name in ("title", "description"):
+        if name in corrected:
+            out[name] = corrected[name]
+    attributes = dict(out.get("attributes") or {})
+    for name, value in (corrected.get("attributes") or {}).items():
+        if name in schema.visual_attributes:
+            attributes[name] = value
+    out["attributes"] = attributes
+    return out
+
+
+def verified_listing(schema: CategorySchema, content: dict[str, Any]) -> dict[str, Any]:
+    """The verified content (dropped attributes already absent) in model-output shape."""
+    attrs = {k: (v.get("value") if isinstance(v, dict) else v) for k, v in (content.get("attributes") or {}).items()
+             if k in schema.visual_attributes}
+    return {"title": content.get("title", ""), "description": content.get("description", ""), "attributes": attrs}
+
+
+def _pair_from_row(row: Any, drops: Counter[str]) -> Pair | None:
+    try:
+        name, _, version = row.schema_id.partition("@")
+        schema = load_schema(name, int(version) if version.isdigit() else None)
+    except UnsupportedCategory:
+        drops["unknown_schema"] += 1
+        return None
+    model_input = row.model_input or {}
+    if not model_input.get("prompt_text") or not row.model_output:
+        drops["no_model_input"] += 1
+        return None
+    corrected = row.corrected or {}
+    if row.decision != ReviewDecision.accepted.value and (corrected.get("title") is not None or corrected.get(
+            "description") is not None or corrected.get("attributes")):
+        source, chosen = PairSource.merchant_correction, corrected_listing(schema, row.model_output, corrected)
+    elif row.decision == ReviewDecision.accepted.value and row.dropped_attributes:
+        source, chosen = PairSource.verification_drop, verified_listing(schema, row.content)
+    else:
+        drops["no_preference"] += 1  # accepted as generated, or rejected without a correction
+        return None
+    if chosen == row.model_output:
+        drops["no_change"] += 1
+        return None
+    try:
+        validate_listing(schema, chosen)
+    except ValidationError:
+        drops["chosen_invalid"] += 1
+        return None
+    prompt = {"text": model_input["prompt_text"], "schema_id": schema.schema_id, "image_uri": row.storage_uri,
+              "box": row.box, "locale": model_input.get("locale"), "merchant_data": model_input.get("merchant_data"),
+              "model": model_input.get("model")}
+    return Pair(feedback_id=row.feedback_id, tenant_id=row.tenant_id, merchant_id=row.merchant_id,
+                listing_id=row.listing_id, product_id=row.product_id, external_id=row.external_id,
+                category=row.category, source=source, schema=schema, prompt=prompt, chosen=chosen,
+                rejected=row.model_output, vlm_version_id=row.model_version_id)
+
+
+def _dedupe_and_cap(session: Session, pairs: list[Pair], cap: int, drops: Counter[str]) -> list[Pair]:
+    hashes = [p.pair_hash for p in pairs]
+    known = set(session.execute(text("SELECT pair_hash FROM preference_pairs WHERE pair_hash = ANY(:h)"),
+                                {"h": hashes}).scalars())
+    seen: set[str] = set()
+    per_merchant: dict[tuple[str, str], list[Pair]] = defaultdict(list)
+    for pair, h in sorted(zip(pairs, hashes, strict=True), key=lambda ph: -ph[0].feedback_id):
+        if h in known or h in seen:
+            drops["duplicate"] += 1
+            continue
+        seen.add(h)
+        bucket = per_merchant[(pair.tenant_id, pair.merchant_id)]
+        if len(bucket) >= cap:  # the newest feedback of each merchant is kept
+            drops["merchant_cap"] += 1
+            continue
+        bucket.append(pair)
+    return sorted((p for b in per_merchant.values() for p in b), key=lambda p: p.feedback_id)
+
+
+def _model_names(session: Session, ids: set[int]) -> list[str]:
+    rows = session.execute(text("SELECT name || '@' || revision FROM model_versions WHERE id = ANY(:ids)"),
+                           {"ids": sorted(ids)}).scalars()
+    return sorted(rows)
+
+
+def _row(pair: Pair, split: DatasetSplit) -> dict[str, Any]:
+    return {"prompt": pair.prompt["text"], "chosen": listing_json(pair.schema, pair.chosen),
+            "rejected": listing_json(pair.schema, pair.rejected), "images": [pair.prompt["image_uri"]],
+            "image_box": pair.prompt["box"], "schema_id": pair.schema.schema_id, "category": pair.category,
+            "source": pair.source.value, "split": split.value, "listing_id": pair.listing_id,
+            "merchant_data": pair.prompt["merchant_data"], "locale": pair.prompt["locale"],
+            "pair_hash": pair.pair_hash}
+
+
+def build_preference_pairs(session: Session, store: BlobStore, config: RetrainConfig = RetrainConfig()) -> BuildResult:
+    """One incremental run (flush only; the caller commits). Files are written before the rows."""
+    if not session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY}).scalar_one():
+        log.info("retrain.skipped", reason="locked")
+        return BuildResult(BuildStatus.skipped)
+    watermark = current_watermark(session)
+    rows = session.execute(_NEW_FEEDBACK, {"watermark": watermark, "window": timedelta(days=config.window_days),
+                                           "settle": config.settle, "limit": config.max_feedback}).all()
+    if not rows:
+        return BuildResult(BuildStatus.empty, watermark=watermark)
+    latest = {r.listing_id: r for r in rows}  # ordered by id: a listing's latest review wins
+    drops: Counter[str] = Counter(superseded_review=len(rows) - len(latest))
+    pairs = [p for r in latest.values() if (p := _pair_from_row(r, drops)) is not None]
+    pairs = _dedupe_and_cap(session, pairs, config.merchant_cap, drops) if pairs else []
+    new_watermark = max(r.feedback_id for r in rows)
+    if not pairs:
+        log.info("retrain.empty", feedback=len(rows), dropped=dict(drops))
+        return BuildResult(BuildStatus.empty, watermark=watermark, dropped=dict(drops))
+
+    splits = {p.pair_hash: holdout_split(p.tenant_id, p.external_id, config.holdout_fraction) for p in pairs}
+    rows_by_split: dict[str, list[dict[str, Any]]] = {s.value: [] for s in DatasetSplit}
+    for p in pairs:
+        rows_by_split[splits[p.pair_hash].value].append(_row(p, splits[p.pair_hash]))
+    window_start, window_end = min(r.created_at for r in rows), max(r.created_at for r in rows)
+    manifest = {
+        "counts": {"pairs": len(pairs), "by_split": {k: len(v) for k, v in rows_by_split.items()},
+                   "by_category": dict(Counter(p.category for p in pairs)),
+                   "by_source": dict(Counter(p.source.value for p in pairs)),
+                   "merchants": len({(p.tenant_id, p.merchant_id) for p in pairs})},
+        "window": {"start": window_start.isoformat(), "end": window_end.isoformat(), "days": config.window_days},
+        "feedback_ids": {"after": watermark, "through": new_watermark},
+        "schema_versions": sorted({p.schema.schema_id for p in pairs}),
+        "model_versions": _model_names(session, {p.vlm_version_id for p in pairs if p.vlm_version_id}),
+        "dropped": dict(drops), "merchant_cap": config.merchant_cap, "holdout_fraction": config.holdout_fraction,
+    }
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    provisional = hashlib.sha256("".join(sorted(splits)).encode()).hexdigest()[:8]
+    name = f"dpo-{stamp}-{provisional}"
+    written = write_dataset(store, name, rows_by_split, manifest)
+    dataset = TrainingDataset(name=name, uri=written.uri, content_hash=written.content_hash,
+                              manifest=written.manifest, watermark_feedback_id=new_watermark,
+                              window_start=window_start, window_end=window_end)
+    session.add(dataset)
+    session.flush()
+    session.execute(insert(PreferencePair).values([
+        dict(tenant_id=p.tenant_id, dataset_id=dataset.id, listing_id=p.listing_id, product_id=p.product_id,
+             merchant_id=p.merchant_id, category=p.category, source=p.source.value,
+             split=splits[p.pair_hash].value, pair_hash=p.pair_hash, prompt=p.prompt, chosen=p.chosen,
+             rejected=p.rejected) for p in pairs
+    ]).on_conflict_do_nothing(index_elements=["pair_hash"]))
+    log.info("retrain.built", dataset=name, pairs=len(pairs), watermark=new_watermark, dropped=dict(drops))
+    return BuildResult(BuildStatus.built, dataset_id=dataset.id, name=name, uri=written.uri, pairs=len(pairs),
+                       watermark=new_watermark, dropped=dict(drops))

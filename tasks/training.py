@@ -1,0 +1,172 @@
+"""Training hook: one DPO run on a recorded dataset → a *candidate* listing-model version.
+
+``train_candidate`` reads the dataset's JSONL (local or S3), resolves each pair's image from the
+originals store (cropped to its grounding box, as the model saw it), runs ``models.dpo`` on the
+train split, saves the merged weights as a loadable directory, evaluates base and candidate on the
+held-out split (schema-valid rate of constrained generation, field-level accuracy against the
+merchant's corrections, DPO reward accuracy) and upserts a ``model_versions`` row with status
+``candidate``. ``promote`` is the separate, explicit step that makes a candidate active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from jsonschema import ValidationError
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.enums import ModelKind, ModelStatus
+from db.tables import ModelVersion, TrainingDataset
+from models.categories import load_schema, validate_listing
+from models.dpo import DpoConfig, PreferenceExample, PreferenceTuner
+from models.errors import ModelError
+from models.images import decode_image
+from models.listing import ListingGenerator, ListingRequest
+from models.loading import directory_fingerprint
+from models.vlm_builders import save_vlm
+from tasks.datasets import read_split
+from tasks.storage import BlobStore
+
+log = structlog.get_logger(__name__)
+
+
+class PromotionError(ValueError):
+    """The model version cannot be promoted (unknown, not a vlm, or not a candidate)."""
+
+
+@dataclass(frozen=True)
+class CandidateResult:
+    model_version_id: int
+    weights_dir: Path
+    metrics: dict[str, Any]
+
+
+def _image(originals: BlobStore, row: dict[str, Any], cache: dict[str, Image.Image]) -> Image.Image:
+    uri = row["images"][0]
+    if uri not in cache:
+        cache[uri] = decode_image(originals.get(uri)).image
+    image, box = cache[uri], row.get("image_box")
+    return image.crop(tuple(int(round(c)) for c in box[:4])) if box else image
+
+
+def _examples(rows: list[dict[str, Any]], images: list[Image.Image]) -> list[PreferenceExample]:
+    return [PreferenceExample(r["prompt"], r["chosen"], r["rejected"], im) for r, im in zip(rows, images, strict=True)]
+
+
+def _fields(listing: dict[str, Any]) -> dict[str, Any]:
+    out = {k: listing.get(k) for k in ("title", "description")}
+    out.update({f"attributes.{k}": v for k, v in (listing.get("attributes") or {}).items()})
+    return out
+
+
+def evaluate(generator: ListingGenerator, rows: list[dict[str, Any]], images: list[Image.Image], *,
+             max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Constrained generation on held-out pairs: schema-valid rate and field accuracy vs the chosen listing."""
+    if not rows:
+        return {"pairs": 0, "schema_valid_rate": None, "field_accuracy": None, "corrected_field_accuracy": None}
+    valid = fields = hits = corrected = corrected_hits = 0
+    for row, image in zip(rows, images, strict=True):
+        schema = load_schema(*_schema_ref(row["schema_id"]))
+        data = row.get("merchant_data") or {}
+        request = ListingRequest(image=image, schema=schema, merchant_title=data.get("title", ""),
+                                 merchant_description=data.get("description", ""),
+                                 merchant_attributes=data.get("attributes") or {}, locale=row.get("locale") or "en")
+        try:
+            output = generator.predict([request], max_new_tokens=max_new_tokens)[0].output
+            validate_listing(schema, output)
+            valid += 1
+        except (ModelError, ValidationError):
+            output = {}
+        chosen, rejected, got = _fields(json.loads(row["chosen"])), _fields(json.loads(row["rejected"])), _fields(output)
+        for name, value in chosen.items():
+            fields += 1
+            hits += got.get(name) == value
+            if rejected.get(name) != value:
+                corrected += 1
+                corrected_hits += got.get(name) == value
+    return {"pairs": len(rows), "schema_valid_rate": valid / len(rows), "field_accuracy": hits / max(fields, 1),
+            "corrected_field_accuracy": corrected_hits / corrected if corrected else None}
+
+
+def _schema_ref(schema_id: str) -> tuple[str, int | None]:
+    name, _, version = schema_id.partition("@")
+    return name, int(version) if version.isdigit() else None
+
+
+def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, originals: BlobStore,
+                    generator: ListingGenerator, dataset_name: str, output_root: Path,
+                    config: DpoConfig = DpoConfig(), eval_max_new_tokens: int = 128) -> CandidateResult:
+    with factory() as session:
+        dataset = session.scalar(select(TrainingDataset).where(TrainingDataset.name == dataset_name))
+        if dataset is None:
+            raise LookupError(f"no training dataset named {dataset_name!r}")
+        dataset_id, uri, content_hash = dataset.id, dataset.uri, dataset.content_hash
+    train_rows, held_rows = read_split(datasets, uri, "train"), read_split(datasets, uri, "holdout")
+    if not train_rows:
+        raise ValueError(f"dataset {dataset_name} has no training pairs")
+    cache: dict[str, Image.Image] = {}
+    train_images = [_image(originals, r, cache) for r in train_rows]
+    held_images = [_image(originals, r, cache) for r in held_rows]
+    generator.load()
+    base = generator.version()
+    started = datetime.now(UTC)
+    tuner = PreferenceTuner(generator.model, generator.processor, config)
+    report = tuner.train(_examples(train_rows, train_images), _examples(held_rows, held_images))
+    config_hash = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+    weights_dir = save_vlm(tuner.trained_model(), generator.processor,
+                           Path(output_root) / f"{dataset_name}-{config_hash}")
+    candidate = ListingGenerator(profile="pretrained", vlm=str(weights_dir), device=str(generator.device))
+    before = evaluate(generator, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
+    after = evaluate(candidate, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
+    metrics = {"holdout": after, "base_holdout": before,
+               "dpo": {"steps": report.steps, "train_pairs": len(train_rows), "first_loss": report.train_losses[0],
+                       "last_loss": report.train_losses[-1], "holdout_loss": report.holdout_loss,
+                       "holdout_reward_accuracy": report.holdout_reward_accuracy,
+                       "holdout_reward_margin": report.holdout_reward_margin,
+                       "trainable_parameters": report.trainable_parameters},
+               "random_weights": base.random_weights,
+               "seconds": round((datetime.now(UTC) - started).total_seconds(), 2)}
+    params = {"base": base.key, "dataset": dataset_name, "dataset_id": dataset_id, "dataset_hash": content_hash,
+              "weights_dir": str(weights_dir), "dpo": asdict(config), "method": "dpo-lora" if config.lora_rank else "dpo"}
+    with factory() as session, session.begin():
+        stmt = insert(ModelVersion).values(
+            kind=ModelKind.vlm.value, name=str(weights_dir), revision=directory_fingerprint(weights_dir),
+            profile="pretrained", random_weights=base.random_weights, status=ModelStatus.candidate.value,
+            params=params, metrics=metrics)
+        version_id = session.execute(stmt.on_conflict_do_update(
+            index_elements=["kind", "name", "revision"], set_={"params": stmt.excluded.params,
+                                                               "metrics": stmt.excluded.metrics},
+        ).returning(ModelVersion.id)).scalar_one()
+    log.info("retrain.candidate", model_version_id=version_id, dataset=dataset_name, steps=report.steps,
+             schema_valid_rate=after["schema_valid_rate"], field_accuracy=after["field_accuracy"])
+    return CandidateResult(version_id, weights_dir, metrics)
+
+
+def promote(session: Session, model_version_id: int) -> int | None:
+    """Make a vlm candidate active and retire the active one, in the caller's transaction.
+    Returns the retired version's id (None when there was no active vlm)."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.vlm.value)
+                           .order_by(ModelVersion.id).with_for_update()).all()
+    target = next((r for r in rows if r.id == model_version_id), None)
+    if target is None:
+        raise PromotionError(f"model version {model_version_id} is not a vlm version")
+    if target.status != ModelStatus.candidate.value:
+        raise PromotionError(f"model version {model_version_id} is {target.status}, not a candidate")
+    retired = next((r for r in rows if r.status == ModelStatus.active.value), None)
+    if retired is not None:
+        retired.status = ModelStatus.retired.value
+        session.flush()  # the one-active index must see the old row retired first
+    target.status = ModelStatus.active.value
+    target.activated_at = datetime.now(UTC)
+    session.flush()
+    log.info("retrain.promoted", model_version_id=target.id, retired=retired.id if retired else None)
+    return retired.id if retired else None
