@@ -10,6 +10,7 @@ job as failed with a documented code and publish ``listing.failed``.
 from __future__ import annotations
 
 import functools
+import math
 import random
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -51,10 +52,14 @@ def catalog_task(name: str, *, queue: str, **options: Any) -> Callable[[Callable
     return decorate
 
 
-def backoff_seconds(retries: int, runtime: Runtime) -> float:
-    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**retries))."""
+def backoff_seconds(retries: int, runtime: Runtime) -> int:
+    """Exponential backoff with jitter: uniform(cap/4, cap), cap = min(max, base * 2**retries).
+
+    Whole seconds, at least 1: RabbitMQ native delayed delivery (used for quorum queues) has
+    one-second resolution and refuses a zero countdown.
+    """
     cap = min(runtime.retry.backoff_max_s, runtime.retry.backoff_s * (2 ** retries))
-    return random.uniform(cap / 4, cap)
+    return max(1, math.ceil(random.uniform(cap / 4, cap)))
 
 
 def _is_transient_db(exc: BaseException) -> bool:

@@ -105,10 +105,10 @@ class EventHandlers:
         job_id = _job_id_of_task(message) if headers.get("task") else None
         self._keep_dead_letter(message, queue, reason, f"task {headers.get('task')}" if job_id else None)
         if job_id is not None:
+            why = (f"was delivered {self.settings.broker.delivery_limit}+ times and the worker died each time"
+                   if reason == "delivery_limit" else f"was dead-lettered by the broker ({reason})")
             with self.factory() as session, session.begin():
-                jobs.fail(session, job_id, ErrorCode.worker_lost,
-                          f"{headers.get('task')} was delivered {self.settings.broker.delivery_limit}+ times without "
-                          f"completing (the worker died each time); dead-lettered", retryable=False)
+                jobs.fail(session, job_id, ErrorCode.worker_lost, f"{headers.get('task')} {why}", retryable=False)
             self._relay()
         message.ack()
 

@@ -68,6 +68,12 @@ def build_topology(settings: Settings, *, rabbitmq: bool) -> Topology:
     def q(name: str, bindings: list[binding], arguments: dict[str, Any]) -> Queue:
         return Queue(f"{ns}.{name}", bindings=bindings, durable=True, queue_arguments=arguments or None)
 
+    def task_q(which: TaskQueue) -> Queue:
+        # A single exchange + routing key (not a bindings list): Celery's native delayed delivery
+        # (retries with countdown on quorum queues) reads queue.exchange and queue.routing_key.
+        return Queue(f"{ns}.{which.value}", exchange=tasks, routing_key=which.value, durable=True,
+                     queue_arguments=args or None)
+
     return Topology(
         namespace=ns, events=events, tasks=tasks, dead_letter=dlx,
         product_events=q("product-events", [binding(events, routing_key="product.created"),
@@ -75,8 +81,8 @@ def build_topology(settings: Settings, *, rabbitmq: bool) -> Topology:
         review_events=q("review-events", [binding(events, routing_key="listing.reviewed")], args),
         listing_events=q("listing-events", [binding(events, routing_key="listing.enriched"),
                                             binding(events, routing_key="listing.failed")], plain),
-        cpu=q(TaskQueue.cpu.value, [binding(tasks, routing_key=TaskQueue.cpu.value)], args),
-        gpu=q(TaskQueue.gpu.value, [binding(tasks, routing_key=TaskQueue.gpu.value)], args),
+        cpu=task_q(TaskQueue.cpu),
+        gpu=task_q(TaskQueue.gpu),
         dead_letters=q("dead-letters", [binding(dlx, routing_key="#")], plain),
     )
 
@@ -92,10 +98,17 @@ def rabbitmq_definitions(topology: Topology, vhost: str = "/") -> dict[str, Any]
     for queue in topology.all_queues:
         queues.append({"name": queue.name, "vhost": vhost, "durable": True, "auto_delete": False,
                        "arguments": dict(queue.queue_arguments or {})})
-        for b in sorted(queue.bindings, key=lambda b: (b.exchange.name, b.routing_key)):
-            bindings.append({"source": b.exchange.name, "vhost": vhost, "destination": queue.name,
-                             "destination_type": "queue", "routing_key": b.routing_key, "arguments": {}})
+        for source, key in queue_bindings(queue):
+            bindings.append({"source": source, "vhost": vhost, "destination": queue.name,
+                             "destination_type": "queue", "routing_key": key, "arguments": {}})
     return {"exchanges": exchanges, "queues": queues, "bindings": bindings}
+
+
+def queue_bindings(queue: Queue) -> list[tuple[str, str]]:
+    """(exchange, routing key) pairs of a queue, whichever way it was defined."""
+    if queue.bindings:
+        return sorted((b.exchange.name, b.routing_key) for b in queue.bindings)
+    return [(queue.exchange.name, queue.routing_key)] if queue.exchange is not None else []
 
 
 def declare(connection, topology: Topology) -> None:  # noqa: ANN001

@@ -29,6 +29,7 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
     from workers.broker import broker_kind, broker_url
 
     topo = build_topology(settings, rabbitmq=broker_kind(broker_url(settings)) == "rabbitmq")
+    _declare_everything(topo)
     if "events" in queues:
         from workers.intake import IntakeStep
 
@@ -44,3 +45,16 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
             f"--loglevel={loglevel}", f"--hostname={node}", "--without-gossip", "--without-mingle"]
     log.info("worker.start", queues=queues, pool=pool, concurrency=size)
     app.worker_main(argv)
+
+
+def _declare_everything(topo) -> None:  # noqa: ANN001
+    """Declare the whole topology first: a worker binds every task queue to the delayed-delivery
+    exchanges at start, including queues that only other workers consume."""
+    from kombu import Connection
+
+    from workers.broker import broker_url
+    from workers.topology import declare
+
+    with Connection(broker_url()) as conn:
+        conn.ensure_connection(max_retries=5)
+        declare(conn, topo)

@@ -188,3 +188,52 @@ def base_env(*, pg_url: str, data_dir: Path, namespace: str, broker_url: str = A
     })
     env.update(overrides)
     return env
+
+
+class TcpForwarder:
+    """127.0.0.1:<port> → 127.0.0.1:<target>, started on demand: an endpoint that is down until
+    the test decides it comes back."""
+
+    def __init__(self, port: int, target: int) -> None:
+        import threading
+
+        self.port, self.target = port, target
+        self._sock: socket.socket | None = None
+        self._threading = threading
+
+    def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(16)
+        self._sock = sock
+        self._threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self._sock is not None:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

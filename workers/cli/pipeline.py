@@ -89,8 +89,10 @@ def register(app: typer.Typer) -> None:
         if definitions:
             typer.echo(json.dumps(rabbitmq_definitions(topo), indent=2))
             return
+        from workers.topology import queue_bindings
+
         for q in topo.all_queues:
-            binds = ", ".join(f"{b.exchange.name}:{b.routing_key}" for b in q.bindings)
+            binds = ", ".join(f"{ex}:{rk}" for ex, rk in queue_bindings(q))
             typer.echo(f"{q.name:28} <- {binds}  {dict(q.queue_arguments or {})}")
 
     @app.command("demo")
