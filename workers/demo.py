@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import signal
 import subprocess
@@ -135,9 +136,12 @@ def _stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def run_demo(*, source: Path | None, limit: int, profile: str, timeout_s: int) -> bool:
     console = Console()
-    export_overrides(ENRICH_MODELS__PROFILE=profile, ENRICH_STORAGE__ALLOW_FILE_URLS="true")
+    source = (source or default_source()).expanduser().resolve()
     settings = get_settings()
-    source = source or default_source()
+    roots = [str(source if source.is_dir() else source.parent), str(settings.data_dir / "demo-variants")]
+    export_overrides(ENRICH_MODELS__PROFILE=profile, ENRICH_STORAGE__ALLOW_FILE_URLS="true",
+                     ENRICH_STORAGE__FILE_ROOTS=json.dumps(roots))
+    settings = get_settings()
     if not source.exists():
         raise CliError(f"photo source {source} not found; pass --source FOLDER_OR_CSV")
 

@@ -25,6 +25,8 @@ def fetch_policy(settings: Settings):  # noqa: ANN201
     return FetchPolicy(allow_file_urls=s.allow_file_urls, allow_private_addresses=s.allow_private_addresses,
                        allow_http=s.allow_http, allowed_buckets=tuple(s.allowed_buckets),
                        max_bytes=s.max_image_bytes, timeout_s=s.fetch_timeout_s,
+                       total_timeout_s=s.fetch_total_timeout_s, max_redirects=s.max_redirects,
+                       require_merchant_prefix=s.require_merchant_prefix, file_roots=tuple(s.file_roots),
                        s3_endpoint_url=s.s3_endpoint_url, s3_region=s.s3_region)
 
 

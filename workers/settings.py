@@ -91,6 +91,10 @@ class StorageSettings(BaseModel):
         description="Buckets product images may be fetched from (s3://). Empty list: none.",
     )
     allow_file_urls: bool = Field(False, description="Allow file:// image URLs (demo and tests only).")
+    file_roots: list[str] = Field(
+        default_factory=list, description="With file:// allowed: the only directories files may come from (empty: any).")
+    require_merchant_prefix: bool = Field(
+        True, description="s3:// image keys must start with <tenant_id>/<merchant_id>/.")
     allow_private_addresses: bool = Field(
         False, description="Allow http(s) image URLs that resolve to private/loopback addresses (tests only)."
     )
@@ -99,6 +103,8 @@ class StorageSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=10_000, description="Largest decoded image (width*height).")
     max_frames: int = Field(1, ge=1, description="Most frames an image may have.")
     fetch_timeout_s: float = Field(10.0, gt=0, description="Connect/read timeout for one image download.")
+    fetch_total_timeout_s: float = Field(30.0, gt=0, description="Wall-clock cap of one image download (slow drip).")
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed (each target re-checked).")
     datasets_uri: str | None = Field(
         None, description="Where DPO datasets are written: directory or s3://bucket/prefix. Default: <data_dir>/datasets."
     )

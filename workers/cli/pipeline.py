@@ -95,6 +95,25 @@ def register(app: typer.Typer) -> None:
             binds = ", ".join(f"{ex}:{rk}" for ex, rk in queue_bindings(q))
             typer.echo(f"{q.name:28} <- {binds}  {dict(q.queue_arguments or {})}")
 
+    @app.command("config")
+    def config(markdown: bool = typer.Option(False, "--markdown", help="Print the settings table as Markdown.")) -> None:
+        """Every setting (ENRICH_*), its default and meaning; or the effective values."""
+        from workers.config_doc import settings_markdown, settings_rows
+        from workers.settings import get_settings
+
+        if markdown:
+            typer.echo(settings_markdown())
+            return
+        effective = get_settings().model_dump(mode="json")
+        for name, _default, _meaning in settings_rows():
+            parts = name.removeprefix("ENRICH_").lower().split("__")
+            value = effective
+            for p in parts:
+                value = value.get(p) if isinstance(value, dict) else None
+            if "url" in parts[-1] and isinstance(value, str) and "@" in value:
+                value = value.split("://")[0] + "://***@" + value.rsplit("@", 1)[1]
+            typer.echo(f"{name}={value if value is not None else ''}")
+
     @app.command("demo")
     def demo(
         source: Path | None = typer.Option(None, help="Folder or manifest CSV of photos. Default: ../shared/datasets/clothing-small."),
