@@ -1,4 +1,4 @@
-"""Near-duplicate decision: perceptual-hash candidates confirmed by geometric verification.
+"""Near-duplicate decision: perceptual-hash candidates confirmed by local-feature verification.
 
 Hash distance alone cannot decide. In the clothing photos, different garments shot on the same bed
 or floor can be 0-6 bits apart, while an 8% crop or a price sticker on a true copy moves the hash
@@ -25,19 +25,23 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# Candidate generation (run by the database, documented here so SQL and the evaluation agree).
-# Transformed copies measured on the clothing photos (infra/bench/eval_near_duplicates.py) stay
-# within 22 bits on at least one of phash/dhash; unrelated photos average ~32. The threshold is
-# generous on purpose: precision comes from verification, not from the hash.
+# Candidate generation runs in Postgres (pgvector Hamming on bit(64)), once per hash kind:
+#   SELECT id, phash <~> :q AS d FROM images WHERE tenant_id = :t AND phash <~> :q <= :max
+#   ORDER BY phash <~> :q LIMIT :k        -- and the same on dhash; union, keep the smaller d
+# On the clothing photos (infra/bench/eval_near_duplicates.py) every transformed copy stayed
+# within 19 bits on at least one hash kind (a 10% crop is the worst case; resize/JPEG stay <= 3),
+# while unrelated photos sit around 29 bits. 22 leaves a margin; about 12% of random pairs also
+# fall within it, which is harmless because precision comes from verification, not from the hash.
 CANDIDATE_MAX_HAMMING = 22
-# Nearest neighbours fetched per hash kind. Same-background photos of one merchant can crowd the
-# top of the list, so k leaves room for them; each candidate costs one verification (a few ms).
+# Neighbours fetched per hash kind: photos shot by one merchant on one background crowd the top
+# of the list, so k leaves room past them. Cost is bounded at 2 * k verifications of ~8 ms CPU.
 CANDIDATE_K = 16
 
 WORK_SIDE = 512  # longest side of the working greyscale image (up- or down-scaled to it)
 _THUMB_FACTOR = 4  # the photometric check runs at WORK_SIDE / 4: detail beyond that is JPEG noise
 _GRID = 4
-_FLAT_STD = 2.0  # a cell this flat in both images (studio white) carries no evidence either way
+_FLAT_STD = 2.0  # grey-level std of a cell with no texture (studio white, a saturated wall)
+_FAINT_STD = 8.0  # texture this faint can vanish under a brightness change or JPEG smoothing
 
 
 @dataclass(frozen=True)
@@ -90,13 +94,25 @@ def _working_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(gray, dtype=np.uint8)
 
 
+def _stretch_contrast(gray: np.ndarray) -> np.ndarray:
+    """Map the 1st..99th percentile to 0..255 so ORB's fixed corner threshold finds comparable
+    keypoints in a darkened or washed-out copy of a low-contrast photo."""
+    lo, hi = np.percentile(gray, (1, 99))
+    if hi - lo < 1:
+        return gray
+    scaled = (gray.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
 def _ncc(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Normalised cross-correlation, or None when both cells are flat (no evidence)."""
+    """Normalised cross-correlation, or None when a cell carries no evidence either way.
+
+    A flat cell against a faint one (a wall brightened into saturation) is no evidence; a flat
+    cell against real texture (a garment where the other image has bare background) disagrees.
+    """
     sa, sb = float(a.std()), float(b.std())
-    if sa < _FLAT_STD and sb < _FLAT_STD:
-        return None
-    if sa < _FLAT_STD or sb < _FLAT_STD:
-        return 0.0
+    if min(sa, sb) < _FLAT_STD:
+        return None if max(sa, sb) < _FAINT_STD else 0.0
     return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb))
 
 
@@ -111,7 +127,8 @@ def cell_agreement(query: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> 
             mask = valid[rows, cols]
             if mask.mean() < 0.5:
                 continue
-            score = _ncc(query[rows, cols][mask].astype(np.float32), warped[rows, cols][mask].astype(np.float32))
+            a = query[rows, cols][mask].astype(np.float32)
+            score = _ncc(a, warped[rows, cols][mask].astype(np.float32))
             if score is not None:
                 scores.append(score)
     return scores
@@ -130,7 +147,7 @@ class NearDuplicateVerifier:
     def __init__(
         self,
         *,
-        min_inliers: int = 12,
+        min_inliers: int = 25,
         min_agreement: float = 0.7,
         tolerated_cells: int = 3,
         min_cells: int = 8,
@@ -150,7 +167,7 @@ class NearDuplicateVerifier:
     def features(self, img: Image.Image) -> LocalFeatures:
         """Keypoints, descriptors and thumbnail of one image (cache them for stored images)."""
         gray = _working_gray(img)
-        keypoints, descriptors = self._orb.detectAndCompute(gray, None)
+        keypoints, descriptors = self._orb.detectAndCompute(_stretch_contrast(gray), None)
         if descriptors is None or not keypoints:
             points = np.empty((0, 2), np.float32)
             descriptors = np.empty((0, 32), np.uint8)
