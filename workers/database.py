@@ -32,11 +32,19 @@ def get_engine(settings: Settings | None = None) -> Engine:
             settings = settings or get_settings()
             url = database_url(settings)
             _engine = make_engine(url, pool_size=settings.db.pool_size,
-                                  statement_timeout_ms=settings.db.statement_timeout_ms)
+                                  statement_timeout_ms=settings.db.statement_timeout_ms,
+                                  runtime_role=settings.db.runtime_role)
             _factory = make_sessionmaker(_engine)
             log.info("db.selected", embedded=not settings.db.url,
                      url=_engine.url.render_as_string(hide_password=True))
         return _engine
+
+
+def get_owner_engine(settings: Settings | None = None) -> Engine:
+    """A fresh engine that stays the connecting role (no ``SET ROLE``): for migrations, which
+    create and alter objects the runtime role may only use. The caller disposes of it."""
+    settings = settings or get_settings()
+    return make_engine(database_url(settings), pool_size=1, statement_timeout_ms=0)
 
 
 def get_session_factory() -> sessionmaker[Session]:

@@ -164,6 +164,11 @@ def run_demo(*, source: Path | None, limit: int, profile: str, timeout_s: int) -
 
     photos = select_photos(source, limit=max(1, limit - 2))
     extra = [photos[0], _near_copy(photos[min(1, len(photos) - 1)], settings.data_dir / "demo-variants")]
+    from workers.broker import broker_kind, broker_url
+    from workers.topology import build_topology
+    from workers.worker_main import declare_everything
+
+    declare_everything(build_topology(settings, rabbitmq=broker_kind(broker_url(settings)) == "rabbitmq"))
     procs = _start_workers(settings.data_dir / "logs")
     try:
         time.sleep(2.0)

@@ -18,6 +18,7 @@ from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerMixin
 from sqlalchemy.exc import OperationalError
 
+from db.engine import job_session, system_session, tenant_session
 from db.tables import DeadLetter
 from tasks import jobs
 from tasks.errors import ErrorCode
@@ -58,7 +59,7 @@ class EventHandlers:
 
     def _keep_dead_letter(self, message: Message, queue: str, reason: str, detail: str | None,
                           tenant_id: str | None = None) -> None:
-        with self.factory() as session, session.begin():
+        with system_session(self.factory) as session:
             session.add(DeadLetter(tenant_id=tenant_id, queue=queue, routing_key=message.delivery_info.get("routing_key"),
                                    reason=reason, detail=(detail or "")[:2000], headers=_jsonable(message.headers),
                                    body=bytes(message.body if isinstance(message.body, bytes) else str(message.body).encode())))
@@ -76,13 +77,13 @@ class EventHandlers:
             try:
                 event = parse_product_event(body, message.content_type, rk)
             except InvalidEvent as exc:
-                with self.factory() as session, session.begin():
+                with system_session(self.factory) as session:  # the tenant may be unknown
                     reject_invalid_event(session, exc, body, rk)
                 self._relay()
                 self._reject(message, self.topology.product_events.name, "invalid_event", exc.detail)
                 return
             with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id, product_id=event.external_id):
-                with self.factory() as session, session.begin():
+                with tenant_session(self.factory, event.tenant_id) as session:
                     result = accept_product_event(session, event)
                 if result.outcome in (Outcome.accepted, Outcome.redispatch):
                     from tasks.stages import fetch
@@ -107,7 +108,7 @@ class EventHandlers:
         if job_id is not None:
             why = (f"was delivered {self.settings.broker.delivery_limit}+ times and the worker died each time"
                    if reason == "delivery_limit" else f"was dead-lettered by the broker ({reason})")
-            with self.factory() as session, session.begin():
+            with job_session(self.factory, job_id) as session:
                 jobs.fail(session, job_id, ErrorCode.worker_lost, f"{headers.get('task')} {why}", retryable=False)
             self._relay()
         message.ack()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from kombu import Message
 from sqlalchemy.exc import OperationalError
 
+from db.engine import system_session, tenant_session
 from tasks.events import InvalidEvent
 from tasks.feedback import ReviewOutcome, apply_review, parse_review_event, reject_invalid_review
 from workers.logs import bind_context, get_logger
@@ -37,12 +38,12 @@ def on_review_event(handlers: EventHandlers, message: Message) -> None:
         try:
             event = parse_review_event(body, message.content_type)
         except InvalidEvent as exc:
-            with handlers.factory() as session, session.begin():
+            with system_session(handlers.factory) as session:  # the tenant may be unknown
                 reject_invalid_review(session, exc, _body_id(body))
             handlers._reject(message, queue, "invalid_event", exc.detail)
             return
         with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id):
-            with handlers.factory() as session, session.begin():
+            with tenant_session(handlers.factory, event.tenant_id) as session:
                 result = apply_review(session, event)
             if result.outcome is ReviewOutcome.rejected and result.code is not None:
                 handlers._reject(message, queue, result.code.value, result.detail)

@@ -38,6 +38,19 @@ def retrain_config(settings: Settings):  # noqa: ANN201
                          holdout_fraction=w.retrain_holdout_fraction)
 
 
+def fault_plan(settings: Settings):  # noqa: ANN201
+    """Test-only fault injection; None (the production case) unless an ENRICH_FAULTS__ setting is on."""
+    from tasks.faults import FaultPlan
+
+    f = settings.faults
+    if not f.active:
+        return None
+    log.warning("faults.enabled", **f.model_dump())
+    return FaultPlan(kill_after_commit=f.kill_after_commit, crash_on_task_for_external_id=f.crash_on_task_for_external_id,
+                     oom_above_batch=f.oom_above_batch, sleep_in_model_s=f.sleep_in_model_s,
+                     sleep_before_persist_commit_s=f.sleep_before_persist_commit_s, trace=f.trace)
+
+
 def build_runtime(settings: Settings):  # noqa: ANN201
     from models.factory import build_models
     from models.images import ImageLimits
@@ -63,6 +76,7 @@ def build_runtime(settings: Settings):  # noqa: ANN201
         batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
         datasets=open_blob_store(settings.datasets_uri, s3_client_factory=lambda: s3_client(settings)),
         retrain=retrain_config(settings),
+        faults=fault_plan(settings),
     )
 
 

@@ -146,6 +146,34 @@ class WorkerSettings(BaseModel):
     reconcile_interval_s: int = Field(900, ge=60, description="How often the coverage reconciler runs.")
 
 
+class FaultSettings(BaseModel):
+    """Test-only fault injection (tasks.faults). Every field is off by default; production never
+    sets any of them, and ``ENRICH_ENV=production`` refuses to start with one set."""
+
+    kill_after_commit: str | None = Field(
+        None, pattern=r"^(fetch|model|persist)$",
+        description="TESTS ONLY. SIGKILL the worker process right after this stage's commit, before the ack.",
+    )
+    crash_on_task_for_external_id: str | None = Field(
+        None, description="TESTS ONLY. SIGKILL the worker process on every fetch of this product (a poison message).",
+    )
+    oom_above_batch: int | None = Field(
+        None, ge=1, description="TESTS ONLY. Raise a simulated accelerator out-of-memory error for model batches above this size.",
+    )
+    sleep_in_model_s: float = Field(
+        0.0, ge=0, le=600, description="TESTS ONLY. Sleep this long inside every model batch.",
+    )
+    sleep_before_persist_commit_s: float = Field(
+        0.0, ge=0, le=600, description="TESTS ONLY. Sleep this long inside the persist transaction, before its commit.",
+    )
+    trace: bool = Field(False, description="TESTS ONLY. Log every fault point reached (fault.point lines).")
+
+    @property
+    def active(self) -> bool:
+        return any((self.kill_after_commit, self.crash_on_task_for_external_id, self.oom_above_batch,
+                    self.sleep_in_model_s, self.sleep_before_persist_commit_s, self.trace))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ENRICH_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -159,6 +187,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
 
     @model_validator(mode="after")
     def _limits_below_consumer_timeout(self) -> "Settings":
@@ -169,6 +198,8 @@ class Settings(BaseSettings):
             )
         if self.workers.soft_time_limit_s >= self.workers.time_limit_s:
             raise ValueError("ENRICH_WORKERS__SOFT_TIME_LIMIT_S must be below ENRICH_WORKERS__TIME_LIMIT_S")
+        if self.is_production and self.faults.active:
+            raise ValueError("ENRICH_FAULTS__* is fault injection for tests; it cannot be set with ENRICH_ENV=production")
         return self
 
     @property

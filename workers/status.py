@@ -22,9 +22,13 @@ def _optional(report: dict[str, Any], key: str, module: str, fn: str, session) -
 def collect_status() -> dict[str, Any]:
     from sqlalchemy.orm import Session
 
+    from db.engine import set_system_scope
+
     engine = get_engine()
     report: dict[str, Any] = {}
     with engine.connect() as conn:
+        # Platform-wide counts: the system scope of row-level security (a no-op for the owner role).
+        conn.execute(text("SELECT set_config('enrich.scope', 'system', true)"))
         report["jobs_by_status"] = dict(conn.execute(text(
             "SELECT status, count(*) FROM enrichment_jobs GROUP BY status ORDER BY status")).all())
         report["running_by_stage"] = dict(conn.execute(text(
@@ -48,6 +52,7 @@ def collect_status() -> dict[str, Any]:
             "SELECT count(*) FROM outbox WHERE published_at IS NULL")).scalar_one()
         report["dead_letters"] = conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one()
     with Session(engine) as session:
+        set_system_scope(session)
         _optional(report, "coverage", "tasks.reconcile", "coverage_counts", session)
         _optional(report, "feedback", "tasks.feedback_report", "feedback_report", session)
     return report

@@ -29,7 +29,7 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
     from workers.broker import broker_kind, broker_url
 
     topo = build_topology(settings, rabbitmq=broker_kind(broker_url(settings)) == "rabbitmq")
-    _declare_everything(topo)
+    declare_everything(topo)
     if "events" in queues:
         from workers.intake import IntakeStep
 
@@ -47,7 +47,7 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
     app.worker_main(argv)
 
 
-def _declare_everything(topo) -> None:  # noqa: ANN001
+def declare_everything(topo) -> None:  # noqa: ANN001
     """Declare the whole topology first: a worker binds every task queue to the delayed-delivery
     exchanges at start, including queues that only other workers consume."""
     from kombu import Connection
@@ -55,6 +55,15 @@ def _declare_everything(topo) -> None:  # noqa: ANN001
     from workers.broker import broker_url
     from workers.topology import declare
 
-    with Connection(broker_url()) as conn:
-        conn.ensure_connection(max_retries=5)
-        declare(conn, topo)
+    import time
+
+    for attempt in range(3):
+        try:
+            with Connection(broker_url()) as conn:
+                conn.ensure_connection(max_retries=5)
+                declare(conn, topo)
+            return
+        except Exception:  # noqa: BLE001 - e.g. two workers creating the embedded broker's tables at once
+            if attempt == 2:
+                raise
+            time.sleep(0.5 + attempt)

@@ -7,7 +7,7 @@ import typer
 from db import migrate
 from db.engine import check_database
 from workers.cli.errors import one_line_errors
-from workers.database import database_url, get_engine
+from workers.database import database_url, get_owner_engine
 from workers.logs import configure_logging
 from workers.settings import get_settings
 
@@ -19,11 +19,12 @@ def upgrade(revision: str = typer.Argument("head", help="Target Alembic revision
     """Apply migrations up to REVISION (idempotent: safe to run again)."""
     configure_logging(level=get_settings().log_level)
     with one_line_errors():
-        engine = get_engine()
+        engine = get_owner_engine()  # migrations run as the owner, never as the runtime role
         check_database(engine)
         before = migrate.current_revision(engine)
         migrate.upgrade(engine, revision)
         after = migrate.current_revision(engine)
+        engine.dispose()
     typer.echo(f"database at revision {after} (was {before or 'empty'})")
 
 
@@ -31,9 +32,10 @@ def upgrade(revision: str = typer.Argument("head", help="Target Alembic revision
 def downgrade(revision: str = typer.Argument(..., help="Target revision ('base' drops everything).")) -> None:
     """Roll migrations back to REVISION."""
     with one_line_errors():
-        engine = get_engine()
+        engine = get_owner_engine()
         migrate.downgrade(engine, revision)
         typer.echo(f"database at revision {migrate.current_revision(engine) or 'base'}")
+        engine.dispose()
 
 
 @app.command("url")
