@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from pgvector.psycopg import register_vector
+from psycopg import sql
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,7 +24,9 @@ def normalise_url(url: str) -> str:
 
 
 def make_engine(url: str, *, pool_size: int = 5, statement_timeout_ms: int = 30_000,
-                application_name: str = "catalog-enrich") -> Engine:
+                application_name: str = "catalog-enrich", runtime_role: str | None = None) -> Engine:
+    """``runtime_role``: every pooled connection does ``SET ROLE`` to it right after connecting, so
+    the application runs as a non-owner role that row-level security applies to."""
     options = f"-c statement_timeout={statement_timeout_ms}" if statement_timeout_ms else ""
     engine = create_engine(
         normalise_url(url),
@@ -39,6 +42,13 @@ def make_engine(url: str, *, pool_size: int = 5, statement_timeout_ms: int = 30_
             register_vector(dbapi_conn)
         except Exception:  # noqa: BLE001
             dbapi_conn.rollback()
+
+    if runtime_role:
+        @event.listens_for(engine, "connect")
+        def _set_runtime_role(dbapi_conn, _record) -> None:  # noqa: ANN001
+            with dbapi_conn.cursor() as cur:
+                cur.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(runtime_role)))
+            dbapi_conn.commit()
 
     return engine
 
@@ -64,6 +74,51 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 def set_tenant(session: Session, tenant_id: str) -> None:
     """Scope the current transaction to one tenant (row-level security reads this)."""
     session.execute(text("SELECT set_config('enrich.tenant_id', :t, true)"), {"t": tenant_id})
+
+
+def set_system_scope(session: Session) -> None:
+    """Let the current transaction see every tenant's rows (migration 0005's ``system_scope``
+    policies, granted to the runtime role only). For platform work that is cross-tenant by
+    nature: the outbox relay, the reconciler, preference-pair building, dead-letter and
+    invalid-event bookkeeping. Ends with the transaction."""
+    session.execute(text("SELECT set_config('enrich.scope', 'system', true)"))
+
+
+def _clear_system_scope(session: Session) -> None:
+    session.execute(text("SELECT set_config('enrich.scope', '', true)"))
+
+
+@contextmanager
+def tenant_session(factory: sessionmaker[Session], tenant_id: str) -> Iterator[Session]:
+    """One transaction scoped to ``tenant_id``: commit on success, roll back on error."""
+    with factory() as session, session.begin():
+        set_tenant(session, tenant_id)
+        yield session
+
+
+@contextmanager
+def system_session(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction in the system scope (see ``set_system_scope``)."""
+    with factory() as session, session.begin():
+        set_system_scope(session)
+        yield session
+
+
+@contextmanager
+def job_session(factory: sessionmaker[Session], job_id: int) -> Iterator[Session]:
+    """One transaction scoped to the tenant that owns enrichment job ``job_id``.
+
+    Stage messages carry job ids only, so the tenant is looked up first: one primary-key read in
+    the system scope, which is then dropped before any other statement runs. An unknown job
+    leaves the transaction with no tenant at all (it sees nothing)."""
+    with factory() as session, session.begin():
+        set_system_scope(session)
+        tenant_id = session.execute(text("SELECT tenant_id FROM enrichment_jobs WHERE id = :id"),
+                                    {"id": job_id}).scalar_one_or_none()
+        _clear_system_scope(session)
+        if tenant_id is not None:
+            set_tenant(session, tenant_id)
+        yield session
 
 
 def check_database(engine: Engine) -> dict[str, str | None]:

@@ -20,6 +20,7 @@ from celery import Task, shared_task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from db.engine import job_session
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime, get_runtime
 
@@ -100,7 +101,7 @@ def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T |
         raise task.retry(countdown=delay, exc=error, max_retries=runtime.retry.max_retries)
     from tasks import jobs
 
-    with runtime.session_factory() as session, session.begin():
+    with job_session(runtime.session_factory, job_id) as session:
         jobs.fail(session, job_id, error.code, error.detail, retryable=error.retryable)
     relay_outbox(runtime)
     return None

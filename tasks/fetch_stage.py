@@ -16,6 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.engine import job_session
 from db.enums import Stage
 from db.tables import DuplicateGroup, DuplicateMember, Embedding, EnrichmentJob, Image, Listing, Product, ProductImage
 from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateCandidate
@@ -151,7 +152,7 @@ def _reusable_listing(session: Session, tenant_id: str, image_id: int, model_ids
 
 def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, int]) -> FetchOutcome:
     started = time.perf_counter()
-    with runtime.session_factory() as session, session.begin():
+    with job_session(runtime.session_factory, job_id) as session:
         job = jobs.claim(session, job_id, Stage.fetch, task_id)
         if job is None:
             return FetchOutcome(None)
@@ -161,7 +162,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict
     stored = _fetch_all(runtime, urls, tenant_id, merchant_id)
     fetched_ms = (time.perf_counter() - started) * 1000
 
-    with runtime.session_factory() as session, session.begin():
+    with job_session(runtime.session_factory, job_id) as session:
         job = session.get(EnrichmentJob, job_id, with_for_update=True)
         if job is None or job.status in jobs.FINAL:
             return FetchOutcome(None)

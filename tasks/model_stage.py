@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 import torch
 
+from db.engine import job_session
 from db.enums import Stage
 from db.tables import EnrichmentJob, Product
 from models.categories import resolve_schema
@@ -138,7 +139,7 @@ def run_model_batch(models: ModelBundle, items: list[ModelItem]) -> list[ModelRe
 
 def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
     """Run the model work of one job through the batcher. False when there was nothing to do."""
-    with runtime.session_factory() as session, session.begin():
+    with job_session(runtime.session_factory, job_id) as session:
         job = jobs.claim(session, job_id, Stage.model, task_id)
         if job is None:
             return False
@@ -154,7 +155,7 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
         code, detail, retryable = result.error
         raise PipelineError(ErrorCode(code), detail, retryable=retryable)
     doc_uri = runtime.blobs.put(result_key(job_id), json.dumps(asdict(result)).encode())
-    with runtime.session_factory() as session, session.begin():
+    with job_session(runtime.session_factory, job_id) as session:
         job = session.get(EnrichmentJob, job_id, with_for_update=True)
         if job is None or job.status in jobs.FINAL:
             return False

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.engine import system_session
 from db.tables import OutboxMessage
 from tasks.events import validate
 from tasks.runtime import EventPublisher
@@ -35,7 +36,7 @@ def enqueue(session: Session, routing_key: str, payload: dict[str, Any], *, tena
 def relay(factory: sessionmaker[Session], publisher: EventPublisher, *, limit: int = 500) -> int:
     """Publish up to ``limit`` pending messages in id order; returns how many were published."""
     published = 0
-    with factory() as session, session.begin():
+    with system_session(factory) as session:  # one relay publishes every tenant's messages
         rows = session.scalars(
             select(OutboxMessage).where(OutboxMessage.published_at.is_(None))
             .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.engine import job_session
 from db.enums import Stage
 from db.tables import Embedding, EnrichmentJob, Grounding, Listing, ModelVersion, Product
 from tasks import jobs
@@ -118,7 +119,7 @@ def enriched_event(job: EnrichmentJob, product: Product, listing: Listing, groun
 def persist(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, int], random_weights: bool) -> int | None:
     """Returns the listing id, or None when the job had already ended (a duplicate delivery)."""
     started = time.perf_counter()
-    with runtime.session_factory() as session, session.begin():
+    with job_session(runtime.session_factory, job_id) as session:
         job = jobs.claim(session, job_id, Stage.persist, task_id)
         if job is None:
             return None

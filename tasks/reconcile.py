@@ -20,6 +20,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.engine import set_system_scope
+
 # Twice the default hard task time limit (900 s): a job untouched that long has no live worker.
 DEFAULT_STALLED_AFTER = timedelta(minutes=30)
 ADVISORY_LOCK_KEY = 0x5EC0_C0DE  # one reconciler at a time across all beat/worker processes
@@ -129,7 +131,9 @@ def requeue(session: Session, item: IncompleteProduct) -> Redispatch | None:
 
 def reconcile(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER,
               limit: int = 1000) -> list[Redispatch]:
-    """One pass under a transaction-scoped advisory lock; returns what to dispatch after commit."""
+    """One pass under a transaction-scoped advisory lock; returns what to dispatch after commit.
+    Cross-tenant by nature: the transaction runs in the system scope (row-level security)."""
+    set_system_scope(session)
     if not session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY}).scalar_one():
         return []
     out = []

@@ -30,6 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.engine import set_system_scope
 from db.enums import DatasetSplit, PairSource, ReviewDecision
 from db.tables import PreferencePair, TrainingDataset
 from models.categories import CategorySchema, load_schema, validate_listing
@@ -213,7 +214,9 @@ def _row(pair: Pair, split: DatasetSplit) -> dict[str, Any]:
 
 
 def build_preference_pairs(session: Session, store: BlobStore, config: RetrainConfig = RetrainConfig()) -> BuildResult:
-    """One incremental run (flush only; the caller commits). Files are written before the rows."""
+    """One incremental run (flush only; the caller commits). Files are written before the rows.
+    Cross-tenant by nature: the transaction runs in the system scope (row-level security)."""
+    set_system_scope(session)
     if not session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY}).scalar_one():
         log.info("retrain.skipped", reason="locked")
         return BuildResult(BuildStatus.skipped)
