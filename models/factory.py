@@ -99,7 +99,20 @@ class ModelBundle:
             out["vlm"] = self.generator.version()
         except ImportError:
             pass
+        if self.config.profile == "pretrained":
+            out = {kind: self._pretrained_identity(kind, info) for kind, info in out.items()}
         return out
+
+    def _pretrained_identity(self, kind: str, info: ModelVersionInfo) -> ModelVersionInfo:
+        """Same answer before and after loading, in every process (CPU workers never load)."""
+        from dataclasses import replace
+
+        from models.loading import pretrained_revision
+
+        ref = {"detector": self.config.detector, "vlm": self.config.vlm, "clip": self.config.clip}[kind]
+        revision = pretrained_revision(ref, cache_dir=self.config.cache_dir,
+                                       s3_endpoint_url=self.config.s3_endpoint_url, kind=kind)
+        return replace(info, name=ref, revision=revision)
 
 
 def build_models(config: ModelConfig) -> ModelBundle:

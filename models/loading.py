@@ -246,3 +246,24 @@ def directory_fingerprint(path: Path) -> str:
         if file.suffix == ".json" and size < 1_000_000:
             digest.update(file.read_bytes())
     return "dir-" + digest.hexdigest()[:12]
+
+
+def pretrained_revision(ref: str, *, cache_dir: Path, s3_endpoint_url: str | None = None, kind: str = "model") -> str:
+    """The revision a pretrained model will load as, known without loading it.
+
+    CPU workers record model versions (reuse checks, persisted rows) without ever loading weights,
+    so the identity must not depend on a load: a local directory (or an S3 prefix, mirrored into the
+    cache) is fingerprinted; a hub id resolves to the snapshot commit in the local Hugging Face cache;
+    an open_clip pretrained tag is its own revision.
+    """
+    if (oc := parse_open_clip_ref(ref)) is not None and oc[1] is not None and not looks_like_path(ref):
+        return f"tag-{oc[1]}"
+    if is_s3_uri(ref) or looks_like_path(ref) or local_path(ref).is_dir():
+        local = Path(resolve_model_ref(ref, cache_dir=cache_dir, s3_endpoint_url=s3_endpoint_url, kind=kind))
+        return directory_fingerprint(local)
+    cached = _hf_cached(ref, ("config.json",))
+    if cached:
+        parts = Path(cached).parts
+        if "snapshots" in parts:
+            return "hub-" + parts[parts.index("snapshots") + 1][:12]
+    raise weights_missing(kind, ref, "not in the local Hugging Face cache")

@@ -81,3 +81,28 @@ def test_generator_comes_from_the_same_config_and_loads_lazily(tmp_path: Path) -
     assert generator is bundle.generator and not generator.loaded
     vlm = bundle.versions()["vlm"]
     assert vlm.random_weights and vlm.revision == "random-seed2" and not generator.loaded
+
+
+def test_pretrained_versions_are_known_without_loading(tmp_path) -> None:  # noqa: ANN001
+    """CPU workers record versions without loading weights: same identity before and after a load."""
+    from models.factory import ModelConfig, build_models
+    from models.grounding import Grounder
+    from models.vlm_builders import build_tiny_vlm, save_vlm
+
+    det_dir, vlm_dir = tmp_path / "det", tmp_path / "vlm"
+    tiny_det = Grounder(profile="tiny", cache_dir=tmp_path)
+    tiny_det.load()
+    tiny_det._model.save_pretrained(det_dir)
+    tiny_det._processor.save_pretrained(det_dir)
+    model, processor = build_tiny_vlm(seed=0)
+    save_vlm(model, processor, vlm_dir)
+    config = ModelConfig(profile="pretrained", device="cpu", detector=str(det_dir), vlm=str(vlm_dir),
+                         clip="ViT-B-32/laion2b_s34b_b79k", cache_dir=tmp_path / "cache")
+    bundle = build_models(config)
+    before = bundle.versions()
+    assert not bundle.grounder.loaded and not bundle.generator.loaded
+    assert before["detector"].revision.startswith("dir-") and before["vlm"].revision.startswith("dir-")
+    assert before["clip"].revision == "tag-laion2b_s34b_b79k" and not before["detector"].random_weights
+    assert build_models(config).versions() == before  # another process computes the same identity
+    bundle.grounder.load()
+    assert bundle.versions() == before

@@ -1,0 +1,140 @@
+"""End-to-end pipeline benchmark (not a test).
+
+Publishes N product events for real photos through RabbitMQ, runs real worker processes (events+cpu
+and gpu) against a fresh embedded Postgres, and measures events/s and the event → listing.enriched
+latency (p50/p95) as seen by a plain AMQP consumer. It then runs the bare model stages in-process
+on the same photos at the same batch size and prints the pipeline's ratio to that bare throughput.
+
+    .venv/bin/python infra/bench/bench_pipeline.py --n 64 --batch-size 8 --profile tiny
+    .venv/bin/python infra/bench/bench_pipeline.py --n 32 --profile random-full --device cuda   # on a GPU
+
+Random weights (tiny / random-full) measure compute, not quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.integration.harness import AMQP_URL, Deployment, base_env, require_service  # noqa: E402
+
+
+def photos(n: int) -> list[tuple[Path, str]]:
+    root = REPO.parent / "shared" / "datasets" / "clothing-small"
+    with open(root / "manifest.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "validation"]
+    return [(root / r["path"], r["category"]) for r in rows[:n]]
+
+
+def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: str, device: str, max_new_tokens: int) -> float:
+    from models.factory import ModelConfig, build_models
+    from models.images import ImageLimits, load_image_file
+    from tasks.model_stage import ModelItem, run_model_batch
+
+    bundle = build_models(ModelConfig(profile=profile, device=device, max_new_tokens=max_new_tokens,
+                                      cache_dir=Path(tempfile.mkdtemp())))
+    decoded = [load_image_file(p, ImageLimits()).image for p, _ in items]
+    work = [ModelItem(job_id=i, image=img, category=cat, title=f"{cat} item", description="Photographed on a hanger.",
+                      attributes={"brand": "Acme"}, locale="en") for i, (img, (_, cat)) in enumerate(zip(decoded, items))]
+    run_model_batch(bundle, work[:batch])  # warm-up: load weights, compile grammars
+    start = time.perf_counter()
+    for i in range(0, len(work), batch):
+        run_model_batch(bundle, work[i:i + batch])
+    return len(work) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--profile", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    require_service(5672, "RabbitMQ", "start rabbitmq-server")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from sqlalchemy import text
+
+    from db import migrate
+    from db.embedded import start_embedded
+    from db.engine import make_engine
+    from tasks.events import product_event_payload
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    pg_url = start_embedded(tmp / "pgdata")
+    engine = make_engine(pg_url)
+    migrate.upgrade(engine)
+    ns = f"b{uuid.uuid4().hex[:8]}"
+    env = base_env(pg_url=pg_url, data_dir=tmp, namespace=ns, ENRICH_MODELS__PROFILE=args.profile,
+                   ENRICH_MODELS__DEVICE=args.device, ENRICH_WORKERS__BATCH_SIZE=str(args.batch_size),
+                   ENRICH_MODELS__MAX_NEW_TOKENS=str(args.max_new_tokens))
+    dep = Deployment(env=env, data_dir=tmp, namespace=ns, engine=engine)
+    items = photos(args.n)
+    try:
+        dep.start_worker("events,cpu")
+        dep.start_worker("gpu")
+        warm = product_event_payload(tenant_id="bench", merchant_id="m", external_id="warmup", version=1,
+                                     category=items[0][1], image_urls=[items[-1][0].as_uri()])
+        dep.wait_finished([dep.publish(warm)], timeout=600)  # model load + grammar compile out of the timing
+        dep.drain_listing_events()
+        sent: dict[str, float] = {}
+        start = time.monotonic()
+        for i, (path, cat) in enumerate(items):
+            p = product_event_payload(tenant_id="bench", merchant_id="m", external_id=f"p{i}", version=1,
+                                      category=cat, image_urls=[path.as_uri()], title=f"{cat} {i}",
+                                      description="Photographed on a hanger.", attributes={"brand": "Acme"})
+            sent[p["event_id"]] = time.monotonic()
+            dep.publish(p)
+        latencies, seen = [], set()
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        ch = conn.channel()
+        deadline = time.monotonic() + 3600
+        while len(seen) < len(items) and time.monotonic() < deadline:
+            method, _props, body = ch.basic_get(f"{ns}.listing-events", auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            msg = json.loads(body)
+            cid = msg["causation_id"]
+            if cid in sent and cid not in seen:
+                seen.add(cid)
+                latencies.append(time.monotonic() - sent[cid])
+        conn.close()
+        elapsed = time.monotonic() - start
+        with engine.connect() as c:
+            failed = c.execute(text("SELECT count(*) FROM enrichment_jobs WHERE status='failed'")).scalar()
+    finally:
+        dep.stop_workers()
+        dep.delete_broker_objects()
+    eps = len(seen) / elapsed
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [latencies[0]] * 19
+    bare = bare_model_throughput(items, args.batch_size, args.profile, args.device, args.max_new_tokens)
+    result = {"events": len(items), "completed": len(seen), "failed": failed, "seconds": round(elapsed, 2),
+              "events_per_s": round(eps, 3), "latency_p50_s": round(statistics.median(latencies), 2),
+              "latency_p95_s": round(q[18], 2), "bare_model_items_per_s": round(bare, 3),
+              "ratio_to_bare_model": round(eps / bare, 3), "batch_size": args.batch_size,
+              "profile": args.profile, "device": args.device, "random_weights": args.profile != "pretrained"}
+    print(f"{'metric':28} value")
+    for k, v in result.items():
+        print(f"{k:28} {v}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
