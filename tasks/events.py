@@ -142,7 +142,9 @@ def now_iso() -> str:
 def failed_event(*, causation_id: uuid.UUID, code: ErrorCode, detail: str, retryable: bool,
                  tenant_id: str | None, merchant_id: str | None, external_id: str | None,
                  version: int | None) -> dict[str, Any]:
-    product = {"external_id": external_id, "version": version} if external_id is not None else None
+    product = None
+    if external_id is not None:  # version is optional in the contract: left out when unknown
+        product = {"external_id": external_id} | ({"version": version} if version is not None else {})
     payload = {
         "schema_version": SCHEMA_VERSION, "event_id": str(uuid.uuid4()), "event_type": "listing.failed",
         "causation_id": str(causation_id), "occurred_at": now_iso(), "tenant_id": tenant_id,

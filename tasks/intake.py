@@ -118,12 +118,17 @@ def reject_invalid_event(session: Session, exc: InvalidEvent, body: bytes, routi
         return IntakeResult(Outcome.duplicate, event_id)
     product = raw.get("product") if isinstance(raw.get("product"), dict) else {}
     ext = product.get("external_id") if isinstance(product.get("external_id"), str) else None
-    version = product.get("version") if isinstance(product.get("version"), int) else None
+    raw_version = product.get("version")
+    version = raw_version if isinstance(raw_version, int) and not isinstance(raw_version, bool) else None
     merchant = raw.get("merchant_id") if isinstance(raw.get("merchant_id"), str) else None
     clean = (lambda v: v if v is None or ("\x00" not in v and len(v) <= 256) else None)
-    enqueue(session, "listing.failed", failed_event(
-        causation_id=event_id, code=ErrorCode.invalid_event, detail=exc.detail, retryable=False,
-        tenant_id=tenant, merchant_id=clean(merchant), external_id=clean(ext), version=version if ext else None,
-    ), tenant_id=tenant)
+    try:
+        payload = failed_event(
+            causation_id=event_id, code=ErrorCode.invalid_event, detail=exc.detail, retryable=False,
+            tenant_id=tenant, merchant_id=clean(merchant), external_id=clean(ext), version=version if ext else None)
+    except InvalidEvent:  # what was echoed from the hostile event does not fit our own contract: drop it
+        payload = failed_event(causation_id=event_id, code=ErrorCode.invalid_event, detail=exc.detail,
+                               retryable=False, tenant_id=tenant, merchant_id=None, external_id=None, version=None)
+    enqueue(session, "listing.failed", payload, tenant_id=tenant)
     log.warning("intake.invalid", event_id=str(event_id), detail=exc.detail[:200])
     return IntakeResult(Outcome.rejected, event_id)

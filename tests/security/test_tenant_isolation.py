@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +272,69 @@ def test_session_helpers_scope_each_transaction(engine) -> None:  # noqa: ANN001
                 s.execute(text("DELETE FROM products WHERE tenant_id = :t"), {"t": t})
                 s.execute(text("DELETE FROM merchants WHERE tenant_id = :t"), {"t": t})
                 s.execute(text("DELETE FROM tenants WHERE id = :t"), {"t": t})
+
+
+def test_worker_engine_switches_to_the_configured_runtime_role(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENRICH_DB__RUNTIME_ROLE is what the worker processes' engine runs as (workers.database)."""
+    from workers import database
+    from workers.settings import reset_settings_cache
+
+    monkeypatch.setenv("ENRICH_DB__URL", pg_url)
+    monkeypatch.setenv("ENRICH_DB__RUNTIME_ROLE", WORKER)
+    reset_settings_cache()
+    database.reset_engine()
+    try:
+        with database.get_engine().connect() as conn:
+            assert conn.execute(text("SELECT current_user")).scalar_one() == WORKER
+        owner = database.get_owner_engine()  # migrations keep the connecting role
+        with owner.connect() as conn:
+            assert conn.execute(text("SELECT current_user")).scalar_one() != WORKER
+        owner.dispose()
+    finally:
+        database.reset_engine()
+        reset_settings_cache()
+
+
+@pytest.mark.integration
+def test_pipeline_as_enrich_worker_keeps_tenants_apart(secure_deployment, sample_photos, engine) -> None:  # noqa: ANN001
+    """Happy path with the workers running as enrich_worker under forced RLS: two tenants, the same
+    photo in both (content addressing and exact-duplicate reuse stay per tenant), a stale version
+    (outbox relay in the system scope) — everything ends and every message carries its own tenant."""
+    from tasks.events import product_event_payload
+    from tests.security.conftest import wait_messages
+
+    dep = secure_deployment
+    suffix = uuid.uuid4().hex[:8]
+    tenants = [f"rlsp-a-{suffix}", f"rlsp-b-{suffix}"]
+    (shared, shared_cat), (other, other_cat) = sample_photos[0], sample_photos[3]
+
+    def event(t: str, ext: str, photo: Path, cat: str, version: int = 2) -> dict:
+        return product_event_payload(tenant_id=t, merchant_id="m1", external_id=ext, version=version, category=cat,
+                                     image_urls=[photo.as_uri()], title=f"{cat} {ext}", attributes={"brand": "Acme"})
+
+    first = [dep.publish(event(t, "p1", shared, shared_cat)) for t in tenants]
+    first += [dep.publish(event(tenants[0], "p2", other, other_cat))]
+    rows = dep.wait_finished(first, timeout=240)
+    assert {r.status for r in rows.values()} == {"done"}, [(r.status, r.error_code) for r in rows.values()]
+    second = [dep.publish(event(tenants[1], "p3", shared, shared_cat)),  # exact duplicate within tenant B
+              dep.publish(event(tenants[0], "p1", shared, shared_cat, version=1))]  # stale
+    rows.update(dep.wait_finished(second, timeout=240))
+    msgs = wait_messages(dep, [str(i) for i in [*first, *second]])
+    assert rows[second[0]].status == "done" and rows[second[0]].work["reuse_listing_id"] is not None
+    assert rows[second[1]].inbox == "stale" and msgs[str(second[1])]["code"] == "stale_version"
+    with engine.connect() as conn:
+        per_tenant = dict(conn.execute(text("SELECT tenant_id, count(*) FROM listings WHERE tenant_id = ANY(:t)"
+                                            " GROUP BY tenant_id"), {"t": tenants}).all())
+        images = dict(conn.execute(text("SELECT tenant_id, count(*) FROM images WHERE tenant_id = ANY(:t)"
+                                        " GROUP BY tenant_id"), {"t": tenants}).all())
+        reused_from = conn.execute(text("SELECT s.tenant_id FROM listings l JOIN listings s ON s.id = l.id"
+                                        " WHERE l.id = (SELECT (work->>'reuse_listing_id')::bigint FROM enrichment_jobs"
+                                        " WHERE event_id = :e)"), {"e": second[0]}).scalar_one()
+        pending = conn.execute(text("SELECT count(*) FROM outbox WHERE tenant_id = ANY(:t) AND published_at IS NULL"),
+                               {"t": tenants}).scalar_one()
+    assert per_tenant == {tenants[0]: 2, tenants[1]: 2}
+    assert images == {tenants[0]: 2, tenants[1]: 1}  # the shared photo is one row per tenant
+    assert reused_from == tenants[1]  # reuse never crosses tenants
+    assert pending == 0
+    assert {msgs[str(e)]["tenant_id"] for e in first[:1]} == {tenants[0]}
+    assert {msgs[str(e)]["tenant_id"] for e in (first[1], second[0])} == {tenants[1]}
