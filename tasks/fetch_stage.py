@@ -23,7 +23,7 @@ from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateCandidate
 from models.errors import ImageRejected
 from models.hashing import perceptual_hashes, sha256_hex
 from models.images import decode_image
-from tasks import jobs
+from tasks import faults, jobs
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime
 from tasks.storage import original_key
@@ -158,6 +158,8 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict
             return FetchOutcome(None)
         tenant_id, product_id, urls = job.tenant_id, job.product_id, job.work["image_urls"]
         merchant_id = session.get(Product, product_id).merchant_id  # type: ignore[union-attr]
+        external_id = session.get(Product, product_id).external_id  # type: ignore[union-attr]
+    faults.hit("fetch.claimed", external_id=external_id, job_id=job_id)
 
     stored = _fetch_all(runtime, urls, tenant_id, merchant_id)
     fetched_ms = (time.perf_counter() - started) * 1000

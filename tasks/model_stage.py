@@ -25,7 +25,7 @@ from models.errors import ModelLayerError
 from models.factory import ModelBundle
 from models.images import decode_image
 from models.listing import ListingRequest
-from tasks import jobs
+from tasks import faults, jobs
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime
 from tasks.storage import result_key
@@ -66,6 +66,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _run(models: ModelBundle, items: list[ModelItem]) -> list[ModelResult]:
+    faults.hit("model.batch", size=len(items), job_ids=[i.job_id for i in items])
     results = [ModelResult(job_id=i.job_id) for i in items]
     live: list[int] = []
     schemas = []

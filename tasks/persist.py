@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from db.engine import job_session
 from db.enums import Stage
 from db.tables import Embedding, EnrichmentJob, Grounding, Listing, ModelVersion, Product
-from tasks import jobs
+from tasks import faults, jobs
 from tasks.events import SCHEMA_VERSION, now_iso
 from tasks.outbox import enqueue
 from tasks.runtime import Runtime
@@ -136,5 +136,6 @@ def persist(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, in
         enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names),
                 tenant_id=job.tenant_id)
         jobs.finish(session, job, listing_id=listing_id, timings={"persist": (time.perf_counter() - started) * 1000})
+        faults.hit("persist.before_commit", job_id=job_id)
     log.info("persist.done", job_id=job_id, listing_id=listing_id, reused=bool(reuse))
     return listing_id

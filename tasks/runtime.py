@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     from models.factory import ModelBundle
     from models.images import ImageLimits
     from tasks.batching import MicroBatcher
+    from tasks.faults import FaultPlan
     from tasks.fetching import ImageFetcher
     from tasks.retrain import RetrainConfig
     from tasks.storage import BlobStore
@@ -54,6 +55,7 @@ class Runtime:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     datasets: BlobStore | None = None  # where DPO datasets are written (retrain)
     retrain: RetrainConfig | None = None
+    faults: FaultPlan | None = None  # test-only fault injection (tasks.faults); None in production
 
     @property
     def models(self) -> ModelBundle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Task
 
 from db.enums import Stage
+from tasks import faults
 from tasks.base import catalog_task, relay_outbox, run_job_stage
 from tasks.fetch_stage import fetch_and_dedup
 from tasks.model_stage import model_stage
@@ -21,6 +22,7 @@ def fetch(self: Task, job_id: int) -> str | None:
     outcome = run_job_stage(self, job_id, lambda rt: fetch_and_dedup(rt, job_id, self.request.id, rt.model_ids))
     if outcome is None or outcome.next_stage is None:
         return None
+    faults.hit("stage.committed", stage="fetch", job_id=job_id)
     (model if outcome.next_stage is Stage.model else persist_listing).delay(job_id)
     return outcome.next_stage.value
 
@@ -29,6 +31,7 @@ def fetch(self: Task, job_id: int) -> str | None:
 def model(self: Task, job_id: int) -> bool:
     ran = run_job_stage(self, job_id, lambda rt: model_stage(rt, job_id, self.request.id))
     if ran:
+        faults.hit("stage.committed", stage="model", job_id=job_id)
         persist_listing.delay(job_id)
     return bool(ran)
 
@@ -38,7 +41,10 @@ def persist_listing(self: Task, job_id: int) -> int | None:
     listing_id = run_job_stage(self, job_id, lambda rt: persist(rt, job_id, self.request.id, rt.model_ids,
                                                                 rt.random_weights))
     if listing_id is not None:
-        relay_outbox(get_runtime())
+        faults.hit("stage.committed", stage="persist", job_id=job_id)
+    # Also when this delivery found the job already done: a crash between the persist commit and
+    # the relay left that commit's listing.enriched in the outbox, and this redelivery publishes it.
+    relay_outbox(get_runtime())
     return listing_id
 
 
