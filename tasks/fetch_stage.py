@@ -43,6 +43,7 @@ class StoredImage:
     byte_size: int
     format: str
     storage_uri: str
+    image: Any = field(default=None, repr=False)  # decoded RGB, kept for dedup: never decode twice
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _fetch_all(runtime: Runtime, urls: list[list[str]], tenant_id: str, merchant
         hashes = perceptual_hashes(decoded.image)
         uri = runtime.blobs.put(original_key(tenant_id, sha), fetched.data)
         stored.append(StoredImage(url, role, sha, hashes.phash, hashes.dhash, decoded.width, decoded.height,
-                                  len(fetched.data), decoded.format, uri))
+                                  len(fetched.data), decoded.format, uri, decoded.image))
     return stored
 
 
@@ -116,15 +117,26 @@ def _record_near_duplicate(session: Session, tenant_id: str, image_id: int, matc
                     .on_conflict_do_nothing())
 
 
-def _verify_near(runtime: Runtime, session: Session, tenant_id: str, image_id: int, img: StoredImage,
-                 data: bytes) -> dict[str, Any] | None:
+def _candidate_features(runtime: Runtime, image_id: int, uri: str) -> Any:
+    """ORB features of a stored image, from the per-process cache or decoded once from storage."""
+    cached = runtime.feature_cache.get(image_id)
+    if cached is None:
+        image = decode_image(runtime.blobs.get(uri), runtime.image_limits).image
+        cached = runtime.feature_cache.put(image_id, runtime.dedup_verifier.features(image))
+    return cached
+
+
+def _verify_near(runtime: Runtime, session: Session, tenant_id: str, image_id: int,
+                 img: StoredImage) -> dict[str, Any] | None:
     candidates = _near_candidates(session, tenant_id, image_id, img)
+    query_features = runtime.feature_cache.put(image_id, runtime.dedup_verifier.features(img.image))
     if not candidates:
         return None
-    query = decode_image(data, runtime.image_limits).image
-    loaded = [DuplicateCandidate(cid, decode_image(runtime.blobs.get(uri), runtime.image_limits).image, dist)
+    loaded = [DuplicateCandidate(cid, None, dist, features=_candidate_features(runtime, cid, uri))
               for cid, uri, dist in candidates]
-    confirmed = [m for m in runtime.dedup_verifier.verify(query, loaded) if m.confirmed]
+    confirmed = [runtime.dedup_verifier.match_features(query_features, c.features, image_id=c.image_id,
+                                                       hamming=c.hamming) for c in loaded]
+    confirmed = [m for m in confirmed if m.confirmed]
     if not confirmed:
         return None
     best = max(confirmed, key=lambda m: m.inliers)
@@ -182,7 +194,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict
                     duplicates.append({"image_url": img.url, "kind": "exact", "duplicate_of_product": other,
                                        "hamming_distance": 0, "inliers": None})
                 continue
-            near = _verify_near(runtime, session, tenant_id, image_id, img, runtime.blobs.get(img.storage_uri))
+            near = _verify_near(runtime, session, tenant_id, image_id, img)
             if near is not None:
                 other = _product_using(session, tenant_id, near.pop("duplicate_of_image_id"), product_id)
                 duplicates.append({**near, "duplicate_of_product": other})

@@ -24,6 +24,32 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     from tasks.storage import BlobStore
 
 
+class LruCache:
+    """A small thread-safe LRU map (e.g. ORB features of stored images, by image id)."""
+
+    def __init__(self, max_items: int) -> None:
+        from collections import OrderedDict
+
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._max = max_items
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: Any, value: Any) -> Any:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+        return value
+
+
 class EventPublisher(Protocol):
     def publish(self, routing_key: str, payload: dict[str, Any], *, message_id: str) -> None:
         """Publish one domain event and return once the broker confirmed it."""
@@ -48,6 +74,7 @@ class Runtime:
     unknown_category: str = "generic"
     batch_size: int = 8
     batch_max_wait_ms: int = 200
+    feature_cache: LruCache = field(default_factory=lambda: LruCache(4096))
     _models: ModelBundle | None = field(default=None, init=False, repr=False)
     _verifier: NearDuplicateVerifier | None = field(default=None, init=False, repr=False)
     _model_ids: dict[str, int] | None = field(default=None, init=False, repr=False)

@@ -134,6 +134,9 @@ class ModelSettings(BaseModel):
 class WorkerSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="GPU stage micro-batch: most products per model call.")
     batch_max_wait_ms: int = Field(200, ge=0, description="GPU stage micro-batch: longest wait to fill a batch.")
+    cpu_threads: int = Field(
+        1, ge=0, description="torch/OpenCV threads per worker process for CPU work (0 = library default). "
+        "One per process avoids oversubscribing cores shared by several workers.")
     max_retries: int = Field(5, ge=0, description="Retries for transient errors (network, S3, database).")
     retry_backoff_s: float = Field(2.0, gt=0, description="First retry delay; doubles each retry, with full jitter.")
     retry_backoff_max_s: float = Field(300.0, gt=0, description="Largest retry delay.")

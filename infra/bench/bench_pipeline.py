@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--profile", default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--cpu-threads", type=int, default=1, help="torch/OpenCV threads, workers and bare run alike")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     require_service(5672, "RabbitMQ", "start rabbitmq-server")
@@ -80,7 +81,8 @@ def main() -> None:
     ns = f"b{uuid.uuid4().hex[:8]}"
     env = base_env(pg_url=pg_url, data_dir=tmp, namespace=ns, ENRICH_MODELS__PROFILE=args.profile,
                    ENRICH_MODELS__DEVICE=args.device, ENRICH_WORKERS__BATCH_SIZE=str(args.batch_size),
-                   ENRICH_MODELS__MAX_NEW_TOKENS=str(args.max_new_tokens))
+                   ENRICH_MODELS__MAX_NEW_TOKENS=str(args.max_new_tokens),
+                   ENRICH_WORKERS__CPU_THREADS=str(args.cpu_threads))
     dep = Deployment(env=env, data_dir=tmp, namespace=ns, engine=engine)
     items = photos(args.n)
     try:
@@ -123,12 +125,15 @@ def main() -> None:
         dep.delete_broker_objects()
     eps = len(seen) / elapsed
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [latencies[0]] * 19
+    from workers.runtime import limit_cpu_threads
+
+    limit_cpu_threads(args.cpu_threads)  # the bare run gets the same thread budget as a worker
     bare = bare_model_throughput(items, args.batch_size, args.profile, args.device, args.max_new_tokens)
     result = {"events": len(items), "completed": len(seen), "failed": failed, "seconds": round(elapsed, 2),
               "events_per_s": round(eps, 3), "latency_p50_s": round(statistics.median(latencies), 2),
               "latency_p95_s": round(q[18], 2), "bare_model_items_per_s": round(bare, 3),
               "ratio_to_bare_model": round(eps / bare, 3), "batch_size": args.batch_size,
-              "profile": args.profile, "device": args.device, "random_weights": args.profile != "pretrained"}
+              "profile": args.profile, "device": args.device, "cpu_threads": args.cpu_threads, "random_weights": args.profile != "pretrained"}
     print(f"{'metric':28} value")
     for k, v in result.items():
         print(f"{k:28} {v}")
