@@ -1,8 +1,8 @@
 """Enrichment job state: claiming a stage, finishing, failing (with its listing.failed event).
 
 A stage is claimed under a row lock by the task id that runs it. A redelivery of the same task
-(same id) re-claims; a concurrent duplicate (another id) backs off; a stage already passed, or
-a job already done/failed, is a no-op. That turns at-least-once delivery into one model run.
+(same id) re-claims; a concurrent duplicate (another id) backs off; a stage already passed, a
+stage not reached yet, or a job already done/failed, is a no-op. That turns at-least-once delivery into one model run.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str) -> Enrichme
     current = Stage(job.stage) if job.stage else Stage.fetch
     if STAGE_ORDER.index(stage) < STAGE_ORDER.index(current):
         return None  # already past this stage: a late duplicate
+    if STAGE_ORDER.index(stage) > STAGE_ORDER.index(current):
+        log.info("stage.not_reached", job_id=job_id, stage=stage.value, current=current.value)
+        return None  # an early duplicate: the job's own task for this stage comes after the current one
     claims = dict(job.work.get("claims", {}))
     holder = claims.get(stage.value)
     if holder not in (None, task_id):
