@@ -93,3 +93,25 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     reset_settings_cache()
     yield tmp_path / "data"
     reset_settings_cache()
+
+
+def fresh_database(server_url: str, name: str) -> str:
+    """A new, migrated database on the session's server: suites whose worker processes commit
+    real rows (integration, reliability, security) get their own, so unit tests that expect an
+    empty catalog never see those rows, whatever the order tests run in."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from db import migrate
+    from db.engine import make_engine
+
+    admin = make_engine(server_url)
+    with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    eng = make_engine(url)
+    migrate.upgrade(eng)
+    eng.dispose()
+    return url

@@ -111,6 +111,16 @@ def _near_copy(photo: Photo, out_dir: Path) -> Photo:
     return Photo(target, photo.category)
 
 
+def _skus(photos: list[Photo]) -> list[str]:
+    """Readable, stable product ids (dress-1, dress-2, hat-1, …) so SQL examples can name them."""
+    seen: dict[str, int] = {}
+    out = []
+    for photo in photos:
+        seen[photo.category] = seen.get(photo.category, 0) + 1
+        out.append(f"{photo.category}-{seen[photo.category]}")
+    return out
+
+
 def _start_workers(log_dir: Path) -> list[subprocess.Popen[bytes]]:
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -173,9 +183,10 @@ def run_demo(*, source: Path | None, limit: int, profile: str, timeout_s: int) -
     try:
         time.sleep(2.0)
         version = int(time.time())
-        ids = publish_photos(photos, tenant="demo", merchant="demo-merchant", version=version)
+        skus = _skus(photos)
+        ids = publish_photos(photos, tenant="demo", merchant="demo-merchant", version=version, external_ids=skus)
         ids += publish_photos(extra, tenant="demo", merchant="demo-merchant", version=version,
-                              external_ids=[f"{photos[0].path.stem}-relisted", extra[1].path.stem])
+                              external_ids=[f"{skus[0]}-relisted", f"{skus[min(1, len(skus) - 1)]}-reupload"])
         done = _wait(console, engine, ids, timeout_s, procs)
     finally:
         _stop_workers(procs)

