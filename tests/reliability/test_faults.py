@@ -272,3 +272,20 @@ def test_same_event_on_two_workers_of_each_kind_is_one_listing_and_one_model_run
     assert dep.count(r"stage\.not_reached.*stage=persist") == 1  # …or found the job not there yet
     assert model_batches_with(dep, job_id) == 1  # one model run across both gpu workers
     dep.check("6 same event, 2+2 workers, duplicate tasks")
+
+
+# ---- 8. CPU-path soak (scaled down; infra/bench/soak_cpu_path.py runs 10,000) --------------------
+
+def test_cpu_path_soak_memory_stays_bounded(make_deployment, new_tenant, product_event) -> None:  # noqa: ANN001
+    from tests.reliability.soak import run_soak, start_soak_workers
+
+    events = 300
+    dep = make_deployment()
+    start_soak_workers(dep)
+    result = run_soak(dep, product_event, events=events, photos=3, tenants=[new_tenant(), new_tenant()], chunk=100,
+                      sample_every_s=1.0, timeout=400)
+    print(f"\nCPU-path soak: {events} events in {result.seconds:.0f}s ({result.events_per_s:.1f}/s)\n{result.table()}")
+    assert result.model_batches_during == 0  # every soak event took the CPU path only (reuse, no model)
+    warm, end = result.rss_at(0.25), result.rss_at(1.0)
+    assert end - warm < 64, f"CPU worker RSS grew {end - warm:.0f} MB after warm-up\n{result.table()}"
+    dep.check(f"8 CPU-path soak ({events} events)", note=f"RSS {warm:.0f}→{end:.0f} MB", timeout=60)
