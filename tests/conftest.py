@@ -115,3 +115,21 @@ def fresh_database(server_url: str, name: str) -> str:
     migrate.upgrade(eng)
     eng.dispose()
     return url
+
+
+def own_database(suite: str):  # noqa: ANN201
+    """``pg_url`` and ``engine`` overrides for a suite's conftest: ``pg_url, engine = own_database("x")``."""
+
+    @pytest.fixture(scope="session", name="pg_url")
+    def suite_pg_url(pg_url: str) -> str:
+        return fresh_database(pg_url, f"suite_{suite}")
+
+    @pytest.fixture(scope="session", name="engine")
+    def suite_engine(pg_url: str):  # noqa: ANN202
+        from db.engine import make_engine
+
+        eng = make_engine(pg_url, pool_size=5)
+        yield eng
+        eng.dispose()
+
+    return suite_pg_url, suite_engine

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import own_database
 from tests.integration.harness import Deployment, base_env, require_service
 
 
@@ -35,17 +36,5 @@ def tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture(scope="session")
-def pg_url(pg_url: str) -> str:  # noqa: F811 - overrides the root fixture: a database of this suite's own
-    from tests.conftest import fresh_database
-
-    return fresh_database(pg_url, "suite_integration")
-
-
-@pytest.fixture(scope="session")
-def engine(pg_url: str):  # noqa: ANN201, F811
-    from db.engine import make_engine
-
-    eng = make_engine(pg_url, pool_size=5)
-    yield eng
-    eng.dispose()
+# Worker processes commit real rows: this suite gets a database of its own.
+pg_url, engine = own_database("integration")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import own_database
 from sqlalchemy import text
 
 from tests.integration.harness import Deployment, base_env, require_service
@@ -154,17 +156,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line("must-be-zero columns: " + ("all zero" if not bad else "VIOLATED: " + "; ".join(bad)))
 
 
-@pytest.fixture(scope="session")
-def pg_url(pg_url: str) -> str:  # noqa: F811 - overrides the root fixture: a database of this suite's own
-    from tests.conftest import fresh_database
-
-    return fresh_database(pg_url, "suite_security")
-
-
-@pytest.fixture(scope="session")
-def engine(pg_url: str):  # noqa: ANN201, F811
-    from db.engine import make_engine
-
-    eng = make_engine(pg_url, pool_size=5)
-    yield eng
-    eng.dispose()
+# Worker processes commit real rows: this suite gets a database of its own.
+pg_url, engine = own_database("security")
