@@ -3,9 +3,10 @@
 Image URLs are written by merchants, so they are hostile input: a URL may point at the cloud
 metadata service, at a loopback admin port, at a host whose DNS answer is private, or at another
 merchant's S3 prefix. Every fetch passes one policy (``FetchPolicy``) and one choke point per
-scheme. For HTTP(S) the host is resolved once, every answer is vetted, and the connection goes to
-the vetted address itself (DNS rebinding cannot swap it), with the hostname kept for the Host
-header, TLS SNI and certificate verification. Redirects are followed by hand and re-vetted.
+scheme; the I/O-free URL and address rules live in ``tasks.url_policy``. For HTTP(S) the host is
+resolved once, every answer is vetted, and the connection goes to the vetted address itself (DNS
+rebinding cannot swap it), with the hostname kept for the Host header, TLS SNI and certificate
+verification. Redirects are followed by hand and re-vetted.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import os
-import re
 import socket
 import ssl
 import stat
@@ -25,34 +25,28 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from tasks.errors import ErrorCode, PipelineError, TransientError
+from tasks.url_policy import (
+    MAX_URL_LENGTH as MAX_URL_LENGTH,  # re-exported for callers that import it from here
+    S3_BUCKET,
+    IPAddress,
+    has_control,
+    ip_literal,
+    is_public_address,
+    normalise_host,
+    port_of,
+    refused,
+    safe_segment,
+    scheme_of,
+    split_web_url,
+)
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]  # socket.getaddrinfo's shape
 
 ALLOWED_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
-MAX_URL_LENGTH = 4096
 _READ_CHUNK = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_4XX = frozenset({408, 429})  # the server asks us to come back later
 _USER_AGENT = "catalog-enrich-fetcher/1"
-
-# Names that only mean something inside a network; refused before any DNS lookup.
-_INTERNAL_NAMES = frozenset({"localhost"})
-_INTERNAL_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa")
-
-# Ranges the stdlib flags miss or classify inconsistently across Python versions.
-_EXTRA_BLOCKED = tuple(
-    ipaddress.ip_network(n)
-    for n in ("100.64.0.0/10", "192.0.0.0/24", "192.88.99.0/24", "64:ff9b:1::/48", "fec0::/10")
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
-
-_DOTTED_QUAD = re.compile(r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$")
-_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|\d+)$")
-_DNS_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9])?$")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]{0,31}):")
-_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 @dataclass(frozen=True)
@@ -98,44 +92,6 @@ class VettedTarget:
     port: int
     request_target: str
     address: str
-
-
-def refused(detail: str) -> PipelineError:
-    return PipelineError(ErrorCode.url_not_allowed, detail)
-
-
-def is_public_address(address: IPAddress) -> bool:
-    """True only for globally routable unicast addresses, looking inside IPv6 forms that embed IPv4."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return is_public_address(address.ipv4_mapped)
-        if address in _NAT64:  # DNS64 answers for IPv4-only hosts: judge the IPv4 inside
-            return is_public_address(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if any(not is_public_address(v4) for v4 in _embedded_ipv4(address)):
-            return False
-    if any(address in net for net in _EXTRA_BLOCKED):
-        return False
-    flags = (
-        address.is_private,
-        address.is_loopback,
-        address.is_link_local,
-        address.is_multicast,
-        address.is_reserved,
-        address.is_unspecified,
-    )
-    return address.is_global and not any(flags)
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses a 6to4, Teredo or IPv4-compatible address would deliver traffic to."""
-    found: list[ipaddress.IPv4Address] = []
-    if address.sixtofour is not None:
-        found.append(address.sixtofour)
-    if address.teredo is not None:
-        found.extend(address.teredo)
-    if address in _IPV4_COMPATIBLE and int(address) > 1:
-        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    return found
 
 
 class _Deadline:
@@ -231,7 +187,7 @@ class ImageFetcher:
 
     def fetch(self, url: str, *, tenant_id: str, merchant_id: str) -> FetchedImage:
         """Return the bytes ``url`` names, or raise PipelineError/TransientError with a code."""
-        scheme = _scheme_of(url)
+        scheme = scheme_of(url)
         if scheme in ("http", "https"):
             return self._fetch_web(url)
         if scheme == "s3":
@@ -244,9 +200,9 @@ class ImageFetcher:
 
     def vet_web_url(self, url: str) -> VettedTarget:
         """Check an http(s) URL against the policy and resolve it once, without connecting."""
-        parts = _split_web_url(url, self.policy)
-        host = _normalise_host(parts.hostname or "", self.policy)
-        port = _port_of(parts)
+        parts = split_web_url(url, allow_http=self.policy.allow_http)
+        host = normalise_host(parts.hostname or "", allow_private=self.policy.allow_private_addresses)
+        port = port_of(parts)
         addresses = self._addresses(host, port)
         if not self.policy.allow_private_addresses and not all(map(is_public_address, addresses)):
             raise refused(f"host {host} is not a public address")
@@ -262,7 +218,7 @@ class ImageFetcher:
         return self.vet_web_url(urljoin(current.url, location.strip()))
 
     def _addresses(self, host: str, port: int) -> list[IPAddress]:
-        literal = _ip_literal(host)
+        literal = ip_literal(host)
         if literal is not None:
             return [literal]
         try:
@@ -387,13 +343,13 @@ class ImageFetcher:
 
     def _vet_s3_url(self, url: str, tenant_id: str, merchant_id: str) -> tuple[str, str]:
         bucket, _, key = url[len("s3://") :].partition("/")
-        if not _S3_BUCKET.match(bucket) or bucket not in self.policy.allowed_buckets:
+        if not S3_BUCKET.match(bucket) or bucket not in self.policy.allowed_buckets:
             raise refused(f"S3 bucket '{bucket[:63]}' is not allowed")
         unsafe = ".." in key or "//" in key or "\\" in key or key.startswith("/")
-        if not key or len(key) > 1024 or unsafe or _has_control(key):
+        if not key or len(key) > 1024 or unsafe or has_control(key):
             raise refused("S3 key is not allowed")
         if self.policy.require_merchant_prefix:
-            if not (_safe_segment(tenant_id) and _safe_segment(merchant_id)):
+            if not (safe_segment(tenant_id) and safe_segment(merchant_id)):
                 raise refused("tenant or merchant id unusable as an S3 prefix")
             prefix = f"{tenant_id}/{merchant_id}/"
             if not key.startswith(prefix) or key == prefix:
@@ -465,79 +421,6 @@ _REQUEST_HEADERS = {
     "Connection": "close",
 }
 
-
-def _scheme_of(url: str) -> str:
-    if not isinstance(url, str) or len(url) > MAX_URL_LENGTH or _has_control(url):
-        raise refused("URL is malformed or too long")
-    match = _SCHEME.match(url)
-    if match is None:
-        raise refused("URL is not absolute")
-    return match.group(1).lower()
-
-
-def _split_web_url(url: str, policy: FetchPolicy) -> Any:
-    """Parse strictly: forms that parsers disagree on are refused rather than guessed."""
-    if not url.isascii() or any(c.isspace() for c in url) or "\\" in url:
-        raise refused("URL contains characters that must be percent-encoded")
-    if _has_control(url) or len(url) > MAX_URL_LENGTH:
-        raise refused("URL is malformed or too long")
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        raise refused("URL is malformed") from None
-    if parts.scheme not in ("http", "https"):
-        raise refused(f"URL scheme '{_scheme_of(url)}' is not allowed")
-    if parts.scheme == "http" and not policy.allow_http:
-        raise refused("plain http is not allowed")
-    if "@" in parts.netloc:
-        raise refused("credentials in URLs are not allowed")
-    if not parts.netloc or not url.lower().startswith(f"{parts.scheme}://"):
-        raise refused("URL has no host")
-    return parts
-
-
-def _port_of(parts: Any) -> int:
-    try:
-        port = parts.port
-    except ValueError:
-        raise refused("URL port is invalid") from None
-    if port == 0:
-        raise refused("URL port is invalid")
-    return port or (443 if parts.scheme == "https" else 80)
-
-
-def _normalise_host(host: str, policy: FetchPolicy) -> str:
-    """Lower-case, refuse internal names and every IPv4 spelling except the canonical dotted quad."""
-    host = host.lower()
-    host = host[:-1] if host.endswith(".") else host
-    if not host or "%" in host:
-        raise refused("URL host is invalid")
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise refused("URL host is invalid") from None
-        return host
-    labels = host.split(".")
-    if _NUMERIC_LABEL.match(labels[-1]):
-        if not _DOTTED_QUAD.match(host):
-            raise refused("numeric host in a non-canonical form is not allowed")
-        return host
-    if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
-        raise refused("URL host is not a valid DNS name")
-    internal = host in _INTERNAL_NAMES or host.endswith(_INTERNAL_SUFFIXES)
-    if internal and not policy.allow_private_addresses:
-        raise refused(f"host {host} is internal")
-    return host
-
-
-def _ip_literal(host: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
 def _check_status(status: int, host: str) -> None:
     if status == 200:
         return
@@ -575,13 +458,3 @@ def _s3_client_error(exc: Any, bucket: str) -> PipelineError:
     if status >= 500 or code in transient_codes:
         return TransientError(ErrorCode.image_fetch_failed, f"S3 error {code or status}")
     return PipelineError(ErrorCode.image_fetch_failed, f"S3 error {code or status} for bucket {bucket}")
-
-
-def _has_control(text: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in text)
-
-
-def _safe_segment(value: str) -> bool:
-    if not value or value in (".", "..") or _has_control(value):
-        return False
-    return "/" not in value and "\\" not in value
