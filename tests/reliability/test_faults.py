@@ -244,7 +244,7 @@ def test_same_event_on_two_workers_of_each_kind_is_one_listing_and_one_model_run
                                                                                 product_event) -> None:
     dep = make_deployment()
     t = new_tenant()
-    held = {**TRACE, "ENRICH_FAULTS__SLEEP_IN_MODEL_S": "2"}
+    held = {**TRACE, "ENRICH_FAULTS__SLEEP_IN_MODEL_S": "4"}
     dep.start(WorkerSpec("events-cpu-a", "events,cpu", TRACE), WorkerSpec("events-cpu-b", "events,cpu", TRACE),
               WorkerSpec("gpu-a", "gpu", held), WorkerSpec("gpu-b", "gpu", held))
     payload = product_event(t, "twice", 6)
