@@ -12,11 +12,15 @@ from typing import Any
 import pytest
 
 from tasks.events import product_event_payload
+from tests.conftest import own_database
 from tests.integration.harness import base_env, require_service
 from tests.reliability import summary
 from tests.reliability.harness import FaultDeployment
 
 DeploymentFactory = Callable[..., FaultDeployment]
+
+# Worker processes commit real rows: this suite gets a database of its own.
+pg_url, engine = own_database("reliability")
 
 
 @pytest.fixture(scope="session")
