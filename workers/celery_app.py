@@ -3,13 +3,14 @@ build their runtime after fork (``worker_process_init``), and models load on fir
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from celery import Celery, signals
 
 from workers.broker import broker_kind, broker_url
 from workers.settings import Settings, get_settings
-from workers.topology import build_topology
+from workers.topology import TaskQueue, Topology, build_topology
 
 TASK_MODULES = ["tasks.stages"]
 OPTIONAL_TASK_MODULES = ["tasks.reconcile", "tasks.feedback_tasks", "tasks.retrain_tasks"]
@@ -81,14 +82,18 @@ def _beat_schedule(settings: Settings, schedule: Any) -> dict[str, Any]:
     return beat
 
 
+@lru_cache(maxsize=4)
+def _topology(broker: str, namespace: str) -> Topology:
+    return build_topology(get_settings(), rabbitmq=broker_kind(broker) == "rabbitmq")
+
+
 def _route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, Any] | None:
+    """Send each catalog task to the broker queue of its logical queue (cpu or gpu)."""
     logical = getattr(task, "logical_queue", None) if task is not None else None
     if logical is None:
-        t = app.tasks.get(name)
-        logical = getattr(t, "logical_queue", "cpu")
-    topo = build_topology(get_settings(), rabbitmq=broker_kind(app.conf.broker_url) == "rabbitmq")
-    queue = topo.task_queue(__import__("workers.topology", fromlist=["TaskQueue"]).TaskQueue(logical))
-    return {"queue": queue, "exchange": topo.tasks.name, "routing_key": logical}
+        logical = getattr(app.tasks.get(name), "logical_queue", TaskQueue.cpu.value)
+    topo = _topology(app.conf.broker_url, get_settings().broker.namespace)
+    return {"queue": topo.task_queue(TaskQueue(logical)), "exchange": topo.tasks.name, "routing_key": logical}
 
 
 def create_app(settings: Settings | None = None) -> Celery:

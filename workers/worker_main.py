@@ -25,8 +25,8 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
         return
 
     from workers.celery_app import app
-    from workers.topology import build_topology
     from workers.broker import broker_kind, broker_url
+    from workers.topology import TaskQueue, build_topology
 
     topo = build_topology(settings, rabbitmq=broker_kind(broker_url(settings)) == "rabbitmq")
     declare_everything(topo)
@@ -34,8 +34,7 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
         from workers.intake import IntakeStep
 
         app.steps["consumer"].add(IntakeStep)
-    names = [topo.task_queue(__import__("workers.topology", fromlist=["TaskQueue"]).TaskQueue(q)).name
-             for q in task_queues]
+    names = [topo.task_queue(TaskQueue(q)).name for q in task_queues]
     gpu = "gpu" in task_queues
     # GPU: one process, a thread per in-flight product (prefetch 1 each) feeding one micro-batcher.
     pool = "threads" if gpu else "prefork"
