@@ -165,7 +165,7 @@ def _reusable_listing(session: Session, tenant_id: str, image_id: int, model_ids
 def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, int]) -> FetchOutcome:
     started = time.perf_counter()
     with job_session(runtime.session_factory, job_id) as session:
-        job = jobs.claim(session, job_id, Stage.fetch, task_id)
+        job = jobs.claim(session, job_id, Stage.fetch, task_id, runtime.retry.max_stage_attempts)
         if job is None:
             return FetchOutcome(None)
         tenant_id, product_id, urls = job.tenant_id, job.product_id, job.work["image_urls"]

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from db.enums import JobStatus, Stage
 from db.tables import EnrichmentJob, Product
-from tasks.errors import ErrorCode
+from tasks.errors import ErrorCode, PipelineError
 from tasks.events import failed_event
 from tasks.outbox import enqueue
 
@@ -25,7 +25,14 @@ STAGE_ORDER = [Stage.fetch, Stage.model, Stage.persist]
 FINAL = {JobStatus.done.value, JobStatus.failed.value}
 
 
-def claim(session: Session, job_id: int, stage: Stage, task_id: str) -> EnrichmentJob | None:
+def claim(session: Session, job_id: int, stage: Stage, task_id: str,
+          max_attempts: int | None = None) -> EnrichmentJob | None:
+    """Claim ``stage`` of the job for ``task_id``; None when there is nothing for this task to do.
+
+    ``max_attempts`` bounds how often one stage may start, whatever the broker: retries and
+    redeliveries after a worker died both pass here, so a message that kills its worker every time
+    ends as ``worker_lost`` even where the broker has no delivery limit (Redis).
+    """
     job = session.get(EnrichmentJob, job_id, with_for_update=True)
     if job is None or job.status in FINAL:
         return None
@@ -40,6 +47,9 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str) -> Enrichme
     if holder not in (None, task_id):
         log.info("stage.claimed_elsewhere", job_id=job_id, stage=stage.value, holder=holder)
         return None
+    if max_attempts is not None and job.attempts.get(stage.value, 0) >= max_attempts:
+        raise PipelineError(ErrorCode.worker_lost, f"stage {stage.value} started {max_attempts} times without "
+                            "finishing (its worker died or it kept failing); given up", retryable=False)
     claims[stage.value] = task_id
     attempts = dict(job.attempts)
     attempts[stage.value] = attempts.get(stage.value, 0) + 1

@@ -141,7 +141,7 @@ def run_model_batch(models: ModelBundle, items: list[ModelItem]) -> list[ModelRe
 def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
     """Run the model work of one job through the batcher. False when there was nothing to do."""
     with job_session(runtime.session_factory, job_id) as session:
-        job = jobs.claim(session, job_id, Stage.model, task_id)
+        job = jobs.claim(session, job_id, Stage.model, task_id, runtime.retry.max_stage_attempts)
         if job is None:
             return False
         product = session.get(Product, job.product_id)

@@ -120,7 +120,7 @@ def persist(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, in
     """Returns the listing id, or None when the job had already ended (a duplicate delivery)."""
     started = time.perf_counter()
     with job_session(runtime.session_factory, job_id) as session:
-        job = jobs.claim(session, job_id, Stage.persist, task_id)
+        job = jobs.claim(session, job_id, Stage.persist, task_id, runtime.retry.max_stage_attempts)
         if job is None:
             return None
         product = session.get(Product, job.product_id)

@@ -60,6 +60,7 @@ class RetryPolicy:
     max_retries: int = 5
     backoff_s: float = 2.0
     backoff_max_s: float = 300.0
+    max_stage_attempts: int = 12  # retries + redeliveries of one stage before it is given up
 
 
 @dataclass

@@ -1,0 +1,65 @@
+"""Stage claims: how at-least-once delivery becomes one run per stage."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from db.enums import Stage
+from db.tables import EnrichmentJob, InboxEvent, Merchant, Product, Tenant
+from tasks import jobs
+from tasks.errors import ErrorCode, PipelineError
+
+
+@pytest.fixture
+def job_id(db_session) -> int:  # noqa: ANN001
+    db_session.add(Tenant(id="t"))
+    db_session.flush()
+    db_session.add(Merchant(tenant_id="t", id="m"))
+    db_session.flush()
+    product = Product(tenant_id="t", merchant_id="m", external_id="p", version=1, category="dress")
+    event = InboxEvent(event_id=uuid.uuid4(), tenant_id="t", event_type="product.created", status="accepted")
+    db_session.add_all([product, event])
+    db_session.flush()
+    job = EnrichmentJob(tenant_id="t", event_id=event.event_id, product_id=product.id, product_version=1)
+    db_session.add(job)
+    db_session.flush()
+    return job.id
+
+
+def test_redelivery_reclaims_and_a_concurrent_duplicate_backs_off(db_session, job_id: int) -> None:  # noqa: ANN001
+    assert jobs.claim(db_session, job_id, Stage.fetch, "task-a") is not None
+    assert jobs.claim(db_session, job_id, Stage.fetch, "task-a") is not None  # same task redelivered
+    assert jobs.claim(db_session, job_id, Stage.fetch, "task-b") is None  # another task id: backs off
+    job = db_session.get(EnrichmentJob, job_id)
+    assert job.attempts == {"fetch": 2} and job.status == "running"
+
+
+def test_stages_not_reached_or_already_passed_are_no_ops(db_session, job_id: int) -> None:  # noqa: ANN001
+    assert jobs.claim(db_session, job_id, Stage.persist, "early") is None  # not reached yet
+    job = jobs.claim(db_session, job_id, Stage.fetch, "f")
+    jobs.advance(db_session, job, Stage.model)
+    assert jobs.claim(db_session, job_id, Stage.fetch, "late") is None  # already passed
+    assert jobs.claim(db_session, job_id, Stage.model, "m") is not None
+
+
+def test_a_stage_that_keeps_dying_is_given_up_on_any_broker(db_session, job_id: int) -> None:  # noqa: ANN001
+    for _ in range(3):
+        assert jobs.claim(db_session, job_id, Stage.fetch, "poison", max_attempts=3) is not None
+    with pytest.raises(PipelineError) as info:
+        jobs.claim(db_session, job_id, Stage.fetch, "poison", max_attempts=3)
+    assert info.value.code is ErrorCode.worker_lost and not info.value.retryable
+
+
+def test_fail_ends_the_job_once_and_writes_listing_failed(db_session, job_id: int) -> None:  # noqa: ANN001
+    from db.tables import OutboxMessage
+
+    assert jobs.fail(db_session, job_id, ErrorCode.image_rejected, "not an image", retryable=False) is True
+    assert jobs.fail(db_session, job_id, ErrorCode.model_error, "again", retryable=False) is False
+    job = db_session.get(EnrichmentJob, job_id)
+    assert (job.status, job.error_code) == ("failed", "image_rejected")
+    rows = db_session.query(OutboxMessage).filter_by(tenant_id="t").all()
+    assert [r.payload["code"] for r in rows] == ["image_rejected"]
+    assert rows[0].payload["causation_id"] == str(job.event_id)
+    assert jobs.claim(db_session, job_id, Stage.fetch, "after") is None  # ended jobs claim nothing
