@@ -25,6 +25,7 @@ from models.hashing import perceptual_hashes, sha256_hex
 from models.images import decode_image
 from tasks import faults, jobs
 from tasks.errors import ErrorCode, PipelineError
+from tasks.outbox import enqueue_task
 from tasks.runtime import Runtime
 from tasks.storage import original_key
 
@@ -205,5 +206,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict
             "image_ids": image_ids, "primary_image_id": image_ids[primary],
             "primary_uri": stored[primary].storage_uri, "duplicates": duplicates, "reuse_listing_id": reuse,
         }, timings={"fetch": fetched_ms, "dedup": (time.perf_counter() - started) * 1000 - fetched_ms})
+        enqueue_task(session, "catalog.model" if nxt is Stage.model else "catalog.persist", job_id,
+                     queue="gpu" if nxt is Stage.model else "cpu", tenant_id=tenant_id)
     log.info("fetch.done", job_id=job_id, images=len(stored), duplicates=len(duplicates), reuse=reuse is not None)
     return FetchOutcome(nxt, duplicates)

@@ -23,14 +23,14 @@ from db.enums import InboxStatus, JobStatus
 from db.tables import EnrichmentJob, InboxEvent, Merchant, Product, Tenant
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, ProductEvent, failed_event
-from tasks.outbox import enqueue
+from tasks.outbox import enqueue, enqueue_task
 
 log = structlog.get_logger(__name__)
 
 
 class Outcome(StrEnum):
     accepted = "accepted"  # new job: dispatch its first stage
-    redispatch = "redispatch"  # seen before, job still pending: dispatch again
+    redispatch = "redispatch"  # seen before, job still pending: relay its hand-off if still unsent
     duplicate = "duplicate"  # seen before: nothing to do
     stale = "stale"  # older than the stored version: listing.failed stale_version
     rejected = "rejected"  # invalid: listing.failed invalid_event, dead-lettered
@@ -102,6 +102,7 @@ def accept_product_event(session: Session, event: ProductEvent) -> IntakeResult:
                         work={"image_urls": [[i.url, i.role] for i in event.images]})
     session.add(job)
     session.flush()
+    enqueue_task(session, "catalog.fetch", job.id, queue="cpu", tenant_id=event.tenant_id)
     log.info("intake.accepted", job_id=job.id, version=event.version)
     return IntakeResult(Outcome.accepted, event.event_id, job.id)
 

@@ -27,6 +27,7 @@ from models.images import decode_image
 from models.listing import ListingRequest
 from tasks import faults, jobs
 from tasks.errors import ErrorCode, PipelineError
+from tasks.outbox import enqueue_task
 from tasks.runtime import Runtime
 from tasks.storage import result_key
 
@@ -161,4 +162,5 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
         if job is None or job.status in jobs.FINAL:
             return False
         jobs.advance(session, job, Stage.persist, work={"result_uri": doc_uri}, timings=result.timings_ms)
+        enqueue_task(session, "catalog.persist", job_id, queue="cpu", tenant_id=job.tenant_id)
     return True

@@ -1,5 +1,8 @@
 """Transactional outbox: events are written with their cause and published after commit.
 
+Two kinds of rows: domain events (routing key ``listing.*``) and stage hand-offs (``task:<name>``,
+dispatched as Celery tasks by the same relay). The publisher given to ``relay`` handles both.
+
 ``enqueue`` only adds a row (inside the caller's transaction). ``relay`` publishes unpublished
 rows with broker confirms and marks them; it runs right after a commit and periodically (beat),
 so a crash between commit and publish delays an event but never loses it. Delivery is
@@ -28,6 +31,19 @@ def enqueue(session: Session, routing_key: str, payload: dict[str, Any], *, tena
     validate(payload, routing_key)  # never publish what our own contract would refuse
     row = OutboxMessage(tenant_id=tenant_id, message_id=uuid.UUID(payload["event_id"]),
                         routing_key=routing_key, payload=payload)
+    session.add(row)
+    session.flush()
+    return row
+
+
+TASK_PREFIX = "task:"
+
+
+def enqueue_task(session: Session, task_name: str, job_id: int, *, queue: str, tenant_id: str) -> OutboxMessage:
+    """The next pipeline stage, dispatched by the relay only once this transaction committed: a
+    crash between a stage's commit and its hand-off delays the next stage, never strands it."""
+    row = OutboxMessage(tenant_id=tenant_id, message_id=uuid.uuid4(), routing_key=TASK_PREFIX + task_name,
+                        payload={"task": task_name, "args": [job_id], "queue": queue})
     session.add(row)
     session.flush()
     return row

@@ -1,14 +1,14 @@
 """Celery adapters of the enrichment pipeline: fetch+dedup (cpu) → model (gpu) → persist (cpu).
 
-Each task is a thin adapter: ids in, one pipeline function, dispatch of the next stage after
-that function's commit. Messages carry job ids only; images and vectors travel through storage.
+Each task is a thin adapter: ids in, one pipeline function, then the outbox relay, which sends
+the next stage's task that the function committed (and any event). Messages carry job ids only;
+images and vectors travel through storage.
 """
 
 from __future__ import annotations
 
 from celery import Task
 
-from db.enums import Stage
 from tasks import faults
 from tasks.base import catalog_task, relay_outbox, run_job_stage
 from tasks.fetch_stage import fetch_and_dedup
@@ -23,7 +23,7 @@ def fetch(self: Task, job_id: int) -> str | None:
     if outcome is None or outcome.next_stage is None:
         return None
     faults.hit("stage.committed", stage="fetch", job_id=job_id)
-    (model if outcome.next_stage is Stage.model else persist_listing).delay(job_id)
+    relay_outbox(get_runtime())
     return outcome.next_stage.value
 
 
@@ -32,7 +32,7 @@ def model(self: Task, job_id: int) -> bool:
     ran = run_job_stage(self, job_id, lambda rt: model_stage(rt, job_id, self.request.id))
     if ran:
         faults.hit("stage.committed", stage="model", job_id=job_id)
-        persist_listing.delay(job_id)
+        relay_outbox(get_runtime())
     return bool(ran)
 
 

@@ -85,12 +85,8 @@ class EventHandlers:
             with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id, product_id=event.external_id):
                 with tenant_session(self.factory, event.tenant_id) as session:
                     result = accept_product_event(session, event)
-                if result.outcome in (Outcome.accepted, Outcome.redispatch):
-                    from tasks.stages import fetch
-
-                    fetch.delay(result.job_id)
-                elif result.outcome is Outcome.stale:
-                    self._relay()
+                if result.outcome is not Outcome.duplicate:
+                    self._relay()  # the fetch hand-off (or the stale_version event) committed above
                 message.ack()
         except OperationalError as exc:
             log.warning("intake.database_unavailable", error=str(exc).splitlines()[0][:200])

@@ -1,4 +1,5 @@
-"""Publishing domain events as plain JSON on the events exchange, with publisher confirms."""
+"""Publishing what the outbox holds: domain events as plain JSON on the events exchange (publisher
+confirms), and stage hand-offs as Celery tasks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from kombu import Connection, Producer
 
+from tasks.outbox import TASK_PREFIX
 from workers.broker import broker_kind, broker_url
 from workers.settings import Settings
 from workers.topology import Topology, build_topology, declare
@@ -35,6 +37,9 @@ class KombuEventPublisher:
         return self._producer
 
     def publish(self, routing_key: str, payload: dict[str, Any], *, message_id: str) -> None:
+        if routing_key.startswith(TASK_PREFIX):
+            self._dispatch(payload)
+            return
         body = json.dumps(payload, ensure_ascii=False).encode()
         with self._lock:
             try:
@@ -45,6 +50,15 @@ class KombuEventPublisher:
             except Exception:
                 self.close()
                 raise
+
+    def _dispatch(self, payload: dict[str, Any]) -> None:
+        """A stage hand-off from the outbox: a Celery task message on the stage's queue."""
+        from workers.celery_app import app
+        from workers.topology import TaskQueue
+
+        logical = TaskQueue(payload["queue"])
+        app.send_task(payload["task"], args=payload["args"], queue=self.topology.task_queue(logical),
+                      exchange=self.topology.tasks.name, routing_key=logical.value)
 
     def close(self) -> None:
         if self._conn is not None:
