@@ -92,6 +92,13 @@ class EventHandlers:
             log.warning("intake.database_unavailable", error=str(exc).splitlines()[0][:200])
             time.sleep(1.0)
             message.requeue()
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the consumer down with it
+            log.exception("intake.crashed", routing_key=rk)
+            try:
+                self._keep_dead_letter(message, self.topology.product_events.name, "internal_error",
+                                       f"{type(exc).__name__}: {exc}"[:2000])
+            finally:
+                message.reject(requeue=False)
 
     def on_dead_letter(self, message: Message) -> None:
         """A message the broker gave up on (delivery limit): keep it, and end its job as failed."""
