@@ -78,7 +78,8 @@ def _models(settings: Settings) -> list[Check]:
     m = settings.models
     checks = [Check("model profile", True, f"{m.profile.value} (device {m.device})")]
     for role, ref in (("detector", m.detector), ("vlm", m.vlm), ("clip", m.clip)):
-        present, detail = weights_status(ref, profile=m.profile.value, cache_dir=settings.model_cache_dir)
+        present, detail = weights_status(ref, profile=m.profile.value, cache_dir=settings.model_cache_dir,
+                                         s3_endpoint_url=settings.storage.s3_endpoint_url)
         checks.append(Check(f"weights: {role}", present, detail))
     return checks
 
