@@ -45,6 +45,28 @@ def sample_photos(dataset_dir: Path, manifest: list[dict[str, str]]) -> list[tup
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core box: extra intra-op threads only add contention (measured
+    60x slower under load), so model tests run with one thread and restore the setting after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def generator(one_torch_thread: None):  # noqa: ANN201
+    """The tiny-profile listing generator (random weights), loaded once per module."""
+    from models.listing import ListingGenerator
+
+    gen = ListingGenerator(profile="tiny", device="cpu", max_new_tokens=48, seed=0)
+    gen.load()
+    return gen
+
+
 @pytest.fixture(scope="session")
 def pg_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A fresh embedded PostgreSQL 18 + pgvector for this test session, migrated to head."""

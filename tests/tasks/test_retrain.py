@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,22 +23,9 @@ from tasks.storage import LocalBlobStore, open_blob_store
 from tasks.training import promote, train_candidate
 from tests.tasks.test_feedback import add_listing
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NOW = RetrainConfig(settle=timedelta(0), holdout_fraction=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def generator() -> ListingGenerator:
-    gen = ListingGenerator(profile="tiny", device="cpu", max_new_tokens=48, seed=0)
-    gen.load()
-    return gen
 
 
 @pytest.fixture(scope="module")
