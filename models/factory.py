@@ -52,6 +52,7 @@ class ModelBundle:
         self._embedder: ClipEmbedder | None = None
         self._verifier: AttributeVerifier | None = None
         self._generator: Any = None
+        self._pretrained_versions: dict[str, ModelVersionInfo] | None = None
 
     def _common(self) -> dict[str, Any]:
         c = self.config
@@ -100,7 +101,10 @@ class ModelBundle:
         except ImportError:
             pass
         if self.config.profile == "pretrained":
-            out = {kind: self._pretrained_identity(kind, info) for kind, info in out.items()}
+            # Fingerprinting weight directories walks them: once per process, not once per listing.
+            if self._pretrained_versions is None:
+                self._pretrained_versions = {kind: self._pretrained_identity(kind, info) for kind, info in out.items()}
+            return dict(self._pretrained_versions)
         return out
 
     def _pretrained_identity(self, kind: str, info: ModelVersionInfo) -> ModelVersionInfo:
