@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import own_database
-from tests.integration.harness import Deployment, base_env, require_service
+from tests.integration.harness import Deployment, base_env, require_service, running_deployment
 
 
 @pytest.fixture(scope="session")
@@ -22,14 +22,8 @@ def deployment(rabbitmq, pg_url: str, engine, tmp_path_factory: pytest.TempPathF
     namespace = f"t{uuid.uuid4().hex[:10]}"
     env = base_env(pg_url=pg_url, data_dir=data_dir, namespace=namespace,
                    ENRICH_MODELS__UNKNOWN_CATEGORY="reject")
-    dep = Deployment(env=env, data_dir=data_dir, namespace=namespace, engine=engine)
-    try:
-        dep.start_worker("events,cpu")
-        dep.start_worker("gpu")
+    with running_deployment(env=env, data_dir=data_dir, namespace=namespace, engine=engine) as dep:
         yield dep
-    finally:
-        dep.stop_workers()
-        dep.delete_broker_objects()
 
 
 def tenant() -> str:

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,19 @@ class Deployment:
                     ch.exchange_delete(ex.name)
                 except Exception:  # noqa: BLE001
                     ch = conn.channel()
+
+
+@contextmanager
+def running_deployment(*, env: dict[str, str], data_dir: Path, namespace: str, engine: Engine) -> Iterator[Deployment]:
+    """An events+cpu worker and a gpu worker up for the block; workers and broker objects gone after."""
+    dep = Deployment(env=env, data_dir=data_dir, namespace=namespace, engine=engine)
+    try:
+        dep.start_worker("events,cpu")
+        dep.start_worker("gpu")
+        yield dep
+    finally:
+        dep.stop_workers()
+        dep.delete_broker_objects()
 
 
 def base_env(*, pg_url: str, data_dir: Path, namespace: str, broker_url: str = AMQP_URL,

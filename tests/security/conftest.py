@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import own_database
 from sqlalchemy import text
 
-from tests.integration.harness import Deployment, base_env, require_service
+from tests.integration.harness import Deployment, base_env, require_service, running_deployment
 from tests.reliability import summary
 
 ALLOWED_BUCKET = "enrich-allowed-images"
@@ -82,14 +82,8 @@ def secure_deployment(rabbitmq, pg_url: str, engine, tmp_path_factory: pytest.Te
                    # A counting listener: nothing may get this far.
                    ENRICH_STORAGE__S3_ENDPOINT_URL=f"http://127.0.0.1:{s3_witness.port}")
     (data_dir / "hostile").mkdir()
-    dep = Deployment(env=env, data_dir=data_dir, namespace=namespace, engine=engine)
-    try:
-        dep.start_worker("events,cpu")
-        dep.start_worker("gpu")
+    with running_deployment(env=env, data_dir=data_dir, namespace=namespace, engine=engine) as dep:
         yield dep
-    finally:
-        dep.stop_workers()
-        dep.delete_broker_objects()
 
 
 @pytest.fixture
