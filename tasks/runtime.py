@@ -19,9 +19,9 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     from models.images import ImageLimits
     from tasks.batching import MicroBatcher
     from tasks.faults import FaultPlan
-    from tasks.fetching import ImageFetcher
-    from tasks.retrain import RetrainConfig
-    from tasks.storage import BlobStore
+    from tasks.io.fetcher import ImageFetcher
+    from tasks.feedback.pairs import RetrainConfig
+    from tasks.io.blobs import BlobStore
 
 
 class LruCache:
@@ -125,7 +125,7 @@ class Runtime:
         with self._lock:
             if self._batcher is None:
                 from tasks.batching import MicroBatcher
-                from tasks.model_stage import run_model_batch
+                from tasks.pipeline.model import run_model_batch
 
                 models = self._models or self.models_factory()
                 self._models = models

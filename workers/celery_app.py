@@ -12,8 +12,8 @@ from workers.broker import broker_kind, broker_url
 from workers.settings import Settings, get_settings
 from workers.topology import TaskQueue, Topology, build_topology
 
-TASK_MODULES = ["tasks.stages"]
-OPTIONAL_TASK_MODULES = ["tasks.reconcile", "tasks.feedback_tasks", "tasks.retrain_tasks"]
+TASK_MODULES = ["tasks.pipeline.tasks"]
+OPTIONAL_TASK_MODULES = ["tasks.pipeline.reconcile", "tasks.feedback_tasks", "tasks.feedback.tasks"]
 
 
 def _importable(module: str) -> bool:
@@ -74,9 +74,9 @@ def _beat_schedule(settings: Settings, schedule: Any) -> dict[str, Any]:
     beat: dict[str, Any] = {
         "relay-outbox": {"task": "catalog.relay_outbox", "schedule": schedule(30.0)},
     }
-    if _importable("tasks.reconcile"):
+    if _importable("tasks.pipeline.reconcile"):
         beat["reconcile-coverage"] = {"task": "catalog.reconcile", "schedule": schedule(settings.workers.reconcile_interval_s)}
-    if _importable("tasks.retrain_tasks"):
+    if _importable("tasks.feedback.tasks"):
         beat["retrain-build-pairs"] = {"task": "catalog.retrain.build_pairs",
                                        "schedule": schedule(settings.workers.retrain_interval_s)}
     return beat

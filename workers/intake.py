@@ -20,11 +20,11 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import job_session, system_session, tenant_session
 from db.tables import DeadLetter
-from tasks import jobs
+from tasks.pipeline import jobs
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, parse_product_event
-from tasks.intake import Outcome, accept_product_event, reject_invalid_event
-from tasks.outbox import relay
+from tasks.pipeline.intake import Outcome, accept_product_event, reject_invalid_event
+from tasks.pipeline.outbox import relay
 from workers.broker import broker_kind, broker_url
 from workers.database import get_session_factory
 from workers.logs import bind_context, get_logger

@@ -9,7 +9,7 @@ from typing import Any
 
 from kombu import Connection, Producer
 
-from tasks.outbox import TASK_PREFIX
+from tasks.pipeline.outbox import TASK_PREFIX
 from workers.broker import broker_kind, broker_url
 from workers.settings import Settings
 from workers.topology import Topology, build_topology, declare

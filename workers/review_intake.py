@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import system_session, tenant_session
 from tasks.events import InvalidEvent
-from tasks.feedback import ReviewOutcome, apply_review, parse_review_event, reject_invalid_review
+from tasks.feedback.reviews import ReviewOutcome, apply_review, parse_review_event, reject_invalid_review
 from workers.logs import bind_context, get_logger
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ def model_config(settings: Settings):  # noqa: ANN201
 
 
 def fetch_policy(settings: Settings):  # noqa: ANN201
-    from tasks.fetching import FetchPolicy
+    from tasks.io.fetcher import FetchPolicy
 
     s = settings.storage
     return FetchPolicy(allow_file_urls=s.allow_file_urls, allow_private_addresses=s.allow_private_addresses,
@@ -31,7 +31,7 @@ def fetch_policy(settings: Settings):  # noqa: ANN201
 
 
 def retrain_config(settings: Settings):  # noqa: ANN201
-    from tasks.retrain import RetrainConfig
+    from tasks.feedback.pairs import RetrainConfig
 
     w = settings.workers
     return RetrainConfig(window_days=w.retrain_window_days, merchant_cap=w.retrain_merchant_cap,
@@ -54,9 +54,9 @@ def fault_plan(settings: Settings):  # noqa: ANN201
 def build_runtime(settings: Settings):  # noqa: ANN201
     from models.factory import build_models
     from models.images import ImageLimits
-    from tasks.fetching import ImageFetcher
+    from tasks.io.fetcher import ImageFetcher
     from tasks.runtime import RetryPolicy, Runtime
-    from tasks.storage import open_blob_store
+    from tasks.io.blobs import open_blob_store
     from workers.database import get_session_factory, reset_engine
     from workers.publisher import KombuEventPublisher
     from workers.storage import s3_client

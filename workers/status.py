@@ -53,8 +53,8 @@ def collect_status() -> dict[str, Any]:
         report["dead_letters"] = conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one()
     with Session(engine) as session:
         set_system_scope(session)
-        _optional(report, "coverage", "tasks.reconcile", "coverage_counts", session)
-        _optional(report, "feedback", "tasks.feedback_report", "feedback_report", session)
+        _optional(report, "coverage", "tasks.pipeline.reconcile", "coverage_counts", session)
+        _optional(report, "feedback", "tasks.feedback.report", "feedback_report", session)
     return report
 
 

@@ -47,7 +47,7 @@ def test_settings_build_the_plan_and_production_refuses_it(monkeypatch: pytest.M
 def test_simulated_oom_only_above_the_limit_and_recognised_as_oom() -> None:
     import torch
 
-    from tasks.model_stage import _is_oom
+    from tasks.pipeline.model import _is_oom
 
     plan = FaultPlan(oom_above_batch=2)
     plan.apply("model.batch", {"size": 2, "job_ids": [1, 2]})

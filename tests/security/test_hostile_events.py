@@ -35,7 +35,7 @@ class _Tripwire:
 
 
 def _body_event_id(body: bytes) -> uuid.UUID:
-    """The id intake gives an event whose own id cannot be read (tasks.intake.reject_invalid_event)."""
+    """The id intake gives an event whose own id cannot be read (tasks.pipeline.intake.reject_invalid_event)."""
     return uuid.uuid5(uuid.NAMESPACE_URL, "sha256:" + hashlib.sha256(body).hexdigest())
 
 

@@ -1,6 +1,6 @@
 """Hostile images and image references through the whole pipeline (RabbitMQ, workers as enrich_worker).
 
-Byte-level and URL-level checks of the fetcher and decoder live in tests/tasks/test_fetching.py and
+Byte-level and URL-level checks of the fetcher and decoder live in tests/tasks/io/test_fetcher.py and
 tests/models/test_images.py; here each hostile reference rides in a real product event, and the
 checks are end to end: the job ends ``failed`` with its documented code, the backend receives
 ``listing.failed`` with that code, the valid events of the same burst finish ``done``, and no

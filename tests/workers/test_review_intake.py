@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from tasks.feedback import review_event_payload
-from tests.tasks.test_feedback import add_listing
+from tasks.feedback.reviews import review_event_payload
+from tests.tasks.feedback.test_reviews import add_listing
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 

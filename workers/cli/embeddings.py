@@ -43,7 +43,7 @@ def load_embedder(model: str, settings: Settings) -> tuple[ev.VersionSpec, ev.Em
         from dataclasses import replace
 
         from models.factory import build_models
-        from tasks.storage import open_blob_store
+        from tasks.io.blobs import open_blob_store
         from workers.runtime import model_config
         from workers.storage import s3_client
     except ModuleNotFoundError as exc:

@@ -21,7 +21,7 @@ def _factory():  # noqa: ANN202
 
 
 def _datasets(settings: Settings):  # noqa: ANN202
-    from tasks.storage import open_blob_store
+    from tasks.io.blobs import open_blob_store
     from workers.storage import s3_client
 
     return open_blob_store(settings.datasets_uri, s3_client_factory=lambda: s3_client(settings))
@@ -30,7 +30,7 @@ def _datasets(settings: Settings):  # noqa: ANN202
 @retrain_app.command("build-pairs")
 def build_pairs() -> None:
     """Build a dataset from the feedback received since the last one (what beat runs periodically)."""
-    from tasks.retrain import build_preference_pairs
+    from tasks.feedback.pairs import build_preference_pairs
     from workers.runtime import retrain_config
 
     settings = get_settings()
@@ -57,8 +57,8 @@ def train(
     """Run DPO on the configured listing model and register the result as a candidate version."""
     from models.dpo import DpoConfig
     from models.listing import ListingGenerator
-    from tasks.storage import open_blob_store
-    from tasks.training import train_candidate
+    from tasks.io.blobs import open_blob_store
+    from tasks.feedback.training import train_candidate
     from workers.runtime import model_config
     from workers.storage import s3_client
 
@@ -81,8 +81,8 @@ def train(
 @retrain_app.command("promote")
 def promote(model_version: int = typer.Option(..., "--model-version", help="Candidate vlm version id.")) -> None:
     """Make a candidate the active listing model, retiring the active one, atomically."""
-    from tasks.training import PromotionError
-    from tasks.training import promote as promote_version
+    from tasks.feedback.training import PromotionError
+    from tasks.feedback.training import promote as promote_version
 
     with one_line_errors():
         try:

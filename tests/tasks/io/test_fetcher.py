@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tasks.errors import ErrorCode, PipelineError, TransientError
-from tasks.fetching import FetchPolicy, ImageFetcher, is_public_address
+from tasks.io.fetcher import FetchPolicy, ImageFetcher, is_public_address
 
 LOCAL = FetchPolicy(allow_http=True, allow_private_addresses=True, max_bytes=1_000_000,
                     timeout_s=2.0, total_timeout_s=2.0, max_redirects=3)

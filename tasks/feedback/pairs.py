@@ -11,7 +11,7 @@ consumed) inside the time window, keep each listing's latest review, and build p
   chosen = the verified listing the merchant accepted, rejected = the raw model output.
 
 Pairs are de-duplicated by content hash (against earlier datasets too), capped per merchant,
-split into train/holdout by a hash of the product, written with ``tasks.datasets`` and recorded.
+split into train/holdout by a hash of the product, written with ``tasks.feedback.datasets`` and recorded.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from db.enums import DatasetSplit, PairSource, ReviewDecision
 from db.tables import PreferencePair, TrainingDataset
 from models.categories import CategorySchema, load_schema, validate_listing
 from models.errors import UnsupportedCategory
-from tasks.datasets import listing_json, write_dataset
-from tasks.storage import BlobStore
+from tasks.feedback.datasets import listing_json, write_dataset
+from tasks.io.blobs import BlobStore
 
 log = structlog.get_logger(__name__)
 

@@ -23,11 +23,12 @@ from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateCandidate
 from models.errors import ImageRejected
 from models.hashing import perceptual_hashes, sha256_hex
 from models.images import decode_image
-from tasks import faults, jobs
+from tasks import faults
+from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
-from tasks.outbox import enqueue_task
+from tasks.pipeline.outbox import enqueue_task
 from tasks.runtime import Runtime
-from tasks.storage import original_key
+from tasks.io.blobs import original_key
 
 log = structlog.get_logger(__name__)
 

@@ -33,8 +33,8 @@ from models.images import decode_image
 from models.listing import ListingGenerator, ListingRequest
 from models.loading import directory_fingerprint
 from models.vlm_builders import save_vlm
-from tasks.datasets import read_split
-from tasks.storage import BlobStore
+from tasks.feedback.datasets import read_split
+from tasks.io.blobs import BlobStore
 
 log = structlog.get_logger(__name__)
 

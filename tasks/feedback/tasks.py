@@ -7,8 +7,8 @@ from typing import Any
 from celery import Task
 
 from db.engine import session_scope
-from tasks.base import catalog_task
-from tasks.retrain import RetrainConfig, build_preference_pairs
+from tasks.adapter import catalog_task
+from tasks.feedback.pairs import RetrainConfig, build_preference_pairs
 from tasks.runtime import get_runtime
 
 

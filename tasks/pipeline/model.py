@@ -25,11 +25,12 @@ from models.errors import ModelLayerError
 from models.factory import ModelBundle
 from models.images import decode_image
 from models.listing import ListingRequest
-from tasks import faults, jobs
+from tasks import faults
+from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
-from tasks.outbox import enqueue_task
+from tasks.pipeline.outbox import enqueue_task
 from tasks.runtime import Runtime
-from tasks.storage import result_key
+from tasks.io.blobs import result_key
 
 log = structlog.get_logger(__name__)
 

@@ -5,7 +5,7 @@ forgery (SSRF) vector: it may name the cloud metadata service, a loopback admin 
 DNS name, a private range hidden inside an IPv6 form, or a host spelled so that two URL parsers
 disagree about where it points. The rules here refuse all of those before any DNS lookup or
 connection, and refuse ambiguous forms rather than guess. They are pure functions; the I/O (DNS,
-sockets, S3, files) lives in ``tasks.fetching``, which calls them at its one choke point per scheme
+sockets, S3, files) lives in ``tasks.io.fetcher``, which calls them at its one choke point per scheme
 and again for every redirect.
 """
 

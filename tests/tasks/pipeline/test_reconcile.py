@@ -8,7 +8,7 @@ from datetime import timedelta
 import numpy as np
 from sqlalchemy import text
 
-from tasks.reconcile import Reason, coverage_counts, find_incomplete_products, reconcile, requeue
+from tasks.pipeline.reconcile import Reason, coverage_counts, find_incomplete_products, reconcile, requeue
 from tests.db.catalog_rows import (
     add_embeddings,
     add_listings,

@@ -16,12 +16,12 @@ from db.tables import ModelVersion
 from models.categories import CATEGORIES
 from models.dpo import DpoConfig
 from models.listing import ListingGenerator, ListingRequest
-from tasks.datasets import read_manifest, read_split
-from tasks.feedback import apply_review, parse_review_event, review_event_payload
-from tasks.retrain import BuildStatus, RetrainConfig, build_preference_pairs, holdout_split
-from tasks.storage import LocalBlobStore, open_blob_store
-from tasks.training import promote, train_candidate
-from tests.tasks.test_feedback import add_listing
+from tasks.feedback.datasets import read_manifest, read_split
+from tasks.feedback.reviews import apply_review, parse_review_event, review_event_payload
+from tasks.feedback.pairs import BuildStatus, RetrainConfig, build_preference_pairs, holdout_split
+from tasks.io.blobs import LocalBlobStore, open_blob_store
+from tasks.feedback.training import promote, train_candidate
+from tests.tasks.feedback.test_reviews import add_listing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -236,10 +236,10 @@ def test_beat_task_runs_the_builder(db_session: Session, generated: list[Any], o
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from tasks import retrain_tasks
+    from tasks.feedback import tasks as retrain_tasks
     from workers.celery_app import app
 
-    assert retrain_tasks.build_pairs.name == "catalog.retrain.build_pairs" and "tasks.retrain_tasks" in app.conf.include
+    assert retrain_tasks.build_pairs.name == "catalog.retrain.build_pairs" and "tasks.feedback.tasks" in app.conf.include
     assert app.conf.beat_schedule["retrain-build-pairs"]["task"] == "catalog.retrain.build_pairs"
     s, uris = db_session, originals[1]
     edit(s, "rt-task", listing(s, "rt-task", "p0", generated[0], uris[0]))

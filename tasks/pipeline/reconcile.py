@@ -153,7 +153,7 @@ def _json(value: dict[str, Any]) -> str:
 def _register_task() -> Any:
     """The Celery adapter, when the pipeline's task base is installed (it is in a full checkout)."""
     try:
-        from tasks.base import catalog_task
+        from tasks.adapter import catalog_task
     except ModuleNotFoundError:  # pragma: no cover - a db-only install
         return None
     from celery import Task
@@ -161,7 +161,7 @@ def _register_task() -> Any:
     @catalog_task("reconcile", queue="cpu", ignore_result=True)
     def reconcile_task(self: Task, limit: int = 1000) -> int:
         from db.engine import session_scope
-        from tasks import stages
+        from tasks.pipeline import tasks as stages
         from tasks.runtime import get_runtime
 
         runtime = get_runtime()

@@ -3,7 +3,7 @@
 Image URLs are written by merchants, so they are hostile input: a URL may point at the cloud
 metadata service, at a loopback admin port, at a host whose DNS answer is private, or at another
 merchant's S3 prefix. Every fetch passes one policy (``FetchPolicy``) and one choke point per
-scheme; the I/O-free URL and address rules live in ``tasks.url_policy``. For HTTP(S) the host is
+scheme; the I/O-free URL and address rules live in ``tasks.io.url_policy``. For HTTP(S) the host is
 resolved once, every answer is vetted, and the connection goes to the vetted address itself (DNS
 rebinding cannot swap it), with the hostname kept for the Host header, TLS SNI and certificate
 verification. Redirects are followed by hand and re-vetted.
@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from tasks.errors import ErrorCode, PipelineError, TransientError
-from tasks.url_policy import (
+from tasks.io.url_policy import (
     MAX_URL_LENGTH as MAX_URL_LENGTH,  # re-exported for callers that import it from here
     S3_BUCKET,
     IPAddress,

@@ -23,7 +23,7 @@ from db.enums import InboxStatus, JobStatus
 from db.tables import EnrichmentJob, InboxEvent, Merchant, Product, Tenant
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, ProductEvent, failed_event
-from tasks.outbox import enqueue, enqueue_task
+from tasks.pipeline.outbox import enqueue, enqueue_task
 
 log = structlog.get_logger(__name__)
 

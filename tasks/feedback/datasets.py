@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.categories import CategorySchema
-from tasks.storage import BlobStore
+from tasks.io.blobs import BlobStore
 
 SPLITS = ("train", "holdout")
 MANIFEST = "manifest.json"

@@ -10,10 +10,10 @@ from __future__ import annotations
 from celery import Task
 
 from tasks import faults
-from tasks.base import catalog_task, relay_outbox, run_job_stage
-from tasks.fetch_stage import fetch_and_dedup
-from tasks.model_stage import model_stage
-from tasks.persist import persist
+from tasks.adapter import catalog_task, relay_outbox, run_job_stage
+from tasks.pipeline.fetch import fetch_and_dedup
+from tasks.pipeline.model import model_stage
+from tasks.pipeline.persist import persist
 from tasks.runtime import get_runtime
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from db.tables import FieldError, InboxEvent, Listing, ReviewFeedback
 from tasks.events import InvalidEvent
-from tasks.feedback import (
+from tasks.feedback.reviews import (
     ReviewCode,
     ReviewOutcome,
     apply_review,
@@ -22,7 +22,7 @@ from tasks.feedback import (
     reject_invalid_review,
     review_event_payload,
 )
-from tasks.feedback_report import feedback_report
+from tasks.feedback.report import feedback_report
 
 JSON = "application/json"
 

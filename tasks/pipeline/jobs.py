@@ -17,7 +17,7 @@ from db.enums import JobStatus, Stage
 from db.tables import EnrichmentJob, Product
 from tasks.errors import ErrorCode, PipelineError
 from tasks.events import failed_event
-from tasks.outbox import enqueue
+from tasks.pipeline.outbox import enqueue
 
 log = structlog.get_logger(__name__)
 

@@ -69,7 +69,7 @@ def _is_transient_db(exc: BaseException) -> bool:
 
 def relay_outbox(runtime: Runtime) -> None:
     """Publish what the last commit wrote to the outbox; failures wait for the periodic relay."""
-    from tasks.outbox import relay
+    from tasks.pipeline.outbox import relay
 
     try:
         relay(runtime.session_factory, runtime.publisher)
@@ -99,7 +99,7 @@ def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T |
         log.warning("stage.retry", job_id=job_id, code=error.code.value, attempt=task.request.retries + 1,
                     countdown=round(delay, 2), detail=error.detail[:200])
         raise task.retry(countdown=delay, exc=error, max_retries=runtime.retry.max_retries)
-    from tasks import jobs
+    from tasks.pipeline import jobs
 
     with job_session(runtime.session_factory, job_id) as session:
         jobs.fail(session, job_id, error.code, error.detail, retryable=error.retryable)

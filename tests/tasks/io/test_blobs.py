@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tasks.errors import ErrorCode, PipelineError, TransientError
-from tasks.storage import LocalBlobStore, S3BlobStore, open_blob_store, original_key, result_key
+from tasks.io.blobs import LocalBlobStore, S3BlobStore, open_blob_store, original_key, result_key
 
 SHA = hashlib.sha256(b"photo").hexdigest()
 BUCKET = "storage-test-blobs"

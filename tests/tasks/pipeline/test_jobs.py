@@ -8,7 +8,7 @@ import pytest
 
 from db.enums import Stage
 from db.tables import EnrichmentJob, InboxEvent, Merchant, Product, Tenant
-from tasks import jobs
+from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
 
 

@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session
 from db.engine import job_session
 from db.enums import Stage
 from db.tables import Embedding, EnrichmentJob, Grounding, Listing, ModelVersion, Product
-from tasks import faults, jobs
+from tasks import faults
+from tasks.pipeline import jobs
 from tasks.events import SCHEMA_VERSION, now_iso
-from tasks.outbox import enqueue
+from tasks.pipeline.outbox import enqueue
 from tasks.runtime import Runtime
 
 log = structlog.get_logger(__name__)

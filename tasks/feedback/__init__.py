@@ -1,0 +1,1 @@
+"""The learning loop: merchant reviews in, preference pairs and datasets built, candidates trained."""
