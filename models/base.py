@@ -20,14 +20,19 @@ class ModelVersionInfo:
 
     kind: str  # detector | vlm | clip
     name: str  # architecture / hub id, e.g. "ViT-B-32" or "google/owlv2-base-patch16-ensemble"
-    revision: str  # weights tag / commit / content hash; "random-seed<N>" for random weights
+    revision: str  # tag-<tag> / hub-<commit> / sha256-<content hash> / random-seed<N> (models.identity)
     profile: str  # pretrained | random-full | tiny
     random_weights: bool
     dims: int | None = None
 
     @property
+    def canonical(self) -> str:
+        """``name@revision``, as ``models.identity.ModelIdentity.canonical``."""
+        return f"{self.name}@{self.revision}"
+
+    @property
     def key(self) -> str:
-        return f"{self.kind}:{self.name}@{self.revision}"
+        return f"{self.kind}:{self.canonical}"
 
 
 class ModelWrapper(ABC, Generic[In, Out]):

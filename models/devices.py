@@ -14,6 +14,7 @@ from typing import TypeVar
 import torch
 
 from models.errors import ModelError, ModelOutOfMemory
+from models.oom import halve_on_oom as halve
 
 T = TypeVar("T")
 
@@ -79,17 +80,10 @@ def halve_on_oom(run: Callable[[int, int], list[T]], n: int) -> list[T]:
     """Run ``run(start, stop)`` over ``[0, n)``; on CUDA OOM split the slice in two and retry.
 
     A micro-batch that fits most of the time should not fail a whole batch of products because one
-    batch had unusually large images; only a single item that still does not fit is an error.
+    batch had unusually large images; only a single item that still does not fit is an error. The
+    splitting rule is ``models.oom.halve_on_oom``, shared with the pipeline's batch function.
     """
+    def at_one(exc: BaseException) -> BaseException:
+        return ModelOutOfMemory("CUDA out of memory at batch size 1", reason="cuda_oom")
 
-    def attempt(start: int, stop: int) -> list[T]:
-        try:
-            return run(start, stop)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            if stop - start <= 1:
-                raise ModelOutOfMemory("CUDA out of memory at batch size 1", reason="cuda_oom") from exc
-            mid = (start + stop) // 2
-            return attempt(start, mid) + attempt(mid, stop)
-
-    return attempt(0, n) if n else []
+    return halve(run, n, on_oom=torch.cuda.empty_cache, at_one=at_one)

@@ -8,6 +8,8 @@ architecture keeps ViT-B-32's ``embed_dim`` so tiny runs write into the same ind
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,19 +21,12 @@ from PIL import Image
 
 from models.base import ModelVersionInfo, ModelWrapper
 from models.devices import halve_on_oom, inference_context, select_device
-from models.loading import (
-    directory_fingerprint,
-    is_s3_uri,
-    local_path,
-    looks_like_path,
-    resolve_model_ref,
-    weights_missing,
-)
+from models.identity import ModelIdentity, model_identity, model_name
+from models.loading import is_s3_uri, local_path, looks_like_path, resolve_model_ref, weights_missing
 from models.prompts import category_noun
-from models.tiny import TINY_CLIP_ARCH, random_revision, register_tiny_open_clip, seeded
+from models.tiny import TINY_CLIP_ARCH, register_tiny_open_clip, seeded
 
-DEFAULT_CLIP = "ViT-B-32/laion2b_s34b_b79k"
-_RANDOM_FULL_FALLBACK_ARCH = "ViT-B-32"
+from models.config import DEFAULT_CLIP  # noqa: E402  (re-exported)
 
 
 class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
@@ -56,16 +51,8 @@ class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
         self._model: Any = None
         self._preprocess: Callable[[Image.Image], torch.Tensor] | None = None
         self._tokenizer: Any = None
-        self._name, self._revision = self._initial_identity()
-
-    def _initial_identity(self) -> tuple[str, str]:
-        if self.profile == "tiny":
-            return TINY_CLIP_ARCH, random_revision(self.seed)
-        arch, _, tag = self.ref.partition("/")
-        if self.profile == "random-full":
-            is_arch = not (is_s3_uri(self.ref) or looks_like_path(self.ref) or self.ref.startswith("hf-hub:"))
-            return (arch if is_arch else _RANDOM_FULL_FALLBACK_ARCH), random_revision(self.seed)
-        return self.ref, "unloaded"
+        self._name = model_name(self.kind, ref, profile=profile)  # the open_clip arch for random profiles
+        self._identity: ModelIdentity | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -87,6 +74,9 @@ class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
             if self.profile != "pretrained":
                 raise
             raise weights_missing(self.kind, self.ref, str(exc).splitlines()[0]) from exc
+        if self.profile == "pretrained":
+            self._identity = None  # pinned to what was loaded (the directory may have changed since)
+            self.identity()
         self._model = model.eval()
         self._preprocess = preprocess
         self._tokenizer = open_clip.get_tokenizer(name)
@@ -96,24 +86,30 @@ class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
         """(open_clip model name, pretrained tag) for a pretrained ref, resolving dirs and s3."""
         ref = self.ref.strip()
         if ref.startswith("hf-hub:"):
-            self._revision = "hub"
             return ref, None
         if is_s3_uri(ref) or looks_like_path(ref) or local_path(ref).is_dir():
             directory = Path(resolve_model_ref(ref, cache_dir=self.cache_dir,
                                                s3_endpoint_url=self.s3_endpoint_url, kind=self.kind))
             if not (directory / "open_clip_config.json").is_file():
                 raise weights_missing(self.kind, ref, f"{directory} has no open_clip_config.json")
-            self._revision = directory_fingerprint(directory)
             return f"local-dir:{directory}", None
         arch, _, tag = ref.partition("/")
         if not tag:
             raise weights_missing(self.kind, ref, "expected 'ARCH/pretrained-tag' (e.g. ViT-B-32/laion2b_s34b_b79k)")
-        self._revision = tag
         return arch, tag
 
+    def identity(self) -> ModelIdentity:
+        """The registry identity (``models.identity``), known without loading; once per instance.
+
+        The backfill registers what this returns and workers register ``ModelBundle.versions()``,
+        which returns the same, so one clip model is one registry row."""
+        if self._identity is None:
+            self._identity = model_identity(self.kind, self.ref, profile=self.profile, cache_dir=self.cache_dir,
+                                            s3_endpoint_url=self.s3_endpoint_url, seed=self.seed)
+        return self._identity
+
     def version(self) -> ModelVersionInfo:
-        return ModelVersionInfo(kind=self.kind, name=self._name, revision=self._revision, profile=self.profile,
-                                random_weights=self.profile != "pretrained", dims=self.dims)
+        return replace(self.identity(), dims=self.dims)
 
     @property
     def dims(self) -> int | None:

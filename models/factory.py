@@ -7,40 +7,13 @@ Celery parent process can build the bundle before fork and each child loads its 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from models.base import ModelVersionInfo
-from models.embeddings import DEFAULT_CLIP, ClipEmbedder
-from models.grounding import DEFAULT_DETECTOR, Grounder
+from models.config import DEFAULT_CLIP, DEFAULT_DETECTOR, DEFAULT_VLM, PROFILES, ModelConfig
+from models.embeddings import ClipEmbedder
+from models.grounding import Grounder
 from models.verify import AttributeVerifier
-
-PROFILES = ("pretrained", "random-full", "tiny")
-DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything the model layer needs, passed in (the model layer never reads the environment)."""
-
-    profile: str = "pretrained"
-    device: str = "auto"
-    detector: str = DEFAULT_DETECTOR
-    vlm: str = DEFAULT_VLM
-    clip: str = DEFAULT_CLIP
-    cache_dir: Path = field(default_factory=lambda: Path("models-cache"))
-    s3_endpoint_url: str | None = None
-    detection_threshold: float = 0.2
-    crop_padding: float = 0.05
-    verify_margin: float = 0.05
-    max_new_tokens: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown model profile {self.profile!r}: expected one of {', '.join(PROFILES)}")
-
 
 class ModelBundle:
     """The four model stages of one worker process, each created on first access and loaded on first use."""
@@ -52,7 +25,6 @@ class ModelBundle:
         self._embedder: ClipEmbedder | None = None
         self._verifier: AttributeVerifier | None = None
         self._generator: Any = None
-        self._pretrained_versions: dict[str, ModelVersionInfo] | None = None
 
     def _common(self) -> dict[str, Any]:
         c = self.config
@@ -94,29 +66,18 @@ class ModelBundle:
             return self._generator
 
     def versions(self) -> dict[str, ModelVersionInfo]:
-        """Model versions by kind (detector, clip, vlm when importable); what stored rows record."""
+        """Model versions by kind (detector, clip, vlm when importable); what stored rows record.
+
+        Each is the wrapper's ``version()``, i.e. ``models.identity.model_identity`` for its ref: the
+        same before and after loading and in every process (CPU workers never load), and the same
+        the embedding backfill registers. Wrappers compute it once, so this is cheap per listing.
+        """
         out = {"detector": self.grounder.version(), "clip": self.embedder.version()}
         try:
             out["vlm"] = self.generator.version()
         except ImportError:
             pass
-        if self.config.profile == "pretrained":
-            # Fingerprinting weight directories walks them: once per process, not once per listing.
-            if self._pretrained_versions is None:
-                self._pretrained_versions = {kind: self._pretrained_identity(kind, info) for kind, info in out.items()}
-            return dict(self._pretrained_versions)
         return out
-
-    def _pretrained_identity(self, kind: str, info: ModelVersionInfo) -> ModelVersionInfo:
-        """Same answer before and after loading, in every process (CPU workers never load)."""
-        from dataclasses import replace
-
-        from models.loading import pretrained_revision
-
-        ref = {"detector": self.config.detector, "vlm": self.config.vlm, "clip": self.config.clip}[kind]
-        revision = pretrained_revision(ref, cache_dir=self.config.cache_dir,
-                                       s3_endpoint_url=self.config.s3_endpoint_url, kind=kind)
-        return replace(info, name=ref, revision=revision)
 
 
 def build_models(config: ModelConfig) -> ModelBundle:

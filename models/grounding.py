@@ -19,11 +19,12 @@ from PIL import Image
 
 from models.base import ModelVersionInfo, ModelWrapper
 from models.devices import halve_on_oom, inference_context, select_device
-from models.loading import directory_fingerprint, resolve_model_ref, weights_missing
+from models.identity import ModelIdentity, model_identity
+from models.loading import resolve_model_ref, weights_missing
 from models.prompts import detection_prompt
-from models.tiny import base_owlv2_config, build_owlv2_processor, build_random_owlv2, random_revision, tiny_owlv2_config
+from models.tiny import base_owlv2_config, build_owlv2_processor, build_random_owlv2, tiny_owlv2_config
 
-DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+from models.config import DEFAULT_DETECTOR  # noqa: E402  (re-exported)
 
 Box = tuple[float, float, float, float]
 
@@ -91,7 +92,7 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
         self.threshold, self.padding, self.seed = threshold, padding, seed
         self._model: Any = None
         self._processor: Any = None
-        self._revision = random_revision(seed) if profile != "pretrained" else "unloaded"
+        self._identity: ModelIdentity | None = None
         self._square_targets = False
         self._postprocess_takes_input_ids = False
 
@@ -105,6 +106,8 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
             model, processor = self._random_full()
         else:
             model, processor = self._pretrained()
+            self._identity = None  # pinned to what was loaded (the directory may have changed since)
+            self.identity()
         self._model = model.to(device).eval()
         self._processor = processor
         self.device = device
@@ -124,9 +127,6 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
             model = AutoModelForZeroShotObjectDetection.from_pretrained(source)
         except OSError as exc:
             raise weights_missing(self.kind, self.ref, str(exc).splitlines()[0]) from exc
-        local = Path(source)
-        self._revision = directory_fingerprint(local) if local.is_dir() else (
-            getattr(model.config, "_commit_hash", None) or "hub")
         return model, processor
 
     def _random_full(self) -> tuple[Any, Any]:
@@ -151,10 +151,15 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
             processor = build_owlv2_processor(config.vision_config.image_size)
         return model, processor
 
+    def identity(self) -> ModelIdentity:
+        """The registry identity (``models.identity``), known without loading; once per instance."""
+        if self._identity is None:
+            self._identity = model_identity(self.kind, self.ref, profile=self.profile, cache_dir=self.cache_dir,
+                                            s3_endpoint_url=self.s3_endpoint_url, seed=self.seed)
+        return self._identity
+
     def version(self) -> ModelVersionInfo:
-        name = "owlv2-tiny" if self.profile == "tiny" else self.ref
-        return ModelVersionInfo(kind=self.kind, name=name, revision=self._revision, profile=self.profile,
-                                random_weights=self.profile != "pretrained")
+        return self.identity()
 
     # --- inference ---------------------------------------------------------------------------------
 

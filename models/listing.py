@@ -27,9 +27,9 @@ from models.categories import CategorySchema, validate_listing
 from models.constrained import GrammarCache, GrammarVocab, SchemaLogitsProcessor, finish_row, grammar_vocab
 from models.devices import halve_on_oom, select_device
 from models.errors import ModelError
-from models.loading import directory_fingerprint, resolve_model_ref, weights_missing
+from models.identity import ModelIdentity, model_identity
+from models.loading import resolve_model_ref, weights_missing
 from models.prompting import IMAGE_PLACEHOLDER, ListingPrompt, build_listing_prompt
-from models.tiny import random_revision
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_MAX_NEW_TOKENS = 512  # > longest schema-valid listing (80 + 400 chars + attributes) at ~3 chars/token
@@ -100,19 +100,20 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         self.model: Any = None
         self.processor: Any = None
         self._grammars: GrammarCache | None = None
-        self._revision = ""
+        self._identity: ModelIdentity | None = None
 
     # ---- loading -------------------------------------------------------------------------------
 
     def _load(self) -> None:
         if self.profile == "pretrained":
             model, processor = self._load_pretrained()
+            self._identity = None  # pinned to what was loaded (the directory may have changed since)
+            self.identity()
         else:
             from models.vlm_builders import build_random_full_vlm, build_tiny_vlm
 
             build = build_tiny_vlm if self.profile == "tiny" else build_random_full_vlm
             model, processor = build(seed=self.seed)
-            self._revision = random_revision(self.seed)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.processor = processor
         tokenizer = processor.tokenizer
@@ -130,9 +131,6 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
             model = AutoModelForImageTextToText.from_pretrained(ref, dtype=self.dtype)
         except OSError as exc:  # offline hub / incomplete directory
             raise weights_missing("vlm", self.ref, str(exc).splitlines()[0]) from exc
-        local = Path(ref)
-        self._revision = (directory_fingerprint(local) if local.is_dir()
-                          else getattr(model.config, "_commit_hash", None) or "unknown")
         return model, processor
 
     def _stop_token_ids(self) -> list[int]:
@@ -152,15 +150,18 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         added = [*tokenizer.all_special_ids, *getattr(tokenizer, "added_tokens_decoder", {}).keys()]
         return grammar_vocab(tokenizer, vocab_size, self._stop_token_ids(), banned_token_ids=added)
 
+    def identity(self) -> ModelIdentity:
+        """The registry identity (``models.identity``), known without loading; once per instance.
+
+        ``random_weights`` follows the weights: a directory saved from a random model says so in its
+        provenance file even when loaded with the pretrained profile."""
+        if self._identity is None:
+            self._identity = model_identity("vlm", self.ref, profile=self.profile, cache_dir=self.cache_dir,
+                                            s3_endpoint_url=self.s3_endpoint_url, seed=self.seed)
+        return self._identity
+
     def version(self) -> ModelVersionInfo:
-        name = self.ref if self.profile == "pretrained" else f"{DEFAULT_VLM}:{self.profile}"
-        return ModelVersionInfo(
-            kind="vlm",
-            name=name,
-            revision=self._revision or ("unloaded" if self.profile == "pretrained" else random_revision(self.seed)),
-            profile=self.profile,
-            random_weights=self.profile != "pretrained",
-        )
+        return self.identity()
 
     # ---- inference -----------------------------------------------------------------------------
 
@@ -217,7 +218,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
             tokens=len(row.token_ids),
             forced_tokens=row.forced,
             schema_id=req.schema.schema_id,
-            random_weights=self.profile != "pretrained",
+            random_weights=self.identity().random_weights,
         )
 
     def _model_input(self, req: ListingRequest, prompt: ListingPrompt, text: str, max_new: int) -> dict[str, Any]:

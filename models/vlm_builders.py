@@ -14,13 +14,16 @@ Output of these models is noise by construction and is always labelled ``random_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import Idefics3Config, Idefics3ForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.models.idefics3 import Idefics3ImageProcessor, Idefics3Processor
 
 from models.categories import CATEGORIES
+from models.identity import write_provenance
 from models.prompting import SYSTEM_INSTRUCTION
 from models.tiny import seeded
 
@@ -182,10 +185,27 @@ def build_random_full_vlm(seed: int = 0) -> tuple[Idefics3ForConditionalGenerati
     return _model(processor.tokenizer, SMOLVLM_256M, SMOLVLM_256M["text"]["vocab_size"], seed), processor
 
 
-def save_vlm(model: Idefics3ForConditionalGeneration, processor: Idefics3Processor, directory: Path) -> Path:
-    """Write a loadable local directory (config, weights, processor, tokenizer, chat template)."""
+def save_vlm(
+    model: Idefics3ForConditionalGeneration,
+    processor: Idefics3Processor,
+    directory: Path,
+    *,
+    random_weights: bool,
+    base: str,
+    produced_by: str = "models.vlm_builders.save_vlm",
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a loadable local directory (config, weights, processor, tokenizer, chat template) and
+    its provenance file (``models.identity.write_provenance``).
+
+    ``random_weights`` describes the weights being written, and a fine-tune inherits its base's
+    flag: DPO on a tiny random model is still noise, so pass the base version's ``random_weights``
+    and its ``canonical`` identity as ``base``. Loading the directory later, with any profile, reports
+    that flag rather than guessing from the profile.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
+    write_provenance(directory, random_weights=random_weights, base=base, produced_by=produced_by, extra=extra)
     return directory

@@ -1,10 +1,15 @@
-"""The one house decorator for tasks, and the failure policy every job stage shares.
+"""The Celery adapter: the house decorators and the failure policy every job stage shares.
 
 ``catalog_task`` sets the stable dotted name, the logical queue (the app maps it to a broker
 queue), late acks, reject-on-worker-lost, time limits (from the app config) and binds the log
-context. ``run_job_stage`` turns exceptions into the pipeline's semantics: transient errors are
-retried with exponential backoff and full jitter; permanent ones (and exhausted retries) end the
-job as failed with a documented code and publish ``listing.failed``.
+context. ``stage_task`` builds on it for the pipeline stages: name and queue come from the stage
+table (``tasks.pipeline.jobs.STAGES``), and it owns everything around the stage function: the
+failure policy (``run_job_stage``: transient errors are retried with exponential backoff and full
+jitter; permanent ones, and exhausted retries, end the job as failed with a documented code and
+publish ``listing.failed``), the ``stage.committed`` fault point, the outbox relay that sends what
+the stage committed, and one timing line per run. The claim stays in the stage function, in the
+same transaction as the stage's first read (for persist: as its writes), so it costs no extra
+round trip.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,6 +27,8 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db.engine import job_session
+from db.enums import Stage
+from tasks import faults
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime, get_runtime
 
@@ -28,6 +36,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 TASK_PREFIX = "catalog."
+StageFn = Callable[[Runtime, int, str], Any]
+"""A stage body: ``(runtime, job_id, task_id) -> result``; a falsy result means nothing was committed."""
 
 
 def catalog_task(name: str, *, queue: str, **options: Any) -> Callable[[Callable[..., T]], Task]:
@@ -105,3 +115,30 @@ def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T |
         jobs.fail(session, job_id, error.code, error.detail, retryable=error.retryable)
     relay_outbox(runtime)
     return None
+
+
+def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
+    """The Celery task of one pipeline stage; its name and queue come from the stage table."""
+    from tasks.pipeline.jobs import STAGES
+
+    spec = STAGES[stage]
+
+    def decorate(fn: StageFn) -> Task:
+        def body(self: Task, job_id: int) -> Any:
+            started = time.perf_counter()
+            result = run_job_stage(self, job_id, lambda rt: fn(rt, job_id, self.request.id))
+            if result:
+                faults.hit("stage.committed", stage=stage.value, job_id=job_id)
+            # Always relay: also when this delivery found the stage already done, a crash between that
+            # commit and its relay may have left the hand-off (or listing.enriched) in the outbox.
+            relay_outbox(get_runtime())
+            log.info("stage.ran", stage=stage.value, job_id=job_id, committed=bool(result),
+                     took_ms=round((time.perf_counter() - started) * 1000, 1))
+            return result
+
+        # Not functools.wraps: the task's signature is (self, job_id), not the stage function's.
+        body.__name__, body.__qualname__, body.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        body.__module__ = fn.__module__
+        return catalog_task(spec.task_name.removeprefix(TASK_PREFIX), queue=spec.queue)(body)
+
+    return decorate

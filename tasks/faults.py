@@ -11,7 +11,8 @@ Points (called by the pipeline):
   ``crash_on_task_for_external_id`` the process dies by SIGKILL on every delivery (a poison message).
 - ``model.batch`` (``size``, ``job_ids``): inside the model batch function, before any model runs.
   ``sleep_in_model_s`` holds the batch there; ``oom_above_batch`` raises a simulated
-  ``torch.cuda.OutOfMemoryError`` for batches larger than N (the batch function splits them).
+  ``torch.cuda.OutOfMemoryError`` (``oom_error``, given by the worker) for batches larger than N
+  (the batch function splits them).
 - ``persist.before_commit`` (``job_id``): inside the persist transaction, everything written, not yet
   committed. ``sleep_before_persist_commit_s`` holds it open there (to kill its connection).
 - ``stage.committed`` (``stage``, ``job_id``): after a stage's transaction committed and before the
@@ -27,7 +28,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -41,6 +43,10 @@ class SimulatedFault(RuntimeError):
     """Raised only when a point is hit with a context that breaks its contract (a test bug)."""
 
 
+class SimulatedOutOfMemory(RuntimeError):
+    """A simulated accelerator OOM where torch is not at hand (its message says "out of memory")."""
+
+
 @dataclass(frozen=True)
 class FaultPlan:
     kill_after_commit: str | None = None
@@ -49,6 +55,11 @@ class FaultPlan:
     sleep_in_model_s: float = 0.0
     sleep_before_persist_commit_s: float = 0.0
     trace: bool = False
+    # The exception a simulated OOM raises. The worker passes torch's OutOfMemoryError (it runs
+    # where torch is loaded); this module never imports torch, so a plan built without it raises
+    # SimulatedOutOfMemory, which the batch function recognises by its message the same way.
+    oom_error: Callable[[str], BaseException] = field(default=lambda message: SimulatedOutOfMemory(message),
+                                                     compare=False, repr=False)
 
     @property
     def active(self) -> bool:
@@ -69,9 +80,7 @@ class FaultPlan:
                 time.sleep(self.sleep_in_model_s)
             if self.oom_above_batch is not None and int(ctx.get("size", 0)) > self.oom_above_batch:
                 log.warning("fault.oom", point=point, limit=self.oom_above_batch, **ctx)
-                import torch
-
-                raise torch.cuda.OutOfMemoryError(
+                raise self.oom_error(
                     f"CUDA out of memory (simulated by ENRICH_FAULTS__OOM_ABOVE_BATCH={self.oom_above_batch}, "
                     f"batch size {ctx.get('size')})")
         elif point == "persist.before_commit" and self.sleep_before_persist_commit_s > 0:

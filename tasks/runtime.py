@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     from models.dedup import NearDuplicateVerifier
     from models.factory import ModelBundle
     from models.images import ImageLimits
-    from tasks.batching import MicroBatcher
+    from models.batch import MicroBatcher
     from tasks.faults import FaultPlan
     from tasks.io.fetcher import ImageFetcher
     from tasks.feedback.pairs import RetrainConfig
@@ -98,7 +98,7 @@ class Runtime:
         """Row ids of the configured model versions (registered on first use in this process)."""
         with self._lock:
             if self._model_ids is None:
-                from tasks.model_versions import ensure_model_versions
+                from db.repositories.model_versions import ensure_model_versions
 
                 if self._models is None:
                     self._models = self.models_factory()
@@ -124,12 +124,17 @@ class Runtime:
         """The in-process micro-batcher of the GPU stage (one model thread per process)."""
         with self._lock:
             if self._batcher is None:
-                from tasks.batching import MicroBatcher
-                from tasks.pipeline.model import run_model_batch
+                from models.batch import MicroBatcher, run_model_batch
+
+                plan = self.faults
+
+                def fault_point(items: list[Any]) -> None:  # tasks.faults' "model.batch" point
+                    if plan is not None and plan.active:
+                        plan.apply("model.batch", {"size": len(items), "job_ids": [i.job_id for i in items]})
 
                 models = self._models or self.models_factory()
                 self._models = models
-                self._batcher = MicroBatcher(lambda items: run_model_batch(models, items),
+                self._batcher = MicroBatcher(lambda items: run_model_batch(models, items, before=fault_point),
                                              max_size=self.batch_size, max_wait_ms=self.batch_max_wait_ms)
             return self._batcher
 
@@ -146,5 +151,5 @@ def install_runtime(runtime: Runtime | None) -> None:
 
 def get_runtime() -> Runtime:
     if _runtime is None:
-        raise RuntimeError("no task runtime installed in this process (workers.runtime.install_from_settings)")
+        raise RuntimeError("no task runtime installed in this process (workers.wiring.install_from_settings)")
     return _runtime

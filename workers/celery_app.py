@@ -12,17 +12,9 @@ from workers.broker import broker_kind, broker_url
 from workers.settings import Settings, get_settings
 from workers.topology import TaskQueue, Topology, build_topology
 
-TASK_MODULES = ["tasks.pipeline.tasks"]
-OPTIONAL_TASK_MODULES = ["tasks.pipeline.reconcile", "tasks.feedback_tasks", "tasks.feedback.tasks"]
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+# Every task module, imported by the worker at start: none of them imports torch (the GPU stage's
+# model stack is imported by the model thread on first use).
+TASK_MODULES = ["tasks.pipeline.tasks", "tasks.feedback.tasks"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -71,15 +63,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def _beat_schedule(settings: Settings, schedule: Any) -> dict[str, Any]:
-    beat: dict[str, Any] = {
+    return {
         "relay-outbox": {"task": "catalog.relay_outbox", "schedule": schedule(30.0)},
+        "reconcile-coverage": {"task": "catalog.reconcile", "schedule": schedule(settings.workers.reconcile_interval_s)},
+        "retrain-build-pairs": {"task": "catalog.retrain.build_pairs",
+                                "schedule": schedule(settings.workers.retrain_interval_s)},
     }
-    if _importable("tasks.pipeline.reconcile"):
-        beat["reconcile-coverage"] = {"task": "catalog.reconcile", "schedule": schedule(settings.workers.reconcile_interval_s)}
-    if _importable("tasks.feedback.tasks"):
-        beat["retrain-build-pairs"] = {"task": "catalog.retrain.build_pairs",
-                                       "schedule": schedule(settings.workers.retrain_interval_s)}
-    return beat
 
 
 @lru_cache(maxsize=4)
@@ -100,19 +89,25 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("catalog")
     celery.conf.update(celery_config(settings))
-    celery.conf.include = TASK_MODULES + [m for m in OPTIONAL_TASK_MODULES if _importable(m)]
+    celery.conf.include = list(TASK_MODULES)
     return celery
 
 
 app = create_app()
 
 
+def send_task(name: str, **options: Any) -> Any:
+    """How this process sends a stage hand-off: handed to the outbox publisher, which never imports
+    the app itself."""
+    return app.send_task(name, **options)
+
+
 @signals.worker_process_init.connect
 def _init_process(**_: Any) -> None:
     """Each forked child builds its own runtime (database pool, storage, publisher)."""
-    from workers.runtime import install_from_settings
+    from workers.wiring import install_from_settings
 
-    install_from_settings()
+    install_from_settings(send_task=send_task)
 
 
 @signals.worker_init.connect
@@ -126,6 +121,6 @@ def _init_worker(sender: Any = None, **_: Any) -> None:
     pool_cls = getattr(sender, "pool_cls", None)
     name = pool_cls if isinstance(pool_cls, str) else f"{getattr(pool_cls, '__module__', '')}.{getattr(pool_cls, '__name__', '')}"
     if "prefork" not in name.lower():
-        from workers.runtime import install_from_settings
+        from workers.wiring import install_from_settings
 
-        install_from_settings()
+        install_from_settings(send_task=send_task)

@@ -3,13 +3,17 @@
 Handlers receive the raw kombu message and never call ``message.decode()``: only
 ``application/json`` bodies are parsed (tasks.events), so a pickled message is refused unread.
 They run inside the Celery worker as a consumer bootstep (``enrich worker --queues events,…``)
-or alone in a kombu consumer loop (``enrich worker --queues events``).
+or alone in a kombu consumer loop (``enrich worker --queues events``). Events this intake refuses
+(invalid, an unknown listing, another tenant's listing) are recorded in the inbox and rejected to
+the dead-letter exchange; on brokers without one, the application keeps the message itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -19,16 +23,17 @@ from kombu.mixins import ConsumerMixin
 from sqlalchemy.exc import OperationalError
 
 from db.engine import job_session, system_session, tenant_session
-from db.tables import DeadLetter
-from tasks.pipeline import jobs
+from db.repositories import dead_letters
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, parse_product_event
+from tasks.feedback.reviews import ReviewOutcome, apply_review, parse_review_event, reject_invalid_review
+from tasks.pipeline import jobs
 from tasks.pipeline.intake import Outcome, accept_product_event, reject_invalid_event
 from tasks.pipeline.outbox import relay
 from workers.broker import broker_kind, broker_url
 from workers.database import get_session_factory
 from workers.logs import bind_context, get_logger
-from workers.publisher import KombuEventPublisher
+from workers.publisher import KombuEventPublisher, SendTask
 from workers.settings import Settings, get_settings
 from workers.topology import Topology, build_topology
 
@@ -36,13 +41,14 @@ log = get_logger(__name__)
 
 
 class EventHandlers:
-    """The three handlers, sharing one publisher and one session factory per process."""
+    """The three handlers (products, reviews, dead letters), sharing one publisher and one session
+    factory per process. ``send_task`` sends the first stage the intake committed to the outbox."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, send_task: SendTask | None = None) -> None:
         self.settings = settings
         self.rabbitmq = broker_kind(broker_url(settings)) == "rabbitmq"
         self.topology: Topology = build_topology(settings, rabbitmq=self.rabbitmq)
-        self.publisher = KombuEventPublisher(settings)
+        self.publisher = KombuEventPublisher(settings, send_task)
         self._factory = None
 
     @property
@@ -60,9 +66,9 @@ class EventHandlers:
     def _keep_dead_letter(self, message: Message, queue: str, reason: str, detail: str | None,
                           tenant_id: str | None = None) -> None:
         with system_session(self.factory) as session:
-            session.add(DeadLetter(tenant_id=tenant_id, queue=queue, routing_key=message.delivery_info.get("routing_key"),
-                                   reason=reason, detail=(detail or "")[:2000], headers=_jsonable(message.headers),
-                                   body=bytes(message.body if isinstance(message.body, bytes) else str(message.body).encode())))
+            dead_letters.keep(session, tenant_id=tenant_id, queue=queue,
+                              routing_key=message.delivery_info.get("routing_key"), reason=reason,
+                              detail=detail or "", headers=_jsonable(message.headers), body=_body(message))
 
     def _reject(self, message: Message, queue: str, reason: str, detail: str) -> None:
         """Dead-letter: the broker does it on RabbitMQ; elsewhere the application keeps the message."""
@@ -72,7 +78,7 @@ class EventHandlers:
 
     def on_product_event(self, message: Message) -> None:
         rk = message.delivery_info.get("routing_key", "")
-        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        body = _body(message)
         try:
             try:
                 event = parse_product_event(body, message.content_type, rk)
@@ -116,18 +122,45 @@ class EventHandlers:
             self._relay()
         message.ack()
 
+    def on_review_event(self, message: Message) -> None:
+        """``listing.reviewed``: raw JSON bytes in, one tenant-scoped transaction, then ack or dead-letter."""
+        queue = self.topology.review_events.name
+        body = _body(message)
+        try:
+            try:
+                event = parse_review_event(body, message.content_type)
+            except InvalidEvent as exc:
+                with system_session(self.factory) as session:  # the tenant may be unknown
+                    reject_invalid_review(session, exc, _body_id(body))
+                self._reject(message, queue, "invalid_event", exc.detail)
+                return
+            with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id):
+                with tenant_session(self.factory, event.tenant_id) as session:
+                    result = apply_review(session, event)
+                if result.outcome is ReviewOutcome.rejected and result.code is not None:
+                    self._reject(message, queue, result.code.value, result.detail)
+                    return
+                message.ack()
+        except OperationalError as exc:
+            log.warning("review.database_unavailable", error=str(exc).splitlines()[0][:200])
+            time.sleep(1.0)
+            message.requeue()
+
     def queues_and_handlers(self) -> list[tuple[Any, Callable[[Message], None]]]:
-        pairs: list[tuple[Any, Callable[[Message], None]]] = [
+        return [
             (self.topology.product_events, self.on_product_event),
+            (self.topology.review_events, self.on_review_event),
             (self.topology.dead_letters, self.on_dead_letter),
         ]
-        try:
-            from workers.review_intake import on_review_event  # feedback intake (issue 6)
 
-            pairs.append((self.topology.review_events, lambda m: on_review_event(self, m)))
-        except ModuleNotFoundError:
-            pass
-        return pairs
+
+def _body(message: Message) -> bytes:
+    return message.body if isinstance(message.body, bytes) else str(message.body).encode()
+
+
+def _body_id(body: bytes) -> uuid.UUID:
+    """A stable id for an event without a readable one, so its redelivery is still a no-op."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, "sha256:" + hashlib.sha256(body).hexdigest())
 
 
 def _job_id_of_task(message: Message) -> int | None:
@@ -149,7 +182,9 @@ class IntakeStep(bootsteps.ConsumerStep):
     """Runs the event handlers inside a Celery worker's consumer."""
 
     def get_consumers(self, channel) -> list[Consumer]:  # noqa: ANN001
-        handlers = EventHandlers(get_settings())
+        from workers.celery_app import send_task
+
+        handlers = EventHandlers(get_settings(), send_task)
         consumers = []
         for queue, handler in handlers.queues_and_handlers():
             consumers.append(Consumer(channel, queues=[queue], on_message=handler, prefetch_count=1,
@@ -161,8 +196,10 @@ class StandaloneIntake(ConsumerMixin):
     """The same handlers in a plain kombu consumer loop, for an events-only worker."""
 
     def __init__(self, settings: Settings) -> None:
+        from workers.celery_app import send_task
+
         self.connection = Connection(broker_url(settings))
-        self.handlers = EventHandlers(settings)
+        self.handlers = EventHandlers(settings, send_task)
 
     def get_consumers(self, consumer_cls, channel) -> list[Consumer]:  # noqa: ANN001
         return [consumer_cls(queues=[q], on_message=h, prefetch_count=1, accept=["application/json"])

@@ -1,10 +1,16 @@
 """Publishing what the outbox holds: domain events as plain JSON on the events exchange (publisher
-confirms), and stage hand-offs as Celery tasks."""
+confirms), and stage hand-offs as Celery tasks.
+
+The publisher does not import the Celery app: whoever builds it passes ``send_task`` (the app's
+``send_task`` in a worker, ``workers.celery_app.send_task``), and a publisher built without one
+refuses stage hand-offs with a clear error rather than importing the app behind the caller's back.
+"""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from kombu import Connection, Producer
@@ -12,13 +18,17 @@ from kombu import Connection, Producer
 from tasks.pipeline.outbox import TASK_PREFIX
 from workers.broker import broker_kind, broker_url
 from workers.settings import Settings
-from workers.topology import Topology, build_topology, declare
+from workers.topology import TaskQueue, Topology, build_topology, declare
+
+SendTask = Callable[..., Any]
+"""``send_task(name, *, args, queue, exchange, routing_key)``: Celery's ``app.send_task`` shape."""
 
 
 class KombuEventPublisher:
     """Thread-safe; one connection per process, re-established on failure."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, send_task: SendTask | None = None) -> None:
+        self._send_task = send_task
         self._url = broker_url(settings)
         self._rabbit = broker_kind(self._url) == "rabbitmq"
         self.topology: Topology = build_topology(settings, rabbitmq=self._rabbit)
@@ -53,12 +63,11 @@ class KombuEventPublisher:
 
     def _dispatch(self, payload: dict[str, Any]) -> None:
         """A stage hand-off from the outbox: a Celery task message on the stage's queue."""
-        from workers.celery_app import app
-        from workers.topology import TaskQueue
-
+        if self._send_task is None:
+            raise RuntimeError("this publisher was built without send_task; it publishes domain events only")
         logical = TaskQueue(payload["queue"])
-        app.send_task(payload["task"], args=payload["args"], queue=self.topology.task_queue(logical),
-                      exchange=self.topology.tasks.name, routing_key=logical.value)
+        self._send_task(payload["task"], args=payload["args"], queue=self.topology.task_queue(logical),
+                        exchange=self.topology.tasks.name, routing_key=logical.value)
 
     def close(self) -> None:
         if self._conn is not None:

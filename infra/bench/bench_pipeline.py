@@ -125,7 +125,7 @@ def main() -> None:
         dep.delete_broker_objects()
     eps = len(seen) / elapsed
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [latencies[0]] * 19
-    from workers.runtime import limit_cpu_threads
+    from workers.wiring import limit_cpu_threads
 
     limit_cpu_threads(args.cpu_threads)  # the bare run gets the same thread budget as a worker
     bare = bare_model_throughput(items, args.batch_size, args.profile, args.device, args.max_new_tokens)

@@ -3,7 +3,7 @@
 The embedding columns have no fixed dimension (model versions of any size live side by side);
 their HNSW indexes are partial expression indexes per dimension. 512 (ViT-B-32, the default
 CLIP) is created here; other sizes get theirs when a model version of that size is registered
-(db.embedding_versions.ensure_dimension_index).
+(db.vector_indexes.ensure_dimension_index).
 
 Revision ID: 0001
 Revises:

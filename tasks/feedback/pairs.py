@@ -26,13 +26,12 @@ from typing import Any
 
 import structlog
 from jsonschema import ValidationError
-from sqlalchemy import text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.engine import set_system_scope
 from db.enums import DatasetSplit, PairSource, ReviewDecision
-from db.tables import PreferencePair, TrainingDataset
+from db.repositories import datasets as dataset_rows
+from db.repositories import locks, model_versions
 from models.categories import CategorySchema, load_schema, validate_listing
 from models.errors import UnsupportedCategory
 from tasks.feedback.datasets import listing_json, write_dataset
@@ -92,27 +91,6 @@ class BuildResult:
     pairs: int = 0
     watermark: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-
-
-_NEW_FEEDBACK = text("""
-    SELECT f.id AS feedback_id, f.tenant_id, f.decision, f.corrected, f.created_at,
-           l.id AS listing_id, l.product_id, l.category, l.schema_id, l.content, l.dropped_attributes,
-           l.model_output, l.model_input, l.model_version_id, p.merchant_id, p.external_id,
-           i.storage_uri, g.box
-    FROM review_feedback f
-    JOIN listings l ON l.id = f.listing_id AND l.tenant_id = f.tenant_id
-    JOIN products p ON p.id = l.product_id AND p.tenant_id = l.tenant_id
-    JOIN images i ON i.id = l.image_id AND i.tenant_id = l.tenant_id
-    LEFT JOIN groundings g ON g.id = l.grounding_id AND g.tenant_id = l.tenant_id
-    WHERE f.id > :watermark AND f.created_at >= now() - :window AND f.created_at <= now() - :settle
-    ORDER BY f.id
-    LIMIT :limit
-""")
-
-
-def current_watermark(session: Session) -> int:
-    return int(session.execute(text(
-        "SELECT coalesce(max(watermark_feedback_id), 0) FROM training_datasets")).scalar_one())
 
 
 def holdout_split(tenant_id: str, external_id: str, fraction: float) -> DatasetSplit:
@@ -181,8 +159,7 @@ def _pair_from_row(row: Any, drops: Counter[str]) -> Pair | None:
 
 def _dedupe_and_cap(session: Session, pairs: list[Pair], cap: int, drops: Counter[str]) -> list[Pair]:
     hashes = [p.pair_hash for p in pairs]
-    known = set(session.execute(text("SELECT pair_hash FROM preference_pairs WHERE pair_hash = ANY(:h)"),
-                                {"h": hashes}).scalars())
+    known = dataset_rows.known_pair_hashes(session, hashes)
     seen: set[str] = set()
     per_merchant: dict[tuple[str, str], list[Pair]] = defaultdict(list)
     for pair, h in sorted(zip(pairs, hashes, strict=True), key=lambda ph: -ph[0].feedback_id):
@@ -199,9 +176,7 @@ def _dedupe_and_cap(session: Session, pairs: list[Pair], cap: int, drops: Counte
 
 
 def _model_names(session: Session, ids: set[int]) -> list[str]:
-    rows = session.execute(text("SELECT name || '@' || revision FROM model_versions WHERE id = ANY(:ids)"),
-                           {"ids": sorted(ids)}).scalars()
-    return sorted(rows)
+    return sorted(model_versions.display_names(session, ids).values())
 
 
 def _row(pair: Pair, split: DatasetSplit) -> dict[str, Any]:
@@ -217,12 +192,12 @@ def build_preference_pairs(session: Session, store: BlobStore, config: RetrainCo
     """One incremental run (flush only; the caller commits). Files are written before the rows.
     Cross-tenant by nature: the transaction runs in the system scope (row-level security)."""
     set_system_scope(session)
-    if not session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY}).scalar_one():
+    if not locks.try_xact_lock(session, ADVISORY_LOCK_KEY):
         log.info("retrain.skipped", reason="locked")
         return BuildResult(BuildStatus.skipped)
-    watermark = current_watermark(session)
-    rows = session.execute(_NEW_FEEDBACK, {"watermark": watermark, "window": timedelta(days=config.window_days),
-                                           "settle": config.settle, "limit": config.max_feedback}).all()
+    watermark = dataset_rows.watermark(session)
+    rows = dataset_rows.new_feedback(session, after=watermark, window=timedelta(days=config.window_days),
+                                     settle=config.settle, limit=config.max_feedback)
     if not rows:
         return BuildResult(BuildStatus.empty, watermark=watermark)
     latest = {r.listing_id: r for r in rows}  # ordered by id: a listing's latest review wins
@@ -254,17 +229,15 @@ def build_preference_pairs(session: Session, store: BlobStore, config: RetrainCo
     provisional = hashlib.sha256("".join(sorted(splits)).encode()).hexdigest()[:8]
     name = f"dpo-{stamp}-{provisional}"
     written = write_dataset(store, name, rows_by_split, manifest)
-    dataset = TrainingDataset(name=name, uri=written.uri, content_hash=written.content_hash,
-                              manifest=written.manifest, watermark_feedback_id=new_watermark,
-                              window_start=window_start, window_end=window_end)
-    session.add(dataset)
-    session.flush()
-    session.execute(insert(PreferencePair).values([
+    dataset = dataset_rows.add_dataset(session, name=name, uri=written.uri, content_hash=written.content_hash,
+                                       manifest=written.manifest, watermark_feedback_id=new_watermark,
+                                       window_start=window_start, window_end=window_end)
+    dataset_rows.add_pairs(session, [
         dict(tenant_id=p.tenant_id, dataset_id=dataset.id, listing_id=p.listing_id, product_id=p.product_id,
              merchant_id=p.merchant_id, category=p.category, source=p.source.value,
              split=splits[p.pair_hash].value, pair_hash=p.pair_hash, prompt=p.prompt, chosen=p.chosen,
              rejected=p.rejected) for p in pairs
-    ]).on_conflict_do_nothing(index_elements=["pair_hash"]))
+    ])
     log.info("retrain.built", dataset=name, pairs=len(pairs), watermark=new_watermark, dropped=dict(drops))
     return BuildResult(BuildStatus.built, dataset_id=dataset.id, name=name, uri=written.uri, pairs=len(pairs),
                        watermark=new_watermark, dropped=dict(drops))

@@ -16,12 +16,12 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.enums import InboxStatus, ReviewDecision
-from db.tables import FieldError, InboxEvent, Listing, Product, ReviewFeedback
+from db.repositories import feedback as feedback_rows
+from db.repositories import inbox
+from db.tables import Listing
 from tasks.events import InvalidEvent, decode_json, validate
 
 log = structlog.get_logger(__name__)
@@ -87,18 +87,9 @@ def parse_review_event(body: bytes, content_type: str | None) -> ReviewEvent:
     )
 
 
-def _record_inbox(session: Session, event_id: uuid.UUID, tenant_id: str | None, status: InboxStatus,
-                  detail: str | None = None) -> bool:
-    """False when this event id was already received (redelivery or re-publish)."""
-    return session.execute(
-        insert(InboxEvent).values(event_id=event_id, tenant_id=tenant_id, event_type=EVENT_TYPE,
-                                  status=status.value, detail=detail)
-        .on_conflict_do_nothing(index_elements=["event_id"]).returning(InboxEvent.event_id)
-    ).scalar_one_or_none() is not None
-
-
 def _refuse(session: Session, event: ReviewEvent, code: ReviewCode, detail: str) -> ReviewResult:
-    if not _record_inbox(session, event.event_id, event.tenant_id, InboxStatus.rejected, f"{code}: {detail}"):
+    if not inbox.record(session, event.event_id, tenant_id=event.tenant_id, event_type=EVENT_TYPE,
+                        status=InboxStatus.rejected, detail=f"{code}: {detail}"):
         return ReviewResult(ReviewOutcome.duplicate, event.event_id)
     log.warning("review.rejected", event_id=str(event.event_id), code=code.value, listing_id=event.listing_id)
     return ReviewResult(ReviewOutcome.rejected, event.event_id, code=code, detail=detail)
@@ -110,7 +101,8 @@ def reject_invalid_review(session: Session, exc: InvalidEvent, fallback_id: uuid
     tenant = exc.raw.get("tenant_id")
     tenant = tenant if isinstance(tenant, str) and len(tenant) <= 128 and "\x00" not in tenant else None
     detail = f"{ReviewCode.invalid_event}: {exc.detail}"
-    if not _record_inbox(session, event_id, tenant, InboxStatus.rejected, detail):
+    if not inbox.record(session, event_id, tenant_id=tenant, event_type=EVENT_TYPE,
+                        status=InboxStatus.rejected, detail=detail):
         return ReviewResult(ReviewOutcome.duplicate, event_id)
     log.warning("review.invalid", event_id=str(event_id), detail=exc.detail[:200])
     return ReviewResult(ReviewOutcome.rejected, event_id, code=ReviewCode.invalid_event, detail=exc.detail)
@@ -139,13 +131,10 @@ def field_diffs(listing: Listing, corrected: dict[str, Any]) -> dict[str, tuple[
 
 def apply_review(session: Session, event: ReviewEvent) -> ReviewResult:
     """Apply one review (flush only). Idempotent on ``event_id``."""
-    row = session.execute(
-        select(Listing, Product.merchant_id).join(Product, Product.id == Listing.product_id)
-        .where(Listing.id == event.listing_id).with_for_update(of=Listing)
-    ).one_or_none()
-    if row is None:
+    found = feedback_rows.lock_listing_with_merchant(session, event.listing_id)
+    if found is None:
         return _refuse(session, event, ReviewCode.unknown_listing, f"listing {event.listing_id} does not exist")
-    listing, merchant_id = row
+    listing, merchant_id = found
     if listing.tenant_id != event.tenant_id:
         # Same answer shape as for an unknown listing: nothing about the owner leaks.
         return _refuse(session, event, ReviewCode.tenant_mismatch,
@@ -153,20 +142,16 @@ def apply_review(session: Session, event: ReviewEvent) -> ReviewResult:
     if merchant_id != event.merchant_id:
         return _refuse(session, event, ReviewCode.merchant_mismatch,
                        f"listing {event.listing_id} does not belong to merchant {event.merchant_id}")
-    if not _record_inbox(session, event.event_id, event.tenant_id, InboxStatus.accepted):
-        existing = session.scalar(select(ReviewFeedback.id).where(ReviewFeedback.event_id == event.event_id))
+    if not inbox.record(session, event.event_id, tenant_id=event.tenant_id, event_type=EVENT_TYPE,
+                        status=InboxStatus.accepted):
+        existing = feedback_rows.feedback_id_for_event(session, event.event_id)
         return ReviewResult(ReviewOutcome.duplicate, event.event_id, feedback_id=existing)
 
-    feedback = ReviewFeedback(tenant_id=event.tenant_id, event_id=event.event_id, listing_id=listing.id,
-                              decision=event.decision.value, reviewer=event.reviewer, reason=event.reason,
-                              corrected=event.corrected)
-    session.add(feedback)
-    session.flush()
+    feedback = feedback_rows.add_feedback(
+        session, tenant_id=event.tenant_id, event_id=event.event_id, listing_id=listing.id,
+        decision=event.decision.value, reviewer=event.reviewer, reason=event.reason, corrected=event.corrected)
     diffs = field_diffs(listing, event.corrected)
-    for name, (model_value, merchant_value) in diffs.items():
-        session.add(FieldError(tenant_id=event.tenant_id, feedback_id=feedback.id, listing_id=listing.id,
-                               category=listing.category, field=name, model_value=model_value,
-                               merchant_value=merchant_value, model_versions=listing.model_versions))
+    feedback_rows.add_field_errors(session, feedback, listing, diffs)
     # Reviews can arrive out of order: the status follows the most recent review, not the last delivered.
     if listing.reviewed_at is None or event.occurred_at >= listing.reviewed_at:
         listing.status = event.decision.value

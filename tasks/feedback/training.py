@@ -20,18 +20,17 @@ from typing import Any
 import structlog
 from jsonschema import ValidationError
 from PIL import Image
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.enums import ModelKind, ModelStatus
-from db.tables import ModelVersion, TrainingDataset
+from db.repositories import datasets as dataset_rows
+from db.repositories import model_versions
 from models.categories import load_schema, validate_listing
 from models.dpo import DpoConfig, PreferenceExample, PreferenceTuner
 from models.errors import ModelError
 from models.images import decode_image
 from models.listing import ListingGenerator, ListingRequest
-from models.loading import directory_fingerprint
+from models.identity import model_identity
 from models.vlm_builders import save_vlm
 from tasks.feedback.datasets import read_split
 from tasks.io.blobs import BlobStore
@@ -106,7 +105,7 @@ def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, orig
                     generator: ListingGenerator, dataset_name: str, output_root: Path,
                     config: DpoConfig = DpoConfig(), eval_max_new_tokens: int = 128) -> CandidateResult:
     with factory() as session:
-        dataset = session.scalar(select(TrainingDataset).where(TrainingDataset.name == dataset_name))
+        dataset = dataset_rows.dataset_named(session, dataset_name)
         if dataset is None:
             raise LookupError(f"no training dataset named {dataset_name!r}")
         dataset_id, uri, content_hash = dataset.id, dataset.uri, dataset.content_hash
@@ -123,7 +122,10 @@ def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, orig
     report = tuner.train(_examples(train_rows, train_images), _examples(held_rows, held_images))
     config_hash = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
     weights_dir = save_vlm(tuner.trained_model(), generator.processor,
-                           Path(output_root) / f"{dataset_name}-{config_hash}")
+                           Path(output_root) / f"{dataset_name}-{config_hash}",
+                           random_weights=base.random_weights, base=base.canonical,
+                           produced_by="tasks.feedback.training.train_candidate", extra={"dataset": dataset_name})
+    identity = model_identity("vlm", str(weights_dir), profile="pretrained")
     candidate = ListingGenerator(profile="pretrained", vlm=str(weights_dir), device=str(generator.device))
     before = evaluate(generator, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
     after = evaluate(candidate, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
@@ -138,14 +140,9 @@ def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, orig
     params = {"base": base.key, "dataset": dataset_name, "dataset_id": dataset_id, "dataset_hash": content_hash,
               "weights_dir": str(weights_dir), "dpo": asdict(config), "method": "dpo-lora" if config.lora_rank else "dpo"}
     with factory() as session, session.begin():
-        stmt = insert(ModelVersion).values(
-            kind=ModelKind.vlm.value, name=str(weights_dir), revision=directory_fingerprint(weights_dir),
-            profile="pretrained", random_weights=base.random_weights, status=ModelStatus.candidate.value,
-            params=params, metrics=metrics)
-        version_id = session.execute(stmt.on_conflict_do_update(
-            index_elements=["kind", "name", "revision"], set_={"params": stmt.excluded.params,
-                                                               "metrics": stmt.excluded.metrics},
-        ).returning(ModelVersion.id)).scalar_one()
+        version_id = model_versions.upsert_candidate(
+            session, kind=ModelKind.vlm.value, name=identity.name, revision=identity.revision,
+            profile="pretrained", random_weights=identity.random_weights, params=params, metrics=metrics)
     log.info("retrain.candidate", model_version_id=version_id, dataset=dataset_name, steps=report.steps,
              schema_valid_rate=after["schema_valid_rate"], field_accuracy=after["field_accuracy"])
     return CandidateResult(version_id, weights_dir, metrics)
@@ -154,8 +151,7 @@ def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, orig
 def promote(session: Session, model_version_id: int) -> int | None:
     """Make a vlm candidate active and retire the active one, in the caller's transaction.
     Returns the retired version's id (None when there was no active vlm)."""
-    rows = session.scalars(select(ModelVersion).where(ModelVersion.kind == ModelKind.vlm.value)
-                           .order_by(ModelVersion.id).with_for_update()).all()
+    rows = model_versions.locked_versions(session, ModelKind.vlm.value)
     target = next((r for r in rows if r.id == model_version_id), None)
     if target is None:
         raise PromotionError(f"model version {model_version_id} is not a vlm version")

@@ -15,15 +15,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 import structlog
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.enums import InboxStatus, JobStatus
-from db.tables import EnrichmentJob, InboxEvent, Merchant, Product, Tenant
+from db.repositories import inbox, products
+from db.repositories import jobs as job_rows
+from db.tables import Product
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, ProductEvent, failed_event
-from tasks.pipeline.outbox import enqueue, enqueue_task
+from tasks.pipeline import jobs
+from tasks.pipeline.outbox import enqueue
+from tasks.pipeline.work import EnrichRequest, ImageRef
 
 log = structlog.get_logger(__name__)
 
@@ -43,39 +45,19 @@ class IntakeResult:
     job_id: int | None = None
 
 
-def _ensure_tenant_and_merchant(session: Session, tenant_id: str, merchant_id: str) -> None:
-    session.execute(insert(Tenant).values(id=tenant_id).on_conflict_do_nothing())
-    session.execute(insert(Merchant).values(tenant_id=tenant_id, id=merchant_id).on_conflict_do_nothing())
-
-
-def _record_inbox(session: Session, event_id: uuid.UUID, tenant_id: str | None, event_type: str,
-                  status: InboxStatus, detail: str | None = None) -> bool:
-    """Insert the inbox row; False when this event id was already received."""
-    inserted = session.execute(
-        insert(InboxEvent).values(event_id=event_id, tenant_id=tenant_id, event_type=event_type,
-                                  status=status.value, detail=detail)
-        .on_conflict_do_nothing(index_elements=["event_id"]).returning(InboxEvent.event_id)
-    ).scalar_one_or_none()
-    return inserted is not None
-
-
 def accept_product_event(session: Session, event: ProductEvent) -> IntakeResult:
-    _ensure_tenant_and_merchant(session, event.tenant_id, event.merchant_id)
-    if not _record_inbox(session, event.event_id, event.tenant_id, event.event_type, InboxStatus.accepted):
-        job = session.scalar(select(EnrichmentJob).where(EnrichmentJob.event_id == event.event_id))
+    products.ensure_tenant_and_merchant(session, event.tenant_id, event.merchant_id)
+    if not inbox.record(session, event.event_id, tenant_id=event.tenant_id, event_type=event.event_type,
+                        status=InboxStatus.accepted):
+        job = job_rows.by_event(session, event.event_id)
         if job is not None and job.status == JobStatus.pending.value:
             return IntakeResult(Outcome.redispatch, event.event_id, job.id)
         return IntakeResult(Outcome.duplicate, event.event_id, job.id if job else None)
 
-    product = session.scalar(
-        select(Product).where(Product.tenant_id == event.tenant_id, Product.external_id == event.external_id)
-        .with_for_update()
-    )
+    product = products.lock_by_external_id(session, event.tenant_id, event.external_id)
     if product is not None and product.version >= event.version:
-        inbox = session.get(InboxEvent, event.event_id)
-        assert inbox is not None
-        inbox.status = InboxStatus.stale.value
-        inbox.detail = f"stored version {product.version} >= event version {event.version}"
+        inbox.mark(session, event.event_id, InboxStatus.stale,
+                   f"stored version {product.version} >= event version {event.version}")
         enqueue(session, "listing.failed", failed_event(
             causation_id=event.event_id, code=ErrorCode.stale_version, retryable=False,
             detail=f"product {event.external_id} version {event.version} is not newer than the stored version "
@@ -85,9 +67,9 @@ def accept_product_event(session: Session, event: ProductEvent) -> IntakeResult:
         return IntakeResult(Outcome.stale, event.event_id)
 
     if product is None:
-        product = Product(tenant_id=event.tenant_id, merchant_id=event.merchant_id, external_id=event.external_id,
-                          version=event.version, category=event.category)
-        session.add(product)
+        product = products.add(session, Product(tenant_id=event.tenant_id, merchant_id=event.merchant_id,
+                                                external_id=event.external_id, version=event.version,
+                                                category=event.category))
     product.merchant_id = event.merchant_id
     product.version = event.version
     product.category = event.category
@@ -97,12 +79,9 @@ def accept_product_event(session: Session, event: ProductEvent) -> IntakeResult:
     product.locale = event.locale
     product.updated_at = datetime.now(UTC)
     session.flush()
-    job = EnrichmentJob(tenant_id=event.tenant_id, event_id=event.event_id, product_id=product.id,
-                        product_version=event.version, status=JobStatus.pending.value,
-                        work={"image_urls": [[i.url, i.role] for i in event.images]})
-    session.add(job)
-    session.flush()
-    enqueue_task(session, "catalog.fetch", job.id, queue="cpu", tenant_id=event.tenant_id)
+    request = EnrichRequest(tuple(ImageRef(i.url, i.role) for i in event.images))
+    job = jobs.create(session, tenant_id=event.tenant_id, event_id=event.event_id, product_id=product.id,
+                      product_version=event.version, request=request)
     log.info("intake.accepted", job_id=job.id, version=event.version)
     return IntakeResult(Outcome.accepted, event.event_id, job.id)
 
@@ -115,7 +94,8 @@ def reject_invalid_event(session: Session, exc: InvalidEvent, body: bytes, routi
     tenant = raw.get("tenant_id") if isinstance(raw.get("tenant_id"), str) and len(raw["tenant_id"]) <= 128 else None
     if tenant is not None and "\x00" in tenant:
         tenant = None
-    if not _record_inbox(session, event_id, tenant, routing_key[:64], InboxStatus.rejected, exc.detail):
+    if not inbox.record(session, event_id, tenant_id=tenant, event_type=routing_key[:64],
+                        status=InboxStatus.rejected, detail=exc.detail):
         return IntakeResult(Outcome.duplicate, event_id)
     product = raw.get("product") if isinstance(raw.get("product"), dict) else {}
     ext = product.get("external_id") if isinstance(product.get("external_id"), str) else None

@@ -1,28 +1,70 @@
-"""Enrichment job state: claiming a stage, finishing, failing (with its listing.failed event).
+"""The pipeline's shape (one stage table) and enrichment job state: claim, hand off, finish, fail.
 
-A stage is claimed under a row lock by the task id that runs it. A redelivery of the same task
+``STAGES`` is the only place the pipeline's order, queues, task names and default next stage
+are written; the Celery tasks, the hand-offs, the reconciler's redispatch and the claims all read
+it. A stage is claimed under a row lock by the task id that runs it. A redelivery of the same task
 (same id) re-claims; a concurrent duplicate (another id) backs off; a stage already passed, a
-stage not reached yet, or a job already done/failed, is a no-op. That turns at-least-once delivery into one model run.
+stage not reached yet, or a job already done/failed, is a no-op. That turns at-least-once delivery
+into one model run.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Literal
 
 import structlog
 from sqlalchemy.orm import Session
 
 from db.enums import JobStatus, Stage
-from db.tables import EnrichmentJob, Product
+from db.repositories import jobs as job_rows
+from db.repositories import products
+from db.tables import EnrichmentJob
 from tasks.errors import ErrorCode, PipelineError
 from tasks.events import failed_event
-from tasks.pipeline.outbox import enqueue
+from tasks.pipeline.outbox import enqueue, enqueue_task
+from tasks.pipeline.work import Claims, EnrichRequest, FetchedImages, ModelOutput
 
 log = structlog.get_logger(__name__)
 
-STAGE_ORDER = [Stage.fetch, Stage.model, Stage.persist]
+TASK_PREFIX = "catalog."
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: Stage
+    task_name: str  # the stable Celery task name
+    queue: Literal["cpu", "gpu"]  # logical queue; workers.topology maps it to a broker queue
+    next: Stage | None  # where the stage hands the job on by default (fetch skips model on reuse)
+
+
+STAGES: dict[Stage, StageSpec] = {
+    Stage.fetch: StageSpec(Stage.fetch, TASK_PREFIX + "fetch", "cpu", next=Stage.model),
+    Stage.model: StageSpec(Stage.model, TASK_PREFIX + "model", "gpu", next=Stage.persist),
+    Stage.persist: StageSpec(Stage.persist, TASK_PREFIX + "persist", "cpu", next=None),
+}
+STAGE_ORDER = list(STAGES)
+FIRST = STAGE_ORDER[0]
 FINAL = {JobStatus.done.value, JobStatus.failed.value}
+
+Handoff = FetchedImages | ModelOutput
+
+
+def dispatch(session: Session, job: EnrichmentJob, stage: Stage) -> None:
+    """Write ``stage``'s task for this job to the outbox: sent by the relay once this commits."""
+    spec = STAGES[stage]
+    enqueue_task(session, spec.task_name, job.id, queue=spec.queue, tenant_id=job.tenant_id)
+
+
+def create(session: Session, *, tenant_id: str, event_id: object, product_id: int, product_version: int,
+           request: EnrichRequest) -> EnrichmentJob:
+    """A pending job for one product version, its first stage dispatched through the outbox."""
+    job = job_rows.add(session, EnrichmentJob(tenant_id=tenant_id, event_id=event_id, product_id=product_id,
+                                              product_version=product_version, status=JobStatus.pending.value,
+                                              work=request.to_work()))
+    dispatch(session, job, FIRST)
+    return job
 
 
 def claim(session: Session, job_id: int, stage: Stage, task_id: str,
@@ -33,27 +75,26 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
     redeliveries after a worker died both pass here, so a message that kills its worker every time
     ends as ``worker_lost`` even where the broker has no delivery limit (Redis).
     """
-    job = session.get(EnrichmentJob, job_id, with_for_update=True)
+    job = job_rows.lock(session, job_id)
     if job is None or job.status in FINAL:
         return None
-    current = Stage(job.stage) if job.stage else Stage.fetch
+    current = Stage(job.stage) if job.stage else FIRST
     if STAGE_ORDER.index(stage) < STAGE_ORDER.index(current):
         return None  # already past this stage: a late duplicate
     if STAGE_ORDER.index(stage) > STAGE_ORDER.index(current):
         log.info("stage.not_reached", job_id=job_id, stage=stage.value, current=current.value)
         return None  # an early duplicate: the job's own task for this stage comes after the current one
-    claims = dict(job.work.get("claims", {}))
-    holder = claims.get(stage.value)
+    claims = Claims.of(job.work)
+    holder = claims.holder(stage.value)
     if holder not in (None, task_id):
         log.info("stage.claimed_elsewhere", job_id=job_id, stage=stage.value, holder=holder)
         return None
     if max_attempts is not None and job.attempts.get(stage.value, 0) >= max_attempts:
         raise PipelineError(ErrorCode.worker_lost, f"stage {stage.value} started {max_attempts} times without "
                             "finishing (its worker died or it kept failing); given up", retryable=False)
-    claims[stage.value] = task_id
     attempts = dict(job.attempts)
     attempts[stage.value] = attempts.get(stage.value, 0) + 1
-    job.work = {**job.work, "claims": claims}
+    job.work = {**job.work, **claims.with_holder(stage.value, task_id).to_work()}
     job.attempts = attempts
     job.stage = stage.value
     job.status = JobStatus.running.value
@@ -62,15 +103,29 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
     return job
 
 
-def advance(session: Session, job: EnrichmentJob, to: Stage, *, work: dict[str, Any] | None = None,
-            timings: dict[str, float] | None = None) -> None:
+def release_claim(session: Session, job_id: int, stage: str) -> bool:
+    """Forget who holds ``stage`` of a live job, so a new task may claim it (a stalled job)."""
+    job = job_rows.lock(session, job_id)
+    if job is None or job.status not in (JobStatus.pending.value, JobStatus.running.value):
+        return False
+    by_stage = dict(Claims.of(job.work).by_stage)
+    by_stage.pop(stage, None)
+    job.work = {**job.work, **Claims(by_stage).to_work()}
+    job.updated_at = datetime.now(UTC)
+    session.flush()
+    return True
+
+
+def hand_off(session: Session, job: EnrichmentJob, to: Stage, handoff: Handoff, *,
+             timings: dict[str, float] | None = None) -> None:
+    """Record what this stage produced, move the job to ``to`` and dispatch that stage's task."""
     job.stage = to.value
-    if work:
-        job.work = {**job.work, **work}
+    job.work = {**job.work, **handoff.to_work()}
     if timings:
         job.timings_ms = {**job.timings_ms, **{k: round(v, 1) for k, v in timings.items()}}
     job.updated_at = datetime.now(UTC)
     session.flush()
+    dispatch(session, job, to)
 
 
 def finish(session: Session, job: EnrichmentJob, *, listing_id: int, timings: dict[str, float] | None = None) -> None:
@@ -85,10 +140,10 @@ def finish(session: Session, job: EnrichmentJob, *, listing_id: int, timings: di
 
 def fail(session: Session, job_id: int, code: ErrorCode, detail: str, *, retryable: bool) -> bool:
     """Fail the job and write its listing.failed event, once. Returns False if it had already ended."""
-    job = session.get(EnrichmentJob, job_id, with_for_update=True)
+    job = job_rows.lock(session, job_id)
     if job is None or job.status in FINAL:
         return False
-    product = session.get(Product, job.product_id)
+    product = products.get(session, job.product_id)
     job.status = JobStatus.failed.value
     job.error_code = code.value
     job.error_detail = detail[:2000]

@@ -16,48 +16,39 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import system_session
+from db.repositories import outbox as rows
 from db.tables import OutboxMessage
 from tasks.events import validate
 from tasks.runtime import EventPublisher
 
 log = structlog.get_logger(__name__)
 
-
-def enqueue(session: Session, routing_key: str, payload: dict[str, Any], *, tenant_id: str | None) -> OutboxMessage:
-    validate(payload, routing_key)  # never publish what our own contract would refuse
-    row = OutboxMessage(tenant_id=tenant_id, message_id=uuid.UUID(payload["event_id"]),
-                        routing_key=routing_key, payload=payload)
-    session.add(row)
-    session.flush()
-    return row
-
-
 TASK_PREFIX = "task:"
 
 
+def enqueue(session: Session, routing_key: str, payload: dict[str, Any], *, tenant_id: str | None) -> OutboxMessage:
+    validate(payload, routing_key)  # never publish what our own contract would refuse
+    return rows.add(session, tenant_id=tenant_id, message_id=uuid.UUID(payload["event_id"]),
+                    routing_key=routing_key, payload=payload)
+
+
 def enqueue_task(session: Session, task_name: str, job_id: int, *, queue: str, tenant_id: str) -> OutboxMessage:
-    """The next pipeline stage, dispatched by the relay only once this transaction committed: a
-    crash between a stage's commit and its hand-off delays the next stage, never strands it."""
-    row = OutboxMessage(tenant_id=tenant_id, message_id=uuid.uuid4(), routing_key=TASK_PREFIX + task_name,
-                        payload={"task": task_name, "args": [job_id], "queue": queue})
-    session.add(row)
-    session.flush()
-    return row
+    """A pipeline stage's task, dispatched by the relay only once this transaction committed: a
+    crash between a stage's commit and its hand-off delays the next stage, never strands it.
+    Callers go through ``tasks.pipeline.jobs.dispatch``, which reads the task and queue from the
+    stage table."""
+    return rows.add(session, tenant_id=tenant_id, message_id=uuid.uuid4(), routing_key=TASK_PREFIX + task_name,
+                    payload={"task": task_name, "args": [job_id], "queue": queue})
 
 
 def relay(factory: sessionmaker[Session], publisher: EventPublisher, *, limit: int = 500) -> int:
     """Publish up to ``limit`` pending messages in id order; returns how many were published."""
     published = 0
     with system_session(factory) as session:  # one relay publishes every tenant's messages
-        rows = session.scalars(
-            select(OutboxMessage).where(OutboxMessage.published_at.is_(None))
-            .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)
-        ).all()
-        for row in rows:
+        for row in rows.lock_pending(session, limit):
             row.publish_attempts += 1
             try:
                 publisher.publish(row.routing_key, row.payload, message_id=str(row.message_id))

@@ -5,8 +5,9 @@ no embedding from the active clip version (a model changed, a persist was lost),
 (pending/running without progress for too long, or failed with a retryable error). Products
 with a fresh job in flight, or a permanent failure, are left alone.
 
-``find_incomplete_products`` and ``requeue`` are plain functions; the periodic Celery task only
-takes an advisory lock, calls them in one transaction, and dispatches after the commit.
+``find_incomplete_products`` and ``requeue`` are plain functions; ``reconcile`` takes an advisory
+lock and runs them in the caller's transaction, dispatching through the outbox like every other
+hand-off (the Celery task in ``tasks.pipeline.tasks`` commits, then relays).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.engine import set_system_scope
+from db.enums import InboxStatus, Stage
+from db.repositories import coverage, inbox, locks
+from db.repositories import jobs as job_rows
+from tasks.pipeline import jobs
+from tasks.pipeline.work import EnrichRequest
 
 # Twice the default hard task time limit (900 s): a job untouched that long has no live worker.
 DEFAULT_STALLED_AFTER = timedelta(minutes=30)
@@ -53,88 +57,56 @@ class Redispatch:
     stage: str
 
 
-# Built on catalog.enrichment_status (migration 0002): one row per product at its latest version.
-_CLASSIFIED = """
-    SELECT s.tenant_id, s.product_id, s.external_id, s.product_version, s.job_id, s.job_stage,
-           CASE
-             WHEN s.job_status IN ('pending', 'running') AND s.job_updated_at < now() - :stalled
-               THEN 'job_stalled'
-             WHEN s.job_status IN ('pending', 'running') THEN 'in_flight'
-             WHEN s.job_status = 'failed' AND s.retryable THEN 'job_failed_retryable'
-             WHEN s.job_status = 'failed' THEN 'failed_permanently'
-             WHEN s.has_listing IS FALSE THEN 'missing_listing'
-             WHEN s.has_embedding IS FALSE THEN 'missing_embedding'
-             ELSE 'complete'
-           END AS reason
-    FROM catalog.enrichment_status s
-"""
-
-
 def find_incomplete_products(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER,
                              limit: int = 1000, tenant_id: str | None = None) -> list[IncompleteProduct]:
     """Products to re-queue, oldest product id first."""
-    rows = session.execute(
-        text(f"SELECT * FROM ({_CLASSIFIED}) c WHERE c.reason = ANY(CAST(:reasons AS text[])) "
-             "AND (CAST(:tenant AS text) IS NULL OR c.tenant_id = CAST(:tenant AS text)) "
-             "ORDER BY c.product_id LIMIT :limit"),
-        {"stalled": stalled_after, "reasons": [r.value for r in Reason], "tenant": tenant_id, "limit": limit},
-    )
+    rows = coverage.products_in(session, [r.value for r in Reason], stalled_after=stalled_after, limit=limit,
+                                tenant_id=tenant_id)
     return [IncompleteProduct(r.tenant_id, r.product_id, r.external_id, r.product_version, Reason(r.reason),
                               r.job_id, r.job_stage) for r in rows]
 
 
 def coverage_counts(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER) -> dict[str, int]:
     """Products by reconciler class (``enrich status``): complete, in_flight, each Reason, failed_permanently."""
-    counts = dict(session.execute(
-        text(f"SELECT c.reason, count(*) FROM ({_CLASSIFIED}) c GROUP BY c.reason"), {"stalled": stalled_after},
-    ).tuples().all())
+    counts = coverage.counts_by_class(session, stalled_after=stalled_after)
     keys = ["products", "complete", "in_flight", *[r.value for r in Reason], "failed_permanently"]
     out = {k: int(counts.get(k, 0)) for k in keys}
-    out["products"] = sum(int(v) for v in counts.values())
+    out["products"] = sum(counts.values())
     return out
 
 
 def requeue(session: Session, item: IncompleteProduct) -> Redispatch | None:
-    """Prepare ``item`` for another run (flush only). Stalled job: release its stage claim so a new
-    task may take it. Otherwise: a new job for the same product version, caused by a synthetic
-    ``reconcile`` inbox event, with the image URLs of the last job. None when nothing to run from."""
+    """Prepare ``item`` for another run and dispatch it through the outbox (flush only). Stalled
+    job: release its stage claim so a new task may take it. Otherwise: a new job for the same
+    product version, caused by a synthetic ``reconcile`` inbox event, with the images of the last
+    job. None when there is nothing to run from."""
     if item.reason is Reason.job_stalled and item.job_id is not None:
-        stage = item.job_stage or "fetch"
-        released = session.execute(
-            text("UPDATE enrichment_jobs SET work = jsonb_set(work, '{claims}', "
-                 "coalesce(work -> 'claims', '{}'::jsonb) - CAST(:stage AS text)), updated_at = now() "
-                 "WHERE id = :id AND status IN ('pending', 'running') RETURNING id"),
-            {"id": item.job_id, "stage": stage},
-        ).scalar_one_or_none()
-        return Redispatch(item.job_id, stage) if released is not None else None
-    work = session.execute(
-        text("SELECT work FROM enrichment_jobs WHERE product_id = :p AND product_version = :v "
-             "AND work ? 'image_urls' ORDER BY id DESC LIMIT 1"),
-        {"p": item.product_id, "v": item.product_version},
-    ).scalar_one_or_none()
-    if work is None:
+        stage = Stage(item.job_stage or jobs.FIRST.value)
+        if not jobs.release_claim(session, item.job_id, stage.value):
+            return None
+        job = job_rows.lock(session, item.job_id)
+        assert job is not None
+        jobs.dispatch(session, job, stage)
+        return Redispatch(item.job_id, stage.value)
+    previous = next((j for j in job_rows.of_product_version(session, item.product_id, item.product_version)
+                     if EnrichRequest.present(j.work)), None)
+    if previous is None:
         return None
     event_id = uuid.uuid4()
-    session.execute(
-        text("INSERT INTO inbox_events (event_id, tenant_id, event_type, status, detail) "
-             "VALUES (:e, :t, 'reconcile', 'accepted', :d)"),
-        {"e": event_id, "t": item.tenant_id, "d": f"{item.reason.value} (product version {item.product_version})"},
-    )
-    job_id = session.execute(
-        text("INSERT INTO enrichment_jobs (tenant_id, event_id, product_id, product_version, status, work) "
-             "VALUES (:t, :e, :p, :v, 'pending', CAST(:w AS jsonb)) RETURNING id"),
-        {"t": item.tenant_id, "e": event_id, "p": item.product_id, "v": item.product_version,
-         "w": _json({"image_urls": work["image_urls"], "reconciled": item.reason.value})},
-    ).scalar_one()
-    return Redispatch(int(job_id), "fetch")
+    inbox.record(session, event_id, tenant_id=item.tenant_id, event_type="reconcile", status=InboxStatus.accepted,
+                 detail=f"{item.reason.value} (product version {item.product_version})")
+    request = EnrichRequest(EnrichRequest.of(previous.work).images, reconciled=item.reason.value)
+    job = jobs.create(session, tenant_id=item.tenant_id, event_id=event_id, product_id=item.product_id,
+                      product_version=item.product_version, request=request)
+    return Redispatch(job.id, jobs.FIRST.value)
 
 
 def reconcile(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER,
               limit: int = 1000) -> list[Redispatch]:
-    """One pass under a transaction-scoped advisory lock; returns what to dispatch after commit.
-    Cross-tenant by nature: the transaction runs in the system scope (row-level security)."""
+    """One pass under a transaction-scoped advisory lock; what it re-dispatched (sent by the outbox
+    relay once the caller commits). Cross-tenant by nature: the transaction runs in the system scope."""
     set_system_scope(session)
-    if not session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY}).scalar_one():
+    if not locks.try_xact_lock(session, ADVISORY_LOCK_KEY):
         return []
     out = []
     for item in find_incomplete_products(session, stalled_after=stalled_after, limit=limit):
@@ -142,37 +114,3 @@ def reconcile(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AF
             out.append(dispatch)
     session.flush()
     return out
-
-
-def _json(value: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(value)
-
-
-def _register_task() -> Any:
-    """The Celery adapter, when the pipeline's task base is installed (it is in a full checkout)."""
-    try:
-        from tasks.adapter import catalog_task
-    except ModuleNotFoundError:  # pragma: no cover - a db-only install
-        return None
-    from celery import Task
-
-    @catalog_task("reconcile", queue="cpu", ignore_result=True)
-    def reconcile_task(self: Task, limit: int = 1000) -> int:
-        from db.engine import session_scope
-        from tasks.pipeline import tasks as stages
-        from tasks.runtime import get_runtime
-
-        runtime = get_runtime()
-        with session_scope(runtime.session_factory) as session:
-            dispatches = reconcile(session, limit=limit)
-        by_stage = {"fetch": stages.fetch, "model": stages.model, "persist": stages.persist_listing}
-        for d in dispatches:
-            by_stage.get(d.stage, stages.fetch).delay(d.job_id)
-        return len(dispatches)
-
-    return reconcile_task
-
-
-reconcile_task = _register_task()

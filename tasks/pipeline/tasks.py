@@ -1,7 +1,8 @@
-"""Celery adapters of the enrichment pipeline: fetch+dedup (cpu) → model (gpu) → persist (cpu).
+"""Celery adapters of the pipeline: one thin task per stage of ``jobs.STAGES``, the outbox relay and
+the coverage reconciler (both on beat).
 
-Each task is a thin adapter: ids in, one pipeline function, then the outbox relay, which sends
-the next stage's task that the function committed (and any event). Messages carry job ids only;
+Each stage task is a stage function behind ``stage_task`` (name and queue from the stage table;
+failure policy, fault point, relay and timing in the decorator). Messages carry job ids only;
 images and vectors travel through storage.
 """
 
@@ -9,46 +10,44 @@ from __future__ import annotations
 
 from celery import Task
 
-from tasks import faults
-from tasks.adapter import catalog_task, relay_outbox, run_job_stage
+from db.engine import session_scope
+from db.enums import Stage
+from tasks.adapter import catalog_task, relay_outbox, stage_task
 from tasks.pipeline.fetch import fetch_and_dedup
 from tasks.pipeline.model import model_stage
 from tasks.pipeline.persist import persist
-from tasks.runtime import get_runtime
+from tasks.pipeline.reconcile import reconcile
+from tasks.runtime import Runtime, get_runtime
 
 
-@catalog_task("fetch", queue="cpu")
-def fetch(self: Task, job_id: int) -> str | None:
-    outcome = run_job_stage(self, job_id, lambda rt: fetch_and_dedup(rt, job_id, self.request.id, rt.model_ids))
-    if outcome is None or outcome.next_stage is None:
-        return None
-    faults.hit("stage.committed", stage="fetch", job_id=job_id)
-    relay_outbox(get_runtime())
-    return outcome.next_stage.value
+@stage_task(Stage.fetch)
+def fetch(runtime: Runtime, job_id: int, task_id: str) -> str | None:
+    outcome = fetch_and_dedup(runtime, job_id, task_id, runtime.model_ids)
+    return outcome.next_stage.value if outcome.next_stage is not None else None
 
 
-@catalog_task("model", queue="gpu")
-def model(self: Task, job_id: int) -> bool:
-    ran = run_job_stage(self, job_id, lambda rt: model_stage(rt, job_id, self.request.id))
-    if ran:
-        faults.hit("stage.committed", stage="model", job_id=job_id)
-        relay_outbox(get_runtime())
-    return bool(ran)
+@stage_task(Stage.model)
+def model(runtime: Runtime, job_id: int, task_id: str) -> bool:
+    return model_stage(runtime, job_id, task_id)
 
 
-@catalog_task("persist", queue="cpu")
-def persist_listing(self: Task, job_id: int) -> int | None:
-    listing_id = run_job_stage(self, job_id, lambda rt: persist(rt, job_id, self.request.id, rt.model_ids,
-                                                                rt.random_weights))
-    if listing_id is not None:
-        faults.hit("stage.committed", stage="persist", job_id=job_id)
-    # Also when this delivery found the job already done: a crash between the persist commit and
-    # the relay left that commit's listing.enriched in the outbox, and this redelivery publishes it.
-    relay_outbox(get_runtime())
-    return listing_id
+@stage_task(Stage.persist)
+def persist_listing(runtime: Runtime, job_id: int, task_id: str) -> int | None:
+    return persist(runtime, job_id, task_id, runtime.model_ids, runtime.random_weights)
 
 
 @catalog_task("relay_outbox", queue="cpu", ignore_result=True)
 def relay_outbox_task(self: Task) -> None:
     """Periodic safety net: publish outbox rows a crash left behind."""
     relay_outbox(get_runtime())
+
+
+@catalog_task("reconcile", queue="cpu", ignore_result=True)
+def reconcile_task(self: Task, limit: int = 1000) -> int:
+    """One reconciler pass: what it re-dispatches is committed to the outbox, then relayed."""
+    runtime = get_runtime()
+    with session_scope(runtime.session_factory) as session:
+        dispatches = reconcile(session, limit=limit)
+    if dispatches:
+        relay_outbox(runtime)
+    return len(dispatches)

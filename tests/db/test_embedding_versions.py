@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db import embedding_versions as ev
+from db import vector_indexes
 from db import similarity
 from tests.db.catalog_rows import add_catalog, add_model_version, unit_rows
 
@@ -51,8 +52,8 @@ def test_backfill_activate_drop_cycle(db_session, catalog) -> None:  # noqa: ANN
     embedder = ProjectingEmbedder(dict(zip(pids, vectors, strict=True)), NEW_DIMS)
     new_id = ev.register_version(db_session, ev.VersionSpec("clip-b", "r1", NEW_DIMS, "tiny", True))
     assert ev.register_version(db_session, ev.VersionSpec("clip-b", "r1", NEW_DIMS, "tiny", True)) == new_id
-    assert ev.ensure_dimension_index(db_session, NEW_DIMS) == ev.index_names(NEW_DIMS)
-    assert ev.ensure_dimension_index(db_session, NEW_DIMS) == []  # idempotent
+    assert vector_indexes.ensure_dimension_index(db_session, NEW_DIMS) == vector_indexes.index_names(NEW_DIMS)
+    assert vector_indexes.ensure_dimension_index(db_session, NEW_DIMS) == []  # idempotent
 
     progress: list[int] = []
     half = ev.run_backfill(_factory(db_session), new_id, embedder, batch_size=16, limit=60,
@@ -96,8 +97,8 @@ def test_backfill_activate_drop_cycle(db_session, catalog) -> None:  # noqa: ANN
         ev.drop_version(db_session, new_id)
     deleted, index_unused = ev.drop_version(db_session, ids["clip"])
     assert deleted == 120 and index_unused
-    assert ev.drop_dimension_index(db_session, OLD_DIMS) == ev.index_names(OLD_DIMS)
-    assert not ev.has_dimension_index(db_session, OLD_DIMS) and ev.has_dimension_index(db_session, NEW_DIMS)
+    assert vector_indexes.drop_dimension_index(db_session, OLD_DIMS) == vector_indexes.index_names(OLD_DIMS)
+    assert not vector_indexes.has_dimension_index(db_session, OLD_DIMS) and vector_indexes.has_dimension_index(db_session, NEW_DIMS)
     assert db_session.execute(text("SELECT count(*) FROM embeddings WHERE model_version_id = :v"),
                               {"v": ids["clip"]}).scalar_one() == 0
     with pytest.raises(ev.VersionError, match="dropped"):
@@ -135,5 +136,5 @@ def test_activate_force_and_rate_limit(db_session, catalog) -> None:  # noqa: AN
     with pytest.raises(ev.VersionError, match="HNSW index|covers"):
         ev.activate(db_session, new_id)
     assert ev.activate(db_session, new_id, force=True) == ids["clip"]
-    with pytest.raises(ev.VersionError, match="integer in 1..2000"):
-        ev.ensure_dimension_index(db_session, 4096)
+    with pytest.raises(vector_indexes.DimensionError, match="integer in 1..2000"):
+        vector_indexes.ensure_dimension_index(db_session, 4096)

@@ -95,14 +95,15 @@ def test_pretrained_versions_are_known_without_loading(tmp_path) -> None:  # noq
     tiny_det._model.save_pretrained(det_dir)
     tiny_det._processor.save_pretrained(det_dir)
     model, processor = build_tiny_vlm(seed=0)
-    save_vlm(model, processor, vlm_dir)
+    save_vlm(model, processor, vlm_dir, random_weights=True, base="tiny@random-seed0")
     config = ModelConfig(profile="pretrained", device="cpu", detector=str(det_dir), vlm=str(vlm_dir),
                          clip="ViT-B-32/laion2b_s34b_b79k", cache_dir=tmp_path / "cache")
     bundle = build_models(config)
     before = bundle.versions()
     assert not bundle.grounder.loaded and not bundle.generator.loaded
-    assert before["detector"].revision.startswith("dir-") and before["vlm"].revision.startswith("dir-")
+    assert before["detector"].revision.startswith("sha256-") and before["vlm"].revision.startswith("sha256-")
     assert before["clip"].revision == "tag-laion2b_s34b_b79k" and not before["detector"].random_weights
+    assert before["vlm"].random_weights  # its provenance file says so; the detector dir has none
     assert build_models(config).versions() == before  # another process computes the same identity
     bundle.grounder.load()
     assert bundle.versions() == before

@@ -162,14 +162,17 @@ def test_batched_equals_one_by_one_greedy(photos) -> None:  # noqa: ANN001
 
 def test_saved_directory_loads_through_the_pretrained_path(tmp_path: Path, photos) -> None:  # noqa: ANN001
     model, processor = build_tiny_vlm(seed=0)
-    save_vlm(model, processor, tmp_path / "vlm")
+    save_vlm(model, processor, tmp_path / "vlm", random_weights=True, base="tiny@random-seed0")
     from_dir = ListingGenerator(ModelConfig(profile="pretrained", device="cpu", vlm=str(tmp_path / "vlm"),
                                             cache_dir=tmp_path / "cache", max_new_tokens=24))
     built = ListingGenerator(profile="tiny", device="cpu", max_new_tokens=24, seed=0)
     requests = _requests(photos, 2)
-    assert [x.raw_text for x in from_dir.predict(requests)] == [x.raw_text for x in built.predict(requests)]
+    results = from_dir.predict(requests)
+    assert [x.raw_text for x in results] == [x.raw_text for x in built.predict(requests)]
     version = from_dir.version()
-    assert version.profile == "pretrained" and version.revision.startswith("dir-") and version.kind == "vlm"
+    assert version.profile == "pretrained" and version.revision.startswith("sha256-") and version.kind == "vlm"
+    # Saved from random weights: the label follows the weights, not the profile they load under.
+    assert version.random_weights and all(x.random_weights for x in results)
     assert type(from_dir.model).__name__ == "Idefics3ForConditionalGeneration"
 
 

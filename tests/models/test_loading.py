@@ -53,7 +53,7 @@ def test_grounder_loads_from_local_directory(owl_dir: Path, photos, tmp_path: Pa
     results = grounder.predict([im for im, _ in photos], [c for _, c in photos])
     assert len(results) == len(photos)
     version = grounder.version()
-    assert version.revision.startswith("dir-") and version.profile == "pretrained"
+    assert version.revision.startswith("sha256-") and version.profile == "pretrained"
 
 
 def test_clip_loads_from_local_directory_with_the_saved_weights(clip_dir: Path, photos, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from tests.integration.harness import REPO
 
 
 def test_off_by_default_and_no_plan_without_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.runtime import fault_plan
+    from workers.wiring import fault_plan
     from workers.settings import Settings
 
     for name in ("KILL_AFTER_COMMIT", "CRASH_ON_TASK_FOR_EXTERNAL_ID", "OOM_ABOVE_BATCH", "SLEEP_IN_MODEL_S",
@@ -28,7 +28,7 @@ def test_off_by_default_and_no_plan_without_settings(monkeypatch: pytest.MonkeyP
 def test_settings_build_the_plan_and_production_refuses_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    from workers.runtime import fault_plan
+    from workers.wiring import fault_plan
     from workers.settings import Settings
 
     monkeypatch.setenv("ENRICH_FAULTS__OOM_ABOVE_BATCH", "2")
@@ -44,16 +44,22 @@ def test_settings_build_the_plan_and_production_refuses_it(monkeypatch: pytest.M
         Settings()
 
 
-def test_simulated_oom_only_above_the_limit_and_recognised_as_oom() -> None:
+def test_simulated_oom_only_above_the_limit_and_recognised_as_oom(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tasks.pipeline.model import _is_oom
+    from models.batch import is_oom as _is_oom
+    from workers.settings import Settings
+    from workers.wiring import fault_plan
 
-    plan = FaultPlan(oom_above_batch=2)
+    monkeypatch.setenv("ENRICH_FAULTS__OOM_ABOVE_BATCH", "2")
+    plan = fault_plan(Settings())  # as the worker builds it: a real torch OOM
     plan.apply("model.batch", {"size": 2, "job_ids": [1, 2]})
     with pytest.raises(torch.cuda.OutOfMemoryError) as caught:
         plan.apply("model.batch", {"size": 3, "job_ids": [1, 2, 3]})
     assert _is_oom(caught.value)
+    with pytest.raises(faults.SimulatedOutOfMemory) as plain:  # without torch at hand
+        FaultPlan(oom_above_batch=2).apply("model.batch", {"size": 3, "job_ids": [1, 2, 3]})
+    assert _is_oom(plain.value)
     with pytest.raises(SimulatedFault):
         plan.apply("no.such.point", {})
 

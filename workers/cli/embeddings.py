@@ -10,6 +10,7 @@ import numpy as np
 import typer
 
 from db import embedding_versions as ev
+from db import vector_indexes
 from db.engine import session_scope
 from workers.cli.errors import CliError, one_line_errors
 from workers.settings import Settings, get_settings
@@ -44,7 +45,7 @@ def load_embedder(model: str, settings: Settings) -> tuple[ev.VersionSpec, ev.Em
 
         from models.factory import build_models
         from tasks.io.blobs import open_blob_store
-        from workers.runtime import model_config
+        from workers.wiring import model_config
         from workers.storage import s3_client
     except ModuleNotFoundError as exc:
         raise CliError(f"the model layer is not installed ({exc.name}); cannot compute embeddings") from exc
@@ -83,7 +84,7 @@ def backfill(
         factory = _factory()
         with session_scope(factory) as s:
             version_id = ev.register_version(s, spec)
-        created = ev.ensure_dimension_index(get_engine(), spec.dims)  # CONCURRENTLY: writers keep writing
+        created = vector_indexes.ensure_dimension_index(get_engine(), spec.dims)  # CONCURRENTLY: writers keep writing
         if created:
             typer.echo(f"created HNSW indexes {', '.join(created)}")
         with session_scope(factory) as s:
@@ -162,7 +163,7 @@ def drop(version_id: int = typer.Argument(...),
                 unused = dims is not None and not ev.dims_still_used(s, dims, except_version=version_id)
         except ev.VersionError as exc:
             raise CliError(str(exc)) from exc
-        dropped = ev.drop_dimension_index(get_engine(), dims) if unused and dims else []
+        dropped = vector_indexes.drop_dimension_index(get_engine(), dims) if unused and dims else []
     typer.echo(f"deleted {total} embeddings of version {version_id}"
                + (f"; dropped {', '.join(dropped)}" if dropped else ""))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -10,17 +11,22 @@ from db.engine import session_scope
 from workers.cli.errors import CliError, one_line_errors
 from workers.settings import Settings, get_settings
 
+if TYPE_CHECKING:  # the commands import tasks modules on first use, not when the CLI starts
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from tasks.io.blobs import BlobStore
+
 retrain_app = typer.Typer(help="Preference pairs from merchant feedback, DPO candidates, promotion.",
                           no_args_is_help=True)
 
 
-def _factory():  # noqa: ANN202
+def _factory() -> sessionmaker[Session]:
     from workers.database import get_session_factory
 
     return get_session_factory()
 
 
-def _datasets(settings: Settings):  # noqa: ANN202
+def _datasets(settings: Settings) -> BlobStore:
     from tasks.io.blobs import open_blob_store
     from workers.storage import s3_client
 
@@ -31,7 +37,7 @@ def _datasets(settings: Settings):  # noqa: ANN202
 def build_pairs() -> None:
     """Build a dataset from the feedback received since the last one (what beat runs periodically)."""
     from tasks.feedback.pairs import build_preference_pairs
-    from workers.runtime import retrain_config
+    from workers.wiring import retrain_config
 
     settings = get_settings()
     with one_line_errors(), session_scope(_factory()) as session:
@@ -59,7 +65,7 @@ def train(
     from models.listing import ListingGenerator
     from tasks.io.blobs import open_blob_store
     from tasks.feedback.training import train_candidate
-    from workers.runtime import model_config
+    from workers.wiring import model_config
     from workers.storage import s3_client
 
     settings = get_settings()

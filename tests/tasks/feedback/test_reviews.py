@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from db.repositories.reports import feedback_report
 from db.tables import FieldError, InboxEvent, Listing, ReviewFeedback
 from tasks.events import InvalidEvent
 from tasks.feedback.reviews import (
@@ -22,7 +23,6 @@ from tasks.feedback.reviews import (
     reject_invalid_review,
     review_event_payload,
 )
-from tasks.feedback.report import feedback_report
 
 JSON = "application/json"
 

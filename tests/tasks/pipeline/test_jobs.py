@@ -10,6 +10,7 @@ from db.enums import Stage
 from db.tables import EnrichmentJob, InboxEvent, Merchant, Product, Tenant
 from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
+from tasks.pipeline.work import FetchedImages
 
 
 @pytest.fixture
@@ -39,7 +40,8 @@ def test_redelivery_reclaims_and_a_concurrent_duplicate_backs_off(db_session, jo
 def test_stages_not_reached_or_already_passed_are_no_ops(db_session, job_id: int) -> None:  # noqa: ANN001
     assert jobs.claim(db_session, job_id, Stage.persist, "early") is None  # not reached yet
     job = jobs.claim(db_session, job_id, Stage.fetch, "f")
-    jobs.advance(db_session, job, Stage.model)
+    jobs.hand_off(db_session, job, Stage.model, FetchedImages(image_ids=(1,), primary_image_id=1,
+                                                              primary_uri="file:///originals/x"))
     assert jobs.claim(db_session, job_id, Stage.fetch, "late") is None  # already passed
     assert jobs.claim(db_session, job_id, Stage.model, "m") is not None
 
@@ -63,3 +65,33 @@ def test_fail_ends_the_job_once_and_writes_listing_failed(db_session, job_id: in
     assert [r.payload["code"] for r in rows] == ["image_rejected"]
     assert rows[0].payload["causation_id"] == str(job.event_id)
     assert jobs.claim(db_session, job_id, Stage.fetch, "after") is None  # ended jobs claim nothing
+
+
+def test_the_stage_table_is_the_pipeline_in_order() -> None:
+    """Every claimable stage has one row, in the Stage enum's order; each default next stage comes later."""
+    assert jobs.STAGE_ORDER == list(Stage)
+    for stage, spec in jobs.STAGES.items():
+        assert spec.stage is stage and spec.task_name == f"catalog.{stage.value}"
+        assert spec.queue in ("cpu", "gpu")
+        if spec.next is not None:
+            assert jobs.STAGE_ORDER.index(spec.next) > jobs.STAGE_ORDER.index(stage)
+    assert jobs.STAGES[Stage.model].queue == "gpu" and jobs.STAGES[jobs.STAGE_ORDER[-1]].next is None
+
+
+def test_hand_off_moves_the_job_and_dispatches_the_next_stage_through_the_outbox(db_session, job_id: int) -> None:  # noqa: ANN001
+    from db.tables import OutboxMessage
+
+    job = jobs.claim(db_session, job_id, Stage.fetch, "f")
+    handoff = FetchedImages(image_ids=(7,), primary_image_id=7, primary_uri="file:///originals/x")
+    jobs.hand_off(db_session, job, Stage.model, handoff, timings={"fetch": 1.25})
+    assert job.stage == "model" and FetchedImages.of(job.work) == handoff and job.timings_ms == {"fetch": 1.2}
+    rows = db_session.query(OutboxMessage).filter_by(tenant_id="t").all()
+    assert [(r.routing_key, r.payload) for r in rows] == [
+        ("task:catalog.model", {"task": "catalog.model", "args": [job_id], "queue": "gpu"})]
+
+
+def test_release_claim_lets_a_new_task_take_a_stalled_stage(db_session, job_id: int) -> None:  # noqa: ANN001
+    jobs.claim(db_session, job_id, Stage.fetch, "dead-worker")
+    assert jobs.claim(db_session, job_id, Stage.fetch, "new") is None
+    assert jobs.release_claim(db_session, job_id, "fetch") is True
+    assert jobs.claim(db_session, job_id, Stage.fetch, "new") is not None

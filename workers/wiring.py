@@ -1,4 +1,6 @@
-"""Build the task runtime from settings and install it in this process (after fork)."""
+"""Settings → the objects a worker process runs with: the task runtime (installed after fork),
+the fetch policy, the model configuration, fault plans. Heavy libraries are imported only by what
+uses them: the model bundle is built lazily, and only a process that loaded torch limits its threads."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ log = get_logger(__name__)
 
 
 def model_config(settings: Settings):  # noqa: ANN201
-    from models.factory import ModelConfig
+    from models.config import ModelConfig
 
     m = settings.models
     return ModelConfig(profile=m.profile.value, device=m.device, detector=m.detector, vlm=m.vlm, clip=m.clip,
@@ -48,11 +50,18 @@ def fault_plan(settings: Settings):  # noqa: ANN201
     log.warning("faults.enabled", **f.model_dump())
     return FaultPlan(kill_after_commit=f.kill_after_commit, crash_on_task_for_external_id=f.crash_on_task_for_external_id,
                      oom_above_batch=f.oom_above_batch, sleep_in_model_s=f.sleep_in_model_s,
-                     sleep_before_persist_commit_s=f.sleep_before_persist_commit_s, trace=f.trace)
+                     sleep_before_persist_commit_s=f.sleep_before_persist_commit_s, trace=f.trace,
+                     oom_error=_torch_oom)
 
 
-def build_runtime(settings: Settings):  # noqa: ANN201
-    from models.factory import build_models
+def _torch_oom(message: str) -> BaseException:
+    """A real ``torch.cuda.OutOfMemoryError``: the point is hit in the model thread, where torch is loaded."""
+    import torch
+
+    return torch.cuda.OutOfMemoryError(message)
+
+
+def build_runtime(settings: Settings, send_task=None):  # noqa: ANN001, ANN201
     from models.images import ImageLimits
     from tasks.io.fetcher import ImageFetcher
     from tasks.runtime import RetryPolicy, Runtime
@@ -68,9 +77,9 @@ def build_runtime(settings: Settings):  # noqa: ANN201
         session_factory=get_session_factory(),
         blobs=open_blob_store(settings.originals_uri, s3_client_factory=lambda: s3_client(settings)),
         fetcher=ImageFetcher(fetch_policy(settings), s3_client_factory=lambda: s3_client(settings)),
-        publisher=KombuEventPublisher(settings),
+        publisher=KombuEventPublisher(settings, send_task),
         image_limits=ImageLimits(max_pixels=settings.storage.max_pixels, max_frames=settings.storage.max_frames),
-        models_factory=lambda: build_models(config),
+        models_factory=lambda: _build_models(config, settings.workers.cpu_threads),
         retry=RetryPolicy(max_retries=w.max_retries, backoff_s=w.retry_backoff_s, backoff_max_s=w.retry_backoff_max_s,
                           max_stage_attempts=w.max_retries + settings.broker.delivery_limit + 1),
         unknown_category=settings.models.unknown_category,
@@ -81,22 +90,39 @@ def build_runtime(settings: Settings):  # noqa: ANN201
     )
 
 
-def limit_cpu_threads(threads: int) -> None:
-    """Several worker processes share the cores; library thread pools sized to all cores each
-    oversubscribe them (measured here: 4x slower model batches with default threads)."""
-    if threads <= 0:
-        return
-    import cv2
+def _build_models(config, threads: int):  # noqa: ANN001, ANN202
+    """The model bundle, built on first use in this process; torch gets the worker's thread budget."""
     import torch
 
-    torch.set_num_threads(threads)
+    from models.factory import build_models
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return build_models(config)
+
+
+def limit_cpu_threads(threads: int) -> None:
+    """Several worker processes share the cores; library thread pools sized to all cores each
+    oversubscribe them (measured here: 4x slower model batches with default threads). torch is
+    limited only where it is already imported (a GPU worker): importing it here would load the ML
+    stack into every CPU worker and beat; ``models`` applies the same limit when it loads torch."""
+    if threads <= 0:
+        return
+    import sys
+
+    import cv2
+
     cv2.setNumThreads(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
-def install_from_settings(settings: Settings | None = None) -> None:
+def install_from_settings(settings: Settings | None = None, *, send_task=None) -> None:  # noqa: ANN001
+    """``send_task``: how stage hand-offs leave this process (``workers.celery_app.send_task``)."""
     from tasks.runtime import install_runtime
 
     settings = settings or get_settings()
     limit_cpu_threads(settings.workers.cpu_threads)
-    install_runtime(build_runtime(settings))
+    install_runtime(build_runtime(settings, send_task))
     log.info("runtime.installed", profile=settings.models.profile.value, device=settings.models.device)

@@ -1,0 +1,227 @@
+"""The GPU stage as one pure batch function, its out-of-memory splitting, and the micro-batcher.
+
+``run_model_batch`` takes what a batch of products needs (decoded images, merchant text) and runs
+ground → describe → verify → embed once for all of them. One item's bad input is that item's
+error; an accelerator OOM halves the batch and retries the halves, down to one item
+(``halve_on_oom``, the one splitting rule every model wrapper uses too).
+
+``MicroBatcher`` feeds it: each Celery task thread submits one item, one model thread runs
+batches of up to ``max_size`` items, waiting at most ``max_wait_ms`` for a batch to fill.
+
+This module imports no torch at import time (the pipeline imports ``ModelItem`` from here in
+processes that never run a model); the model stack is imported inside ``run_model_batch``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import structlog
+
+from models.oom import halve_on_oom, is_oom
+
+if TYPE_CHECKING:
+    from models.factory import ModelBundle
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+log = structlog.get_logger(__name__)
+
+OOM_CODE = "model_out_of_memory"
+MODEL_ERROR_CODE = "model_error"
+
+
+@dataclass
+class ModelItem:
+    job_id: int
+    image: Any  # PIL.Image (RGB), decoded once in the task thread
+    category: str
+    title: str
+    description: str
+    attributes: dict[str, Any]
+    locale: str
+    unknown_category: str = "generic"
+
+
+@dataclass
+class ModelResult:
+    job_id: int
+    error: tuple[str, str, bool] | None = None  # (code, detail, retryable)
+    schema_id: str | None = None
+    grounding: dict[str, Any] = field(default_factory=dict)
+    model_output: dict[str, Any] = field(default_factory=dict)
+    model_input: dict[str, Any] = field(default_factory=dict)
+    content: dict[str, Any] = field(default_factory=dict)
+    dropped: dict[str, Any] = field(default_factory=dict)
+    image_embedding: list[float] = field(default_factory=list)
+    text_embedding: list[float] = field(default_factory=list)
+    text_input: str = ""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _free_accelerator_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[ModelItem]], None] | None) -> list[ModelResult]:
+    from models.categories import resolve_schema
+    from models.embeddings import visual_description
+    from models.errors import ModelLayerError
+    from models.listing import ListingRequest
+
+    if before is not None:
+        before(items)
+    results = [ModelResult(job_id=i.job_id) for i in items]
+    live: list[int] = []
+    schemas = []
+    for idx, item in enumerate(items):
+        try:
+            schemas.append(resolve_schema(item.category, unknown=item.unknown_category))
+            live.append(idx)
+        except ModelLayerError as exc:
+            results[idx].error = (exc.code, exc.detail, exc.retryable)
+    if not live:
+        return results
+    imgs = [items[i].image for i in live]
+    timer = time.perf_counter()
+    groundings = models.grounder.predict(imgs, categories=[schemas[n].name for n in range(len(live))])
+    t_ground = (time.perf_counter() - timer) * 1000
+    crops = [g.crop for g in groundings]
+    timer = time.perf_counter()
+    generated = models.generator.predict([
+        ListingRequest(image=crops[n], schema=schemas[n], merchant_title=items[i].title,
+                       merchant_description=items[i].description, merchant_attributes=items[i].attributes,
+                       locale=items[i].locale) for n, i in enumerate(live)])
+    t_describe = (time.perf_counter() - timer) * 1000
+    timer = time.perf_counter()
+    verified = models.verifier.verify(crops, [g.output for g in generated], schemas,
+                                      [items[i].attributes for i in live])
+    t_verify = (time.perf_counter() - timer) * 1000
+    timer = time.perf_counter()
+    image_vecs = models.embedder.embed_images(crops)
+    texts = []
+    for n, v in enumerate(verified):
+        visual = {k: a["value"] for k, a in v.content["attributes"].items() if k in schemas[n].visual_attributes}
+        texts.append(visual_description(schemas[n].name, visual))
+    text_vecs = models.embedder.embed_texts(texts)
+    t_embed = (time.perf_counter() - timer) * 1000
+    share = 1 / len(live)
+    for n, i in enumerate(live):
+        g = groundings[n]
+        results[i] = ModelResult(
+            job_id=items[i].job_id, schema_id=schemas[n].schema_id,
+            grounding={"box": list(g.box) if g.box else None, "score": g.score, "fallback": g.fallback, "prompt": g.prompt},
+            model_output=generated[n].output, model_input=generated[n].model_input,
+            content=verified[n].content, dropped=verified[n].dropped,
+            image_embedding=[float(x) for x in image_vecs[n]], text_embedding=[float(x) for x in text_vecs[n]],
+            text_input=texts[n],
+            timings_ms={"ground": t_ground * share, "describe": t_describe * share, "verify": t_verify * share,
+                        "embed": t_embed * share},
+        )
+    return results
+
+
+def run_model_batch(models: ModelBundle, items: list[ModelItem], *,
+                    before: Callable[[list[ModelItem]], None] | None = None) -> list[ModelResult]:
+    """One result per item, in order; never raises for a model failure (it becomes the item's error).
+
+    An OOM halves the batch (``halve_on_oom``); any other failure of a batch is isolated to the
+    item that caused it. ``before(items)`` runs at the start of every (sub-)batch: the pipeline's
+    fault-injection point.
+    """
+    return halve_on_oom(lambda a, b: _run_isolating(models, items[a:b], before), len(items),
+                        on_oom=_free_accelerator_cache)
+
+
+def _run_isolating(models: ModelBundle, items: list[ModelItem],
+                   before: Callable[[list[ModelItem]], None] | None) -> list[ModelResult]:
+    try:
+        return _run(models, items, before)
+    except Exception as exc:
+        if is_oom(exc):
+            if len(items) > 1:
+                raise  # halve_on_oom splits the batch
+            _free_accelerator_cache()
+            log.error("model.oom", job_id=items[0].job_id)
+            return [ModelResult(job_id=items[0].job_id,
+                                error=(OOM_CODE, "accelerator out of memory at batch size 1", True))]
+        if len(items) > 1:
+            log.warning("model.batch_failed_isolating", size=len(items), error=str(exc)[:200])
+            return [r for item in items for r in _run_isolating(models, [item], before)]
+        log.exception("model.item_failed", job_id=items[0].job_id)
+        return [ModelResult(job_id=items[0].job_id,
+                            error=(MODEL_ERROR_CODE, f"{type(exc).__name__}: {exc}"[:500], False))]
+
+
+class MicroBatcher(Generic[In, Out]):
+    def __init__(self, run_batch: Callable[[list[In]], Sequence[Out]], *, max_size: int, max_wait_ms: int) -> None:
+        self._run_batch = run_batch
+        self._max_size = max(1, max_size)
+        self._max_wait = max(0, max_wait_ms) / 1000
+        self._queue: queue.Queue[tuple[In, Future[Out]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
+        self._closed = False
+        self.batches_run = 0
+        self.items_run = 0
+        self._thread.start()
+
+    def submit(self, item: In) -> Future[Out]:
+        if self._closed:
+            raise RuntimeError("batcher closed")
+        fut: Future[Out] = Future()
+        self._queue.put((item, fut))
+        return fut
+
+    def run(self, item: In, timeout: float | None = None) -> Out:
+        return self.submit(item).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+
+    def _collect(self) -> list[tuple[In, Future[Out]]] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self._max_wait
+        while len(batch) < self._max_size:
+            remaining = deadline - time.monotonic()
+            try:
+                nxt = self._queue.get(timeout=max(0.0, remaining)) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)
+                break
+            batch.append(nxt)
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._collect()) is not None:
+            items = [item for item, _ in batch]
+            started = time.perf_counter()
+            try:
+                results = list(self._run_batch(items))
+                if len(results) != len(items):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                for _, fut in batch:
+                    fut.set_exception(exc)
+                continue
+            self.batches_run += 1
+            self.items_run += len(items)
+            log.info("batch.done", size=len(items), took_ms=round((time.perf_counter() - started) * 1000, 1))
+            for (_, fut), result in zip(batch, results, strict=True):
+                fut.set_result(result)

@@ -1,0 +1,34 @@
+"""The model layer's configuration, importable without the model stack (settings wiring builds it
+in processes that never load torch; only ``models.factory`` turns it into loaded models)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROFILES = ("pretrained", "random-full", "tiny")
+DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
+DEFAULT_CLIP = "ViT-B-32/laion2b_s34b_b79k"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the model layer needs, passed in (the model layer never reads the environment)."""
+
+    profile: str = "pretrained"
+    device: str = "auto"
+    detector: str = DEFAULT_DETECTOR
+    vlm: str = DEFAULT_VLM
+    clip: str = DEFAULT_CLIP
+    cache_dir: Path = field(default_factory=lambda: Path("models-cache"))
+    s3_endpoint_url: str | None = None
+    detection_threshold: float = 0.2
+    crop_padding: float = 0.05
+    verify_margin: float = 0.05
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown model profile {self.profile!r}: expected one of {', '.join(PROFILES)}")

@@ -1,0 +1,124 @@
+"""What each stage hands the next, as typed records: the only code that reads or writes ``job.work``.
+
+``enrichment_jobs.work`` is one JSONB document per job. Its keys are written here and nowhere
+else: intake writes the request, fetch adds what it learned, the model stage adds its result URI,
+and claims are kept by ``tasks.pipeline.jobs``. Each record has ``to_work()`` (the keys it
+contributes) and ``of(job_work)`` (read back, with a clear error when a stage runs before the
+one that should have fed it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.events import ProductImageRef
+
+
+class MissingHandoff(KeyError):
+    """A stage ran before the stage that writes its input (a bug, never a delivery race)."""
+
+
+def _need(work: dict[str, Any], key: str, record: str) -> Any:
+    if key not in work:
+        raise MissingHandoff(f"job work has no {key!r}: {record} was never written")
+    return work[key]
+
+
+ImageRef = ProductImageRef  # one image of a product version: its URL and role, as the event named it
+
+
+@dataclass(frozen=True)
+class EnrichRequest:
+    """Intake (or the reconciler) → fetch: the product version's images, in event order."""
+
+    images: tuple[ImageRef, ...]
+    reconciled: str | None = None  # why the reconciler re-ran this product version, if it did
+
+    def to_work(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"image_urls": [[i.url, i.role] for i in self.images]}
+        if self.reconciled is not None:
+            out["reconciled"] = self.reconciled
+        return out
+
+    @staticmethod
+    def present(work: dict[str, Any]) -> bool:
+        return "image_urls" in work
+
+    @classmethod
+    def of(cls, work: dict[str, Any]) -> EnrichRequest:
+        urls = _need(work, "image_urls", "the enrich request")
+        return cls(tuple(ImageRef(url, role) for url, role in urls), work.get("reconciled"))
+
+
+@dataclass(frozen=True)
+class DuplicateFound:
+    """One image of this product that another product in the tenant already has."""
+
+    image_url: str
+    kind: str  # exact | near
+    duplicate_of_product: str | None
+    hamming_distance: int
+    inliers: int | None
+
+    def as_event(self) -> dict[str, Any]:
+        return {"image_url": self.image_url, "kind": self.kind, "duplicate_of_product": self.duplicate_of_product,
+                "hamming_distance": self.hamming_distance, "inliers": self.inliers}
+
+
+@dataclass(frozen=True)
+class FetchedImages:
+    """Fetch → model (or straight to persist when a listing can be reused)."""
+
+    image_ids: tuple[int, ...]
+    primary_image_id: int
+    primary_uri: str
+    duplicates: tuple[DuplicateFound, ...] = ()
+    reuse_listing_id: int | None = None
+
+    def to_work(self) -> dict[str, Any]:
+        return {"image_ids": list(self.image_ids), "primary_image_id": self.primary_image_id,
+                "primary_uri": self.primary_uri, "duplicates": [d.as_event() for d in self.duplicates],
+                "reuse_listing_id": self.reuse_listing_id}
+
+    @classmethod
+    def of(cls, work: dict[str, Any]) -> FetchedImages:
+        return cls(image_ids=tuple(_need(work, "image_ids", "the fetch hand-off")),
+                   primary_image_id=int(_need(work, "primary_image_id", "the fetch hand-off")),
+                   primary_uri=str(_need(work, "primary_uri", "the fetch hand-off")),
+                   duplicates=tuple(DuplicateFound(**d) for d in work.get("duplicates", [])),
+                   reuse_listing_id=work.get("reuse_listing_id"))
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Model → persist: where the result document (listing, grounding, vectors) is stored."""
+
+    result_uri: str
+
+    def to_work(self) -> dict[str, Any]:
+        return {"result_uri": self.result_uri}
+
+    @classmethod
+    def of(cls, work: dict[str, Any]) -> ModelOutput:
+        return cls(str(_need(work, "result_uri", "the model hand-off")))
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Which task id holds each stage of the job (``tasks.pipeline.jobs.claim``)."""
+
+    by_stage: dict[str, str] = field(default_factory=dict)
+
+    def holder(self, stage: str) -> str | None:
+        return self.by_stage.get(stage)
+
+    def with_holder(self, stage: str, task_id: str) -> Claims:
+        return Claims({**self.by_stage, stage: task_id})
+
+    def to_work(self) -> dict[str, Any]:
+        return {"claims": dict(self.by_stage)}
+
+    @classmethod
+    def of(cls, work: dict[str, Any]) -> Claims:
+        return cls(dict(work.get("claims", {})))

@@ -1,0 +1,106 @@
+"""The GPU stage's batch function and micro-batcher, on the tiny models (random weights, real code)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from models.batch import MicroBatcher, ModelItem, run_model_batch
+from models.factory import ModelConfig, build_models
+from models.oom import halve_on_oom, is_oom
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None):  # noqa: ANN201
+    return build_models(ModelConfig(profile="tiny", device="cpu", cache_dir=tmp_path_factory.mktemp("cache"),
+                                    max_new_tokens=32))
+
+
+def _items(sample_photos: list[tuple[Path, str]], n: int, **extra: object) -> list[ModelItem]:
+    return [ModelItem(job_id=i, image=Image.open(path).convert("RGB"), category=category, title=f"{category} {i}",
+                      description="", attributes={}, locale="en", **extra)  # type: ignore[arg-type]
+            for i, (path, category) in enumerate(sample_photos[:n])]
+
+
+def test_oom_halves_the_batch_until_it_fits(bundle, sample_photos) -> None:  # noqa: ANN001
+    sizes: list[int] = []
+
+    def oom_above_one(items: list[ModelItem]) -> None:
+        sizes.append(len(items))
+        if len(items) > 1:
+            raise RuntimeError("CUDA out of memory (test: batches above 1 do not fit)")
+
+    results = run_model_batch(bundle, _items(sample_photos, 3), before=oom_above_one)
+    assert [r.job_id for r in results] == [0, 1, 2]
+    assert all(r.error is None and r.schema_id and len(r.image_embedding) == 512 for r in results)
+    assert sizes == [3, 1, 2, 1, 1]  # 3 → [1] + [2] → [1] + [1]
+
+
+def test_one_item_that_breaks_the_batch_fails_alone(bundle, sample_photos) -> None:  # noqa: ANN001
+    def poison(items: list[ModelItem]) -> None:
+        if any(i.job_id == 1 for i in items):
+            raise ValueError("item 1 is broken")
+
+    results = run_model_batch(bundle, _items(sample_photos, 3), before=poison)
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].error == ("model_error", "ValueError: item 1 is broken", False)
+
+
+def test_oom_at_batch_size_one_is_that_items_retryable_error(bundle, sample_photos) -> None:  # noqa: ANN001
+    def always_oom(items: list[ModelItem]) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    (result,) = run_model_batch(bundle, _items(sample_photos, 1), before=always_oom)
+    assert result.error == ("model_out_of_memory", "accelerator out of memory at batch size 1", True)
+
+
+def test_a_refused_category_is_that_items_error(bundle, sample_photos) -> None:  # noqa: ANN001
+    items = _items(sample_photos, 2)
+    items[0].category, items[0].unknown_category = "spaceship", "reject"
+    results = run_model_batch(bundle, items)
+    assert results[0].error is not None and results[0].error[0] == "unsupported_category"
+    assert results[1].error is None
+
+
+def test_halving_raises_an_oom_that_does_not_fit_one_item() -> None:
+    with pytest.raises(MemoryError):
+        halve_on_oom(lambda a, b: (_ for _ in ()).throw(RuntimeError("out of memory")), 4,
+                     at_one=lambda exc: MemoryError(str(exc)))
+    assert halve_on_oom(lambda a, b: list(range(a, b)), 5) == [0, 1, 2, 3, 4]
+    assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate")) and not is_oom(ValueError("bad"))
+
+
+def test_micro_batcher_fills_batches_and_hands_each_caller_its_result() -> None:
+    sizes: list[int] = []
+    release = threading.Event()
+
+    def run(items: list[int]) -> list[int]:
+        release.wait(5)
+        sizes.append(len(items))
+        return [i * 10 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_size=2, max_wait_ms=200)
+    try:
+        futures = [batcher.submit(i) for i in range(5)]
+        release.set()
+        assert [f.result(timeout=10) for f in futures] == [0, 10, 20, 30, 40]
+        assert sum(sizes) == 5 and max(sizes) <= 2 and batcher.items_run == 5
+    finally:
+        batcher.close()
+
+
+def test_micro_batcher_hands_a_batch_failure_to_every_caller() -> None:
+    def run(items: list[int]) -> list[int]:
+        raise RuntimeError("model thread broke")
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_size=4, max_wait_ms=50)
+    try:
+        futures = [batcher.submit(i) for i in range(3)]
+        for f in futures:
+            with pytest.raises(RuntimeError, match="model thread broke"):
+                f.result(timeout=10)
+    finally:
+        batcher.close()
