@@ -149,6 +149,7 @@ class ModelVersion(CreatedAt, Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     activated_at: Mapped[datetime | None] = mapped_column(TZ)
+    weights_uri: Mapped[str | None] = mapped_column(Text)  # what a worker loads; NULL for random-init builds
 
 
 class Grounding(CreatedAt, Base):
@@ -182,6 +183,7 @@ class Listing(CreatedAt, Base):
     category: Mapped[str] = mapped_column(String(64), nullable=False)
     schema_id: Mapped[str] = mapped_column(String(64), nullable=False)  # e.g. "dress@1"
     content: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # title, description, attributes
+    generated_content: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # as generated, once a merchant edited
     dropped_attributes: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     model_output: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # raw schema-valid VLM JSON
     model_input: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # exact prompt, for DPO
