@@ -326,6 +326,16 @@ class TrainingDataset(CreatedAt, Base):
     window_end: Mapped[datetime] = mapped_column(TZ, nullable=False)
 
 
+class BuilderWatermark(Base):
+    """How far a periodic builder has read its input (the pair builder: the last feedback id it
+    examined), advanced even when a run yields nothing, so no run re-reads what it already judged."""
+
+    __tablename__ = "builder_watermarks"
+    builder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    watermark: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
+
+
 class PreferencePair(CreatedAt, Base):
     __tablename__ = "preference_pairs"
     __table_args__ = (
