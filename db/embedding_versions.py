@@ -1,10 +1,15 @@
 """Blue/green embedding model versions: register, backfill bookkeeping, compare, activate, drop.
 
 The *target set* of a backfill is what searches can currently return: the listings embedded by
-the active clip version (every listing when none is active yet). A new version is written beside
-the active one (status ``backfilling``, invisible to the ``catalog`` functions), compared, and
-switched in one transaction. HNSW indexes are partial per dimension, so a version of a new size
-gets its own pair of indexes (``db.vector_indexes.ensure_dimension_index``).
+the active clip version (every listing when none is active yet, or when the active one has no
+rows). A new version is written beside the active one (status ``backfilling``, invisible to the
+``catalog`` functions), compared, and switched in one transaction. HNSW indexes are partial per
+dimension, so a version of a new size gets its own pair of indexes
+(``db.vector_indexes.ensure_dimension_index``, DDL the table owner runs).
+
+Every step reads and writes all tenants: callers run them in the system scope as the maintenance
+role (``db.engine.admin_session`` on ``workers.database.get_admin_session_factory()``);
+``run_backfill`` opens its own transactions that way.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import session_scope
+from db.engine import admin_session, sees_every_tenant
 from db.enums import ModelKind, ModelStatus
 from db.vector_indexes import DimensionError, has_dimension_index
 from db.vector_indexes import check_dims as _vector_check_dims
@@ -35,6 +40,7 @@ class VersionSpec:
     profile: str
     random_weights: bool
     params: dict[str, Any] = field(default_factory=dict)
+    weights_uri: str | None = None  # what GPU workers load once this version is active
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,25 @@ class BackfillItem:
 
 @dataclass(frozen=True)
 class Coverage:
-    target: int
-    embedded: int
+    """How much of what searches return a version has embedded."""
+
+    target: int  # listings searches can return now (the target set)
+    embedded: int  # of those, the ones the version has an embedding for
+    listings: int  # every listing of the catalog
 
     @property
     def ratio(self) -> float:
-        return 1.0 if self.target == 0 else self.embedded / self.target
+        """``embedded / target``; with no target, 1.0 on an empty catalog (nothing to cover) and
+        0.0 when listings exist (nothing of them is covered)."""
+        if self.target:
+            return self.embedded / self.target
+        return 0.0 if self.listings else 1.0
+
+    @property
+    def covers_nothing(self) -> bool:
+        """Listings exist and the version embeds none that searches return: activating it would
+        leave every similarity search empty."""
+        return self.listings > 0 and self.embedded == 0
 
 
 @dataclass(frozen=True)
@@ -100,14 +119,15 @@ def register_version(session: Session, spec: VersionSpec) -> int:
     _check_dims(spec.dims)
     row = session.execute(
         text(
-            "INSERT INTO model_versions (kind, name, revision, profile, random_weights, dims, params) "
-            "VALUES (:kind, :name, :revision, :profile, :random_weights, :dims, CAST(:params AS jsonb)) "
-            "ON CONFLICT (kind, name, revision) DO UPDATE SET kind = EXCLUDED.kind "
+            "INSERT INTO model_versions (kind, name, revision, profile, random_weights, dims, params, weights_uri) "
+            "VALUES (:kind, :name, :revision, :profile, :random_weights, :dims, CAST(:params AS jsonb), :uri) "
+            "ON CONFLICT (kind, name, revision) DO UPDATE SET "
+            "weights_uri = coalesce(model_versions.weights_uri, EXCLUDED.weights_uri) "
             "RETURNING id, dims"
         ),
         {"kind": ModelKind.clip.value, "name": spec.name, "revision": spec.revision,
          "profile": spec.profile, "random_weights": spec.random_weights, "dims": spec.dims,
-         "params": _json(spec.params)},
+         "params": _json(spec.params), "uri": spec.weights_uri},
     ).one()
     if row.dims != spec.dims:
         raise VersionError(f"clip version {spec.name}@{spec.revision} is registered with {row.dims} dims, "
@@ -146,11 +166,13 @@ def active_version_id(session: Session) -> int | None:
 
 # ---------------------------------------------------------------- backfill
 
-# Listings searches can return now: those embedded by the active version, or all when none is active.
+# Listings searches can return now: those embedded by the active version, or all when none is
+# active or the active one has no rows (it returns nothing, so a backfill must cover everything
+# rather than nothing, or no version could ever replace it).
 _TARGETS = """
     WITH active AS (SELECT id FROM model_versions WHERE kind = 'clip' AND status = 'active')
     SELECT l.id AS listing_id FROM listings l
-    WHERE NOT EXISTS (SELECT 1 FROM active)
+    WHERE NOT EXISTS (SELECT 1 FROM embeddings ae JOIN active a ON ae.model_version_id = a.id)
        OR EXISTS (SELECT 1 FROM embeddings ae, active a
                   WHERE ae.listing_id = l.id AND ae.model_version_id = a.id)
 """
@@ -160,10 +182,11 @@ def coverage(session: Session, version_id: int) -> Coverage:
     row = session.execute(
         text(f"WITH targets AS ({_TARGETS}) SELECT count(*) AS target, "
              "count(*) FILTER (WHERE EXISTS (SELECT 1 FROM embeddings e WHERE e.listing_id = t.listing_id "
-             "AND e.model_version_id = :v)) AS embedded FROM targets t"),
+             "AND e.model_version_id = :v)) AS embedded, (SELECT count(*) FROM listings) AS listings "
+             "FROM targets t"),
         {"v": version_id},
     ).one()
-    return Coverage(int(row.target), int(row.embedded))
+    return Coverage(int(row.target), int(row.embedded), int(row.listings))
 
 
 def pending_items(session: Session, version_id: int, *, after_listing_id: int = 0,
@@ -232,16 +255,18 @@ def run_backfill(factory: sessionmaker[Session], version_id: int, embed: EmbedBa
                  sleep: Callable[[float], None] = time.sleep) -> BackfillReport:
     """Embed every target listing that lacks ``version_id``; one committed transaction per batch.
 
-    Resumable by construction (done listings are skipped), paced to ``max_rows_per_s``, and
-    stopping after ``limit`` rows when given. ``on_progress(written_so_far, coverage_at_start)``.
+    Every transaction is a maintenance one (``admin_session``: the system scope, so ``factory``
+    must run as the maintenance role). Resumable by construction (done listings are skipped),
+    paced to ``max_rows_per_s``, and stopping after ``limit`` rows when given.
+    ``on_progress(written_so_far, coverage_at_start)``.
     """
-    with session_scope(factory) as s:
+    with admin_session(factory) as s:
         dims = int(_mark_backfilling(s, version_id).dims or 0)
         start = coverage(s, version_id)
     started, written, cursor = clock(), 0, 0
     while limit is None or written < limit:
         size = batch_size if limit is None else min(batch_size, limit - written)
-        with session_scope(factory) as s:
+        with admin_session(factory) as s:
             items = pending_items(s, version_id, after_listing_id=cursor, limit=size)
             if not items:
                 break
@@ -255,7 +280,7 @@ def run_backfill(factory: sessionmaker[Session], version_id: int, embed: EmbedBa
             ahead = written / max_rows_per_s - (clock() - started)
             if ahead > 0:
                 sleep(ahead)
-    with session_scope(factory) as s:
+    with admin_session(factory) as s:
         final = coverage(s, version_id)
     return BackfillReport(written, clock() - started, final)
 
@@ -295,7 +320,8 @@ def compare(session: Session, version_id: int, *, k: int = 10, queries: int = 10
     session.execute(
         text("UPDATE model_versions SET metrics = metrics || CAST(:m AS jsonb) WHERE id = :id"),
         {"id": version_id, "m": _json({"compare": {"coverage": cov.ratio, "target": cov.target,
-                                                   "embedded": cov.embedded, f"recall_at_{k}": recall,
+                                                   "embedded": cov.embedded, "listings": cov.listings,
+                                                   f"recall_at_{k}": recall,
                                                    "queries": len(sample), "ef_search": ef_search}})},
     )
     return result
@@ -304,8 +330,12 @@ def compare(session: Session, version_id: int, *, k: int = 10, queries: int = 10
 def activate(session: Session, version_id: int, *, force: bool = False) -> int | None:
     """Make ``version_id`` the active clip version in the caller's transaction; returns the old id.
 
-    Refuses below 100 % coverage or without its dimension index unless ``force``. Readers see the
-    old or the new version, never a mix: both status flips commit together.
+    Refuses below 100 % coverage or without its dimension index unless ``force``. Never, not even
+    with ``force``, activates a version that covers none of the listings while listings exist
+    (every similarity search would return nothing); on an empty catalog any version may become
+    active (the very first one), provided the transaction sees every tenant (an empty catalog is
+    not told apart from rows row-level security hides otherwise). Readers see the old or the new
+    version, never a mix: both status flips commit together.
     """
     old_id = session.execute(
         text("SELECT id FROM model_versions WHERE kind = 'clip' AND status = 'active' FOR UPDATE")
@@ -315,8 +345,16 @@ def activate(session: Session, version_id: int, *, force: bool = False) -> int |
         return old_id
     if version.status == ModelStatus.retired and version.rows == 0:
         raise VersionError(f"clip version {version_id} was dropped and has no embeddings")
+    cov = coverage(session, version_id)
+    if cov.covers_nothing:
+        raise VersionError(f"clip version {version_id} covers none of the {cov.target or cov.listings} listings "
+                           "searches return, so every similarity search would return nothing; run `enrich backfill` "
+                           "for it first (--force does not skip this)")
+    if cov.listings == 0 and not sees_every_tenant(session):
+        raise VersionError("this transaction sees no listings but is not in the system scope of a role that "
+                           "sees every tenant, so an empty catalog cannot be told from hidden rows; run it as "
+                           "the maintenance role (db.engine.admin_session, ENRICH_DB__ADMIN_ROLE)")
     if not force:
-        cov = coverage(session, version_id)
         if cov.embedded < cov.target:
             raise VersionError(f"clip version {version_id} covers {cov.embedded}/{cov.target} listings "
                                f"({cov.ratio:.1%}); finish the backfill or pass --force")

@@ -1,10 +1,12 @@
-"""Engine creation, pgvector registration on connect, and the one-transaction session scope."""
+"""Engine creation, pgvector registration on connect, and the one-transaction session scopes
+(unit of work, tenant, system, maintenance, job)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from sqlalchemy import Engine, create_engine, event, text
@@ -46,8 +48,18 @@ def make_engine(url: str, *, pool_size: int = 5, statement_timeout_ms: int = 30_
     if runtime_role:
         @event.listens_for(engine, "connect")
         def _set_runtime_role(dbapi_conn, _record) -> None:  # noqa: ANN001
-            with dbapi_conn.cursor() as cur:
-                cur.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(runtime_role)))
+            try:
+                with dbapi_conn.cursor() as cur:
+                    cur.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(runtime_role)))
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.InvalidParameterValue) as exc:
+                # Not a transient error: one line that names the fix instead of a driver traceback.
+                login = dbapi_conn.info.user
+                raise DatabaseUnavailable(
+                    f"login {login} cannot SET ROLE {runtime_role} ({str(exc).strip()}); the migrations create "
+                    f"the role (enrich db upgrade) and a DBA grants it (GRANT {runtime_role} TO {login}), or "
+                    "configure another role (ENRICH_DB__RUNTIME_ROLE for workers, ENRICH_DB__ADMIN_ROLE for "
+                    "maintenance commands)"
+                ) from None
             dbapi_conn.commit()
 
     return engine
@@ -77,11 +89,34 @@ def set_tenant(session: Session, tenant_id: str) -> None:
 
 
 def set_system_scope(session: Session) -> None:
-    """Let the current transaction see every tenant's rows (migration 0005's ``system_scope``
-    policies, granted to the runtime role only). For platform work that is cross-tenant by
-    nature: the outbox relay, the reconciler, preference-pair building, dead-letter and
-    invalid-event bookkeeping. Ends with the transaction."""
+    """Let the current transaction see every tenant's rows (the ``system_scope`` policies of
+    migration 0005 for the runtime role ``enrich_worker``, ``admin_system_scope`` of 0007 for the
+    maintenance role ``enrich_admin``; no other role). For work that is cross-tenant by nature:
+    the outbox relay, the reconciler, preference-pair building, dead-letter and invalid-event
+    bookkeeping, and the maintenance commands (``admin_session``). Ends with the transaction."""
     session.execute(text("SELECT set_config('enrich.scope', 'system', true)"))
+
+
+# Whether row-level security lets this transaction read every tenant of ``listings`` (the
+# tenant-scoped tables share their policies): superuser or BYPASSRLS, RLS off or not forced on
+# the owner, or the system scope set for a role one of the system-scope policies (0005, 0007)
+# applies to (policies apply to members that inherit, as pg_has_role 'USAGE' tells).
+_SEES_EVERY_TENANT = text("""
+    SELECT r.rolsuper OR r.rolbypassrls OR NOT c.relrowsecurity
+        OR (NOT c.relforcerowsecurity AND pg_has_role(r.oid, c.relowner, 'USAGE'))
+        OR (current_setting('enrich.scope', true) = 'system' AND EXISTS (
+            SELECT 1 FROM pg_policy p, unnest(p.polroles) AS pr(role)
+            WHERE p.polrelid = c.oid AND p.polname IN ('system_scope', 'admin_system_scope')
+              AND CASE WHEN pr.role = 0 THEN true ELSE pg_has_role(r.oid, pr.role, 'USAGE') END))
+    FROM pg_roles r, pg_class c
+    WHERE r.rolname = current_user AND c.oid = to_regclass('public.listings')
+""")
+
+
+def sees_every_tenant(session: Session) -> bool:
+    """Whether this transaction reads every tenant's rows; False means a tenant-scoped count of
+    zero may only be rows that row-level security hides (the owner without a policy, say)."""
+    return bool(session.execute(_SEES_EVERY_TENANT).scalar_one_or_none())
 
 
 def _clear_system_scope(session: Session) -> None:
@@ -101,6 +136,28 @@ def system_session(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One transaction in the system scope (see ``set_system_scope``)."""
     with factory() as session, session.begin():
         set_system_scope(session)
+        yield session
+
+
+@contextmanager
+def admin_session(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One maintenance transaction in the system scope: commit on success, roll back on error.
+
+    For the operator commands that read and write every tenant (``enrich backfill``,
+    ``enrich embeddings …``, ``enrich status``, ``enrich retrain build-pairs``). ``factory`` must
+    run as the maintenance role (``workers.database.get_admin_session_factory``: ``SET ROLE
+    enrich_admin``), whose ``admin_system_scope`` policies (migration 0007) admit the scope. The
+    table owner has no such policy and, under forced row-level security, would see no rows: a
+    role that cannot see every tenant is refused here (``DatabaseUnavailable``) rather than left
+    to report an empty catalog."""
+    with factory() as session, session.begin():
+        set_system_scope(session)
+        if not sees_every_tenant(session):
+            role, login = session.execute(text("SELECT current_user, session_user")).one()
+            raise DatabaseUnavailable(
+                f"role {role} cannot see every tenant under row-level security (no system-scope policy applies "
+                f"to it), so this maintenance command would see an empty catalog; run it as enrich_admin "
+                f"(migration 0007): ENRICH_DB__ADMIN_ROLE=enrich_admin, and a DBA runs GRANT enrich_admin TO {login}")
         yield session
 
 

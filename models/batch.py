@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -64,6 +64,10 @@ class ModelResult:
     text_embedding: list[float] = field(default_factory=list)
     text_input: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Stamped by whoever ran the batch: the registry ids of the versions that produced this result
+    # ({"detector": …, "vlm": …, "clip": …}) and whether any of them has random weights.
+    model_versions: dict[str, int] = field(default_factory=dict)
+    random_weights: bool = False
 
 
 def _free_accelerator_cache() -> None:
@@ -164,30 +168,75 @@ def _run_isolating(models: ModelBundle, items: list[ModelItem],
                             error=(MODEL_ERROR_CODE, f"{type(exc).__name__}: {exc}"[:500], False))]
 
 
+class BatcherUnavailable(Exception):
+    """The micro-batcher gave this item no result: worth retrying (here later, or in a fresh process)."""
+
+
+class BatchWaitTimeout(BatcherUnavailable, TimeoutError):
+    """No result within the caller's timeout (the model thread is slow, stuck, or far behind)."""
+
+
+class BatcherHung(BatcherUnavailable):
+    """A batch ran longer than ``hang_after_s``: the model thread is presumed hung for good."""
+
+
 class MicroBatcher(Generic[In, Out]):
-    def __init__(self, run_batch: Callable[[list[In]], Sequence[Out]], *, max_size: int, max_wait_ms: int) -> None:
+    """One model thread running batches for many submitting threads.
+
+    ``run(item, timeout)`` waits a bounded time: on expiry the item is withdrawn (if its batch has
+    not started) and ``BatchWaitTimeout`` is raised. With ``hang_after_s``, a watchdog thread
+    watches the running batch: one that runs longer is *hung*. A Python thread cannot be killed,
+    and starting another model thread beside it would pile hung threads (and their accelerator
+    memory) up in the process, so the batcher instead fails every waiting caller with
+    ``BatcherHung``, refuses new items, and calls ``on_hang`` once: the worker ends the process
+    there and its supervisor starts a fresh one (``workers.supervision``).
+    """
+
+    def __init__(self, run_batch: Callable[[list[In]], Sequence[Out]], *, max_size: int, max_wait_ms: int,
+                 hang_after_s: float | None = None, on_hang: Callable[[], None] | None = None) -> None:
         self._run_batch = run_batch
         self._max_size = max(1, max_size)
         self._max_wait = max(0, max_wait_ms) / 1000
         self._queue: queue.Queue[tuple[In, Future[Out]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="micro-batcher", daemon=True)
         self._closed = False
+        self._stopped = threading.Event()
+        self._state = threading.Lock()
+        self._running: list[Future[Out]] = []  # the futures of the batch in progress
+        self._running_since: float | None = None
+        self._hang_after = hang_after_s if hang_after_s and hang_after_s > 0 else None
+        self._on_hang = on_hang
+        self.hung = False
         self.batches_run = 0
         self.items_run = 0
         self._thread.start()
+        if self._hang_after is not None:
+            threading.Thread(target=self._watch, name="micro-batcher-watchdog", daemon=True).start()
 
     def submit(self, item: In) -> Future[Out]:
+        if self.hung:
+            raise BatcherHung("the model thread is hung; this process is restarting")
         if self._closed:
             raise RuntimeError("batcher closed")
         fut: Future[Out] = Future()
         self._queue.put((item, fut))
+        if self.hung:  # declared while this was being queued, after the watchdog drained the queue
+            _settle(fut, exc=BatcherHung("the model thread is hung; this process is restarting"))
         return fut
 
     def run(self, item: In, timeout: float | None = None) -> Out:
-        return self.submit(item).result(timeout=timeout)
+        """The item's result; ``BatchWaitTimeout`` when none came within ``timeout`` seconds."""
+        fut = self.submit(item)
+        done, _ = wait([fut], timeout=timeout)
+        # cancel(): withdrawn from a batch that has not started; a running batch's result is dropped
+        if not done and (fut.cancel() or not fut.done()):
+            log.warning("batch.wait_timeout", timeout_s=timeout)
+            raise BatchWaitTimeout(f"no model result within {timeout:g} s (model thread slow, stuck or behind)")
+        return fut.result()
 
     def close(self) -> None:
         self._closed = True
+        self._stopped.set()
         self._queue.put(None)
 
     def _collect(self) -> list[tuple[In, Future[Out]]] | None:
@@ -209,19 +258,81 @@ class MicroBatcher(Generic[In, Out]):
         return batch
 
     def _loop(self) -> None:
-        while (batch := self._collect()) is not None:
+        while not self.hung and (batch := self._collect()) is not None:
+            # Callers that gave up (run's timeout) cancelled their futures: their items are dropped.
+            batch = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             items = [item for item, _ in batch]
             started = time.perf_counter()
+            with self._state:
+                self._running, self._running_since = [fut for _, fut in batch], time.monotonic()
             try:
                 results = list(self._run_batch(items))
                 if len(results) != len(items):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                self._finish_batch()
                 for _, fut in batch:
-                    fut.set_exception(exc)
+                    _settle(fut, exc=exc)
                 continue
+            self._finish_batch()
+            if self.hung:  # its callers were already failed; the process is on its way out
+                log.warning("batch.done_after_hang", size=len(items),
+                            took_ms=round((time.perf_counter() - started) * 1000, 1))
+                break
             self.batches_run += 1
             self.items_run += len(items)
             log.info("batch.done", size=len(items), took_ms=round((time.perf_counter() - started) * 1000, 1))
             for (_, fut), result in zip(batch, results, strict=True):
-                fut.set_result(result)
+                _settle(fut, result=result)
+
+    def _finish_batch(self) -> None:
+        with self._state:
+            self._running, self._running_since = [], None
+
+    def _watch(self) -> None:
+        assert self._hang_after is not None
+        period = min(1.0, self._hang_after / 4)
+        while not self._stopped.wait(period):
+            with self._state:
+                since, running = self._running_since, list(self._running)
+            if since is None or time.monotonic() - since < self._hang_after:
+                continue
+            self._declare_hung(running, time.monotonic() - since)
+            return
+
+    def _declare_hung(self, running: list[Future[Out]], took_s: float) -> None:
+        self.hung = True
+        error = BatcherHung(f"a model batch has run {took_s:.0f} s (limit {self._hang_after:g} s): "
+                            "the model thread is hung; this process is restarting")
+        waiting: list[Future[Out]] = []
+        while True:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is None:
+                self._queue.put(None)
+                break
+            waiting.append(entry[1])
+        log.critical("batch.hung", running_s=round(took_s, 1), hang_after_s=self._hang_after,
+                     batch_size=len(running), waiting=len(waiting))
+        for fut in [*running, *waiting]:
+            _settle(fut, exc=error)
+        if self._on_hang is not None:
+            try:
+                self._on_hang()
+            except Exception:  # noqa: BLE001 - the watchdog must not die silently
+                log.exception("batch.on_hang_failed")
+
+
+def _settle(fut: Future[Any], *, result: Any = None, exc: BaseException | None = None) -> None:
+    """Complete a future unless someone already did (the watchdog failed it, or it was cancelled)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass

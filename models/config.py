@@ -28,7 +28,17 @@ class ModelConfig:
     verify_margin: float = 0.05
     max_new_tokens: int = 256
     seed: int = 0
+    # Per-kind exceptions to ``profile``: a registry version names its own (e.g. a candidate tuned
+    # from the tiny VLM is loaded from its directory, profile "pretrained", beside tiny detectors).
+    kind_profiles: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.profile not in PROFILES:
-            raise ValueError(f"unknown model profile {self.profile!r}: expected one of {', '.join(PROFILES)}")
+        for profile in (self.profile, *(p for _, p in self.kind_profiles)):
+            if profile not in PROFILES:
+                raise ValueError(f"unknown model profile {profile!r}: expected one of {', '.join(PROFILES)}")
+
+    def profile_of(self, kind: str) -> str:
+        return dict(self.kind_profiles).get(kind, self.profile)
+
+    def ref_of(self, kind: str) -> str:
+        return {"detector": self.detector, "vlm": self.vlm, "clip": self.clip}[kind]

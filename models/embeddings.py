@@ -208,3 +208,26 @@ def visual_description(category: str, attributes: dict[str, str]) -> str:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def save_clip(embedder: ClipEmbedder, directory: Path, *, random_weights: bool, base: str,
+              produced_by: str = "models.embeddings.save_clip") -> Path:
+    """Write a loaded open_clip model as a local directory that ``ClipEmbedder`` loads back with the
+    pretrained profile (``open_clip_config.json`` with its ``model_cfg``, the state dict), plus its
+    provenance file. A fine-tune (or a tiny model saved for a blue/green rehearsal) passes its
+    base's ``random_weights`` and canonical identity."""
+    import open_clip
+
+    from models.identity import write_provenance
+
+    embedder.load()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arch = TINY_CLIP_ARCH if embedder.profile == "tiny" else embedder._name  # noqa: SLF001
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:  # itself loaded from a directory: its own config
+        model_cfg = json.loads((local_path(embedder.ref) / "open_clip_config.json").read_text())["model_cfg"]
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    torch.save(embedder._model.state_dict(), directory / "open_clip_pytorch_model.bin")  # noqa: SLF001
+    write_provenance(directory, random_weights=random_weights, base=base, produced_by=produced_by)
+    return directory

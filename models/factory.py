@@ -26,9 +26,9 @@ class ModelBundle:
         self._verifier: AttributeVerifier | None = None
         self._generator: Any = None
 
-    def _common(self) -> dict[str, Any]:
+    def _common(self, kind: str) -> dict[str, Any]:
         c = self.config
-        return {"profile": c.profile, "device": c.device, "cache_dir": c.cache_dir,
+        return {"profile": c.profile_of(kind), "device": c.device, "cache_dir": c.cache_dir,
                 "s3_endpoint_url": c.s3_endpoint_url, "seed": c.seed}
 
     @property
@@ -36,14 +36,14 @@ class ModelBundle:
         with self._lock:
             if self._grounder is None:
                 self._grounder = Grounder(self.config.detector, threshold=self.config.detection_threshold,
-                                          padding=self.config.crop_padding, **self._common())
+                                          padding=self.config.crop_padding, **self._common("detector"))
             return self._grounder
 
     @property
     def embedder(self) -> ClipEmbedder:
         with self._lock:
             if self._embedder is None:
-                self._embedder = ClipEmbedder(self.config.clip, **self._common())
+                self._embedder = ClipEmbedder(self.config.clip, **self._common("clip"))
             return self._embedder
 
     @property
@@ -62,7 +62,7 @@ class ModelBundle:
             if self._generator is None:
                 from models.listing import ListingGenerator
 
-                self._generator = ListingGenerator(self.config)
+                self._generator = ListingGenerator(self.config, profile=self.config.profile_of("vlm"))
             return self._generator
 
     def versions(self) -> dict[str, ModelVersionInfo]:

@@ -9,7 +9,8 @@ jitter; permanent ones, and exhausted retries, end the job as failed with a docu
 publish ``listing.failed``), the ``stage.committed`` fault point, the outbox relay that sends what
 the stage committed, and one timing line per run. The claim stays in the stage function, in the
 same transaction as the stage's first read (for persist: as its writes), so it costs no extra
-round trip.
+round trip; while the stage runs, ``ClaimHeartbeat`` keeps that claim fresh from a small thread
+so the reconciler can tell a live task from a dead one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db.engine import job_session
 from db.enums import Stage
+from models.batch import BatcherUnavailable
 from tasks import faults
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime, get_runtime
@@ -97,6 +100,8 @@ def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T |
         error = exc
     except SoftTimeLimitExceeded:
         error = PipelineError(ErrorCode.internal_error, "stage exceeded its soft time limit", retryable=True)
+    except BatcherUnavailable as exc:  # the model stage's bounded wait on the batcher (threads pool: no Celery limits)
+        error = PipelineError(ErrorCode.internal_error, str(exc), retryable=True)
     except Exception as exc:  # noqa: BLE001
         if _is_transient_db(exc):
             error = PipelineError(ErrorCode.internal_error, f"database unavailable: {str(exc).splitlines()[0][:200]}",
@@ -117,6 +122,42 @@ def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T |
     return None
 
 
+class ClaimHeartbeat:
+    """While a stage runs, refresh its claim every ``runtime.heartbeat_s`` (``jobs.heartbeat``: only
+    while this task id still holds the job's current stage), each beat in its own short
+    transaction, from a daemon thread that ends with the stage. A failed beat (a database blip)
+    is logged and never fails the task; the next beat tries again."""
+
+    def __init__(self, runtime: Runtime, job_id: int, stage: Stage, task_id: str) -> None:
+        self._runtime, self._job_id, self._stage, self._task_id = runtime, job_id, stage, task_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.beats = 0
+
+    def __enter__(self) -> ClaimHeartbeat:
+        if self._runtime.heartbeat_s > 0:
+            self._thread = threading.Thread(target=self._run, name=f"heartbeat-{self._job_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # a beat blocked on the database finishes on its own
+
+    def _run(self) -> None:
+        from tasks.pipeline import jobs
+
+        while not self._stop.wait(self._runtime.heartbeat_s):
+            try:
+                with job_session(self._runtime.session_factory, self._job_id) as session:
+                    held = jobs.heartbeat(session, self._job_id, self._stage, self._task_id)
+                self.beats += held
+            except Exception as exc:  # noqa: BLE001 - a missed beat only makes the claim look older
+                log.warning("stage.heartbeat_failed", job_id=self._job_id, stage=self._stage.value,
+                            error=str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+
+
 def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
     """The Celery task of one pipeline stage; its name and queue come from the stage table."""
     from tasks.pipeline.jobs import STAGES
@@ -126,7 +167,8 @@ def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
     def decorate(fn: StageFn) -> Task:
         def body(self: Task, job_id: int) -> Any:
             started = time.perf_counter()
-            result = run_job_stage(self, job_id, lambda rt: fn(rt, job_id, self.request.id))
+            with ClaimHeartbeat(get_runtime(), job_id, stage, self.request.id):
+                result = run_job_stage(self, job_id, lambda rt: fn(rt, job_id, self.request.id))
             if result:
                 faults.hit("stage.committed", stage=stage.value, job_id=job_id)
             # Always relay: also when this delivery found the stage already done, a crash between that

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from models.dedup import NearDuplicateVerifier
+    from models.config import ModelConfig
     from models.factory import ModelBundle
     from models.images import ImageLimits
     from models.batch import MicroBatcher
@@ -22,6 +23,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     from tasks.io.fetcher import ImageFetcher
     from tasks.feedback.pairs import RetrainConfig
     from tasks.io.blobs import BlobStore
+    from tasks.pipeline.serving import ModelServer
 
 
 class LruCache:
@@ -70,45 +72,39 @@ class Runtime:
     fetcher: ImageFetcher
     publisher: EventPublisher
     image_limits: ImageLimits
-    models_factory: Callable[[], ModelBundle]
+    models_factory: Callable[[ModelConfig], ModelBundle]  # builds (never loads) a bundle: GPU workers only
+    model_config: ModelConfig | None = None  # this worker's configured models (first deployment, pins)
+    pinned_models: frozenset[str] = frozenset()  # kinds served from model_config instead of the registry
+    registry_poll_s: float = 30.0  # how often a GPU worker re-reads the active versions
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     unknown_category: str = "generic"
     batch_size: int = 8
     batch_max_wait_ms: int = 200
     feature_cache: LruCache = field(default_factory=lambda: LruCache(4096))
-    _models: ModelBundle | None = field(default=None, init=False, repr=False)
+    _server: ModelServer | None = field(default=None, init=False, repr=False)
     _verifier: NearDuplicateVerifier | None = field(default=None, init=False, repr=False)
-    _model_ids: dict[str, int] | None = field(default=None, init=False, repr=False)
     _batcher: MicroBatcher | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     datasets: BlobStore | None = None  # where DPO datasets are written (retrain)
     retrain: RetrainConfig | None = None
     faults: FaultPlan | None = None  # test-only fault injection (tasks.faults); None in production
+    # Liveness (README "Reliability and security"): a running stage beats its claim every heartbeat_s;
+    # the reconciler calls a claimed stage stalled after stall_after_s without a beat, an unclaimed
+    # (queued) one after queued_stall_after_s. A model task waits model_wait_s at most for its batch
+    # (the soft time limit: the threads pool enforces no Celery limit); a batch running batch_hang_s
+    # (the hard limit) is hung, and on_batcher_hung ends the process so its supervisor restarts it.
+    heartbeat_s: float = 60.0
+    stall_after_s: float = 360.0
+    queued_stall_after_s: float = 86400.0
+    model_wait_s: float | None = None
+    batch_hang_s: float | None = None
+    on_batcher_hung: Callable[[], None] | None = None
 
     @property
-    def models(self) -> ModelBundle:
-        """The model bundle; weights load lazily on first predict, in this (forked) process."""
+    def model_server(self) -> ModelServer:
+        """What this GPU worker serves: the registry's active versions (``tasks.pipeline.serving``)."""
         with self._lock:
-            if self._models is None:
-                self._models = self.models_factory()
-            return self._models
-
-    @property
-    def model_ids(self) -> dict[str, int]:
-        """Row ids of the configured model versions (registered on first use in this process)."""
-        with self._lock:
-            if self._model_ids is None:
-                from db.repositories.model_versions import ensure_model_versions
-
-                if self._models is None:
-                    self._models = self.models_factory()
-                with self.session_factory() as session, session.begin():
-                    self._model_ids = ensure_model_versions(session, self._models.versions())
-            return self._model_ids
-
-    @property
-    def random_weights(self) -> bool:
-        return any(v.random_weights for v in self.models.versions().values())
+            return self._server_unlocked()
 
     @property
     def dedup_verifier(self) -> NearDuplicateVerifier:
@@ -119,12 +115,21 @@ class Runtime:
                 self._verifier = NearDuplicateVerifier()
             return self._verifier
 
+    def _server_unlocked(self) -> ModelServer:
+        if self._server is None:
+            from models.config import ModelConfig
+            from tasks.pipeline.serving import ModelServer
+
+            self._server = ModelServer(self.session_factory, self.model_config or ModelConfig(),
+                                       self.models_factory, pinned=self.pinned_models, poll_s=self.registry_poll_s)
+        return self._server
+
     @property
     def batcher(self) -> MicroBatcher:
         """The in-process micro-batcher of the GPU stage (one model thread per process)."""
         with self._lock:
             if self._batcher is None:
-                from models.batch import MicroBatcher, run_model_batch
+                from models.batch import MicroBatcher
 
                 plan = self.faults
 
@@ -132,10 +137,10 @@ class Runtime:
                     if plan is not None and plan.active:
                         plan.apply("model.batch", {"size": len(items), "job_ids": [i.job_id for i in items]})
 
-                models = self._models or self.models_factory()
-                self._models = models
-                self._batcher = MicroBatcher(lambda items: run_model_batch(models, items, before=fault_point),
-                                             max_size=self.batch_size, max_wait_ms=self.batch_max_wait_ms)
+                server = self._server_unlocked()
+                self._batcher = MicroBatcher(lambda items: server.run_batch(items, before=fault_point),
+                                             max_size=self.batch_size, max_wait_ms=self.batch_max_wait_ms,
+                                             hang_after_s=self.batch_hang_s, on_hang=self.on_batcher_hung)
             return self._batcher
 
 

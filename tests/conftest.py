@@ -1,11 +1,15 @@
 """Shared fixtures: a real PostgreSQL+pgvector (embedded, fresh per test session) built by Alembic,
-each test in a rolled-back transaction; the real clothing photos; isolated settings."""
+each test in a rolled-back transaction; the real clothing photos; isolated settings; sessions and
+logins as the production roles (``enrich_admin`` for maintenance, ``enrich_worker`` for the
+pipeline), which forced row-level security applies to (the test connection is a superuser and
+bypasses it)."""
 
 from __future__ import annotations
 
 import csv
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -155,3 +159,98 @@ def own_database(suite: str):  # noqa: ANN201
         eng.dispose()
 
     return suite_pg_url, suite_engine
+
+
+# ---------------------------------------------------------------- the production roles
+
+ADMIN_ROLE, WORKER_ROLE = "enrich_admin", "enrich_worker"
+
+
+@contextmanager
+def as_role(session, role: str | None) -> Iterator[None]:  # noqa: ANN001
+    """``SET ROLE role`` for the block (``None``: the connecting superuser, e.g. to seed rows or
+    run index DDL, which needs the table owner), then back to the role the session had."""
+    from sqlalchemy import text
+
+    previous = session.execute(text("SELECT current_setting('role')")).scalar_one()
+    session.execute(text(f'SET ROLE "{role}"') if role else text("RESET ROLE"))
+    try:
+        yield
+    finally:
+        session.execute(text("RESET ROLE") if previous == "none" else text(f'SET ROLE "{previous}"'))
+
+
+@pytest.fixture
+def admin_db_session(db_session) -> Iterator:  # noqa: ANN001
+    """``db_session`` as the maintenance role ``enrich_admin`` (``SET ROLE`` in the test
+    transaction): subject to forced row-level security like the maintenance commands, so it sees
+    every tenant only in the system scope (``db.engine.admin_session``). Seed rows as the
+    superuser first (``with as_role(db_session, None):``)."""
+    with as_role(db_session, ADMIN_ROLE):
+        yield db_session
+
+
+@pytest.fixture(scope="session")
+def admin_engine(pg_url: str):  # noqa: ANN201
+    """Connections that ``SET ROLE enrich_admin``, as the maintenance commands' engine does
+    (``workers.database.get_admin_session_factory``)."""
+    from db.engine import make_engine
+
+    eng = make_engine(pg_url, pool_size=2, runtime_role=ADMIN_ROLE)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def worker_db_session(db_session) -> Iterator:  # noqa: ANN001
+    """``db_session`` as the runtime role ``enrich_worker``, as the pipeline's workers run."""
+    with as_role(db_session, WORKER_ROLE):
+        yield db_session
+
+
+_MIGRATED_OBJECTS_SQL = """
+    SELECT 'SCHEMA', quote_ident(nspname) FROM pg_namespace WHERE nspname IN ('catalog', 'catalog_impl')
+    UNION ALL
+    SELECT CASE c.relkind WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END, c.oid::regclass::text
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname IN ('public', 'catalog', 'catalog_impl') AND c.relkind IN ('r', 'v', 'c')
+    UNION ALL
+    SELECT 'FUNCTION', p.oid::regprocedure::text
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname IN ('catalog', 'catalog_impl')
+"""
+
+
+@contextmanager
+def login_role(server_url: str, *, member_of: tuple[str, ...] = (), inherit: bool = True,
+               owns_schema: bool = False) -> Iterator[str]:
+    """A throwaway non-superuser LOGIN role (the embedded server trusts local logins): a member of
+    ``member_of`` (``inherit=False``: may only ``SET ROLE`` to them); with ``owns_schema``
+    the owner of what the migrations created in the URL's database (tables, the ``catalog``
+    schemas, views and functions), like a production migrating login that is not a superuser.
+    Yields its URL; dropped after."""
+    import uuid
+
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from db.engine import make_engine
+
+    name = f"test_login_{uuid.uuid4().hex[:8]}"
+    _MIGRATED_OBJECTS = text(_MIGRATED_OBJECTS_SQL)
+    admin = make_engine(server_url, pool_size=1)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE ROLE "{name}" LOGIN'))
+            for role in member_of:
+                conn.execute(text(f'GRANT "{role}" TO "{name}"' + ("" if inherit else " WITH INHERIT FALSE")))
+            if owns_schema:
+                for kind, obj in conn.execute(_MIGRATED_OBJECTS).all():
+                    conn.execute(text(f'ALTER {kind} {obj} OWNER TO "{name}"'))
+        yield make_url(server_url).set(username=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            if owns_schema:
+                conn.execute(text(f'REASSIGN OWNED BY "{name}" TO current_user'))
+            conn.execute(text(f'DROP OWNED BY "{name}"'))
+            conn.execute(text(f'DROP ROLE "{name}"'))
+        admin.dispose()

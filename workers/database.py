@@ -16,6 +16,8 @@ log = get_logger(__name__)
 _lock = threading.Lock()
 _engine: Engine | None = None
 _factory: sessionmaker[Session] | None = None
+_admin_engine: Engine | None = None
+_admin_factory: sessionmaker[Session] | None = None
 
 
 def database_url(settings: Settings | None = None) -> str:
@@ -41,8 +43,9 @@ def get_engine(settings: Settings | None = None) -> Engine:
 
 
 def get_owner_engine(settings: Settings | None = None) -> Engine:
-    """A fresh engine that stays the connecting role (no ``SET ROLE``): for migrations, which
-    create and alter objects the runtime role may only use. The caller disposes of it."""
+    """A fresh engine that stays the connecting role (no ``SET ROLE``): for migrations and the
+    HNSW index DDL of ``db.vector_indexes``, which create and alter objects the runtime and
+    maintenance roles may only use. The caller disposes of it."""
     settings = settings or get_settings()
     return make_engine(database_url(settings), pool_size=1, statement_timeout_ms=0)
 
@@ -53,10 +56,28 @@ def get_session_factory() -> sessionmaker[Session]:
     return _factory
 
 
-def reset_engine() -> None:
-    """Forget this process's engine (after fork, or when tests switch databases)."""
-    global _engine, _factory
+def get_admin_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:
+    """Sessions of the maintenance commands: connections ``SET ROLE`` to ``ENRICH_DB__ADMIN_ROLE``
+    (``enrich_admin``), whose policies admit the system scope (``db.engine.admin_session``).
+    Built once per process, beside the workers' engine (which may run as ``enrich_worker``)."""
+    global _admin_engine, _admin_factory
     with _lock:
-        if _engine is not None:
-            _engine.dispose(close=False)
-        _engine, _factory = None, None
+        if _admin_factory is None:
+            settings = settings or get_settings()
+            _admin_engine = make_engine(database_url(settings), pool_size=2,
+                                        statement_timeout_ms=settings.db.statement_timeout_ms,
+                                        application_name="catalog-enrich-admin",
+                                        runtime_role=settings.db.admin_role)
+            _admin_factory = make_sessionmaker(_admin_engine)
+            log.info("db.admin_role", role=settings.db.admin_role or "(connecting role)")
+        return _admin_factory
+
+
+def reset_engine() -> None:
+    """Forget this process's engines (after fork, or when tests switch databases)."""
+    global _engine, _factory, _admin_engine, _admin_factory
+    with _lock:
+        for engine in (_engine, _admin_engine):
+            if engine is not None:
+                engine.dispose(close=False)
+        _engine, _factory, _admin_engine, _admin_factory = None, None, None, None

@@ -6,6 +6,11 @@ They run inside the Celery worker as a consumer bootstep (``enrich worker --queu
 or alone in a kombu consumer loop (``enrich worker --queues events``). Events this intake refuses
 (invalid, an unknown listing, another tenant's listing) are recorded in the inbox and rejected to
 the dead-letter exchange; on brokers without one, the application keeps the message itself.
+
+Settling a message (ack, reject, requeue) comes after its transaction committed. If that fails
+because the broker connection is gone (a RabbitMQ restart), nothing went wrong with the event:
+``intake.ack_failed`` is logged, no dead letter is written, and the connection error goes on to
+the consumer, which reconnects; the broker redelivers the message and the inbox makes that a no-op.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import amqp.exceptions
+import kombu.exceptions
 from celery import bootsteps
 from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerMixin
@@ -38,6 +45,37 @@ from workers.settings import Settings, get_settings
 from workers.topology import Topology, build_topology
 
 log = get_logger(__name__)
+
+# What a lost broker connection raises from ack/reject/requeue: py-amqp's connection errors, socket
+# errors (ConnectionResetError, BrokenPipeError, …), kombu's wrapper; plus the transport's own
+# (redis) where the message's channel names them.
+BROKER_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    amqp.exceptions.ConnectionError, OSError, kombu.exceptions.OperationalError)
+
+
+class BrokerConnectionLost(Exception):
+    """Settling a message failed because the broker connection is gone (``original`` is the error)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _connection_errors(message: Message) -> tuple[type[BaseException], ...]:
+    transport = getattr(getattr(message, "channel", None), "connection", None)
+    extra = getattr(transport, "connection_errors", ())
+    return BROKER_CONNECTION_ERRORS + tuple(e for e in extra if isinstance(e, type))
+
+
+def settle(message: Message, action: str, **kwargs: Any) -> None:
+    """``message.ack()`` / ``reject(requeue=…)`` / ``requeue()``; a lost connection becomes
+    ``BrokerConnectionLost`` (logged ``intake.ack_failed``), anything else propagates as it is."""
+    try:
+        getattr(message, action)(**kwargs)
+    except _connection_errors(message) as exc:
+        log.warning("intake.ack_failed", action=action, routing_key=message.delivery_info.get("routing_key"),
+                    error=f"{type(exc).__name__}: {exc}"[:200])
+        raise BrokerConnectionLost(exc) from exc
 
 
 class EventHandlers:
@@ -74,9 +112,15 @@ class EventHandlers:
         """Dead-letter: the broker does it on RabbitMQ; elsewhere the application keeps the message."""
         if not self.rabbitmq:
             self._keep_dead_letter(message, queue, reason, detail)
-        message.reject(requeue=False)
+        settle(message, "reject", requeue=False)
 
     def on_product_event(self, message: Message) -> None:
+        try:
+            self._on_product_event(message)
+        except BrokerConnectionLost as lost:
+            raise lost.original from None  # the consumer's reconnect handling takes it from here
+
+    def _on_product_event(self, message: Message) -> None:
         rk = message.delivery_info.get("routing_key", "")
         body = _body(message)
         try:
@@ -93,21 +137,29 @@ class EventHandlers:
                     result = accept_product_event(session, event)
                 if result.outcome is not Outcome.duplicate:
                     self._relay()  # the fetch hand-off (or the stale_version event) committed above
-                message.ack()
+                settle(message, "ack")
+        except BrokerConnectionLost:
+            raise  # committed (or nothing to commit): not a handler bug, no dead letter
         except OperationalError as exc:
             log.warning("intake.database_unavailable", error=str(exc).splitlines()[0][:200])
             time.sleep(1.0)
-            message.requeue()
+            settle(message, "requeue")
         except Exception as exc:  # noqa: BLE001 - a bug must not take the consumer down with it
             log.exception("intake.crashed", routing_key=rk)
             try:
                 self._keep_dead_letter(message, self.topology.product_events.name, "internal_error",
                                        f"{type(exc).__name__}: {exc}"[:2000])
             finally:
-                message.reject(requeue=False)
+                settle(message, "reject", requeue=False)
 
     def on_dead_letter(self, message: Message) -> None:
         """A message the broker gave up on (delivery limit): keep it, and end its job as failed."""
+        try:
+            self._on_dead_letter(message)
+        except BrokerConnectionLost as lost:
+            raise lost.original from None
+
+    def _on_dead_letter(self, message: Message) -> None:
         headers = message.headers or {}
         deaths = headers.get("x-death") or []
         reason = str(deaths[0].get("reason")) if deaths else "dead-lettered"
@@ -120,10 +172,16 @@ class EventHandlers:
             with job_session(self.factory, job_id) as session:
                 jobs.fail(session, job_id, ErrorCode.worker_lost, f"{headers.get('task')} {why}", retryable=False)
             self._relay()
-        message.ack()
+        settle(message, "ack")
 
     def on_review_event(self, message: Message) -> None:
         """``listing.reviewed``: raw JSON bytes in, one tenant-scoped transaction, then ack or dead-letter."""
+        try:
+            self._on_review_event(message)
+        except BrokerConnectionLost as lost:
+            raise lost.original from None
+
+    def _on_review_event(self, message: Message) -> None:
         queue = self.topology.review_events.name
         body = _body(message)
         try:
@@ -140,11 +198,11 @@ class EventHandlers:
                 if result.outcome is ReviewOutcome.rejected and result.code is not None:
                     self._reject(message, queue, result.code.value, result.detail)
                     return
-                message.ack()
+                settle(message, "ack")
         except OperationalError as exc:
             log.warning("review.database_unavailable", error=str(exc).splitlines()[0][:200])
             time.sleep(1.0)
-            message.requeue()
+            settle(message, "requeue")
 
     def queues_and_handlers(self) -> list[tuple[Any, Callable[[Message], None]]]:
         return [

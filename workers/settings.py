@@ -46,6 +46,17 @@ class DatabaseSettings(BaseModel):
         description="Role the workers switch to after connecting (non-owner, row-level security applies). "
         "Empty: stay the connecting role.",
     )
+    admin_role: str | None = Field(
+        "enrich_admin",
+        description="Role the maintenance commands (backfill, embeddings, status, retrain build-pairs) switch to "
+        "after connecting (cross-tenant under row-level security; the login must be granted it). "
+        "Empty: stay the connecting role.",
+    )
+
+    @field_validator("admin_role")
+    @classmethod
+    def _empty_role_is_none(cls, v: str | None) -> str | None:
+        return v or None
 
     @field_validator("url")
     @classmethod
@@ -122,6 +133,17 @@ class ModelSettings(BaseModel):
     verify_margin: float = Field(0.05, ge=0, le=1, description="CLIP probability margin a visual attribute needs to be kept.")
     max_new_tokens: int = Field(256, ge=16, description="Token budget of one generated listing.")
     unknown_category: str = Field("generic", description="'generic' (use the generic schema) or 'reject' (unsupported_category).")
+    pinned: list[str] = Field(default_factory=list, description=(
+        "GPU workers: model kinds (detector, vlm, clip) served from this worker's own settings instead of the "
+        "registry's active version (a rollback or canary; logged loudly while it differs). Empty: follow the registry."))
+    store_uri: str | None = Field(None, description=(
+        "Where trained weights are written, content-addressed (<kind>/<revision>/): a directory or s3://bucket/prefix. "
+        "Default: <data_dir>/model-store."))
+    promotion_margin: float = Field(0.01, ge=0, le=1, description=(
+        "How much a listing-model candidate's held-out field accuracy must beat its base's to be promoted."))
+    registry_poll_s: float = Field(30.0, gt=0, description=(
+        "GPU workers: how often the active model versions are re-read; a promotion or activation is served "
+        "from the next batch after that."))
 
     @field_validator("unknown_category")
     @classmethod
@@ -129,6 +151,14 @@ class ModelSettings(BaseModel):
         if v not in {"generic", "reject"}:
             raise ValueError("ENRICH_MODELS__UNKNOWN_CATEGORY must be 'generic' or 'reject'")
         return v
+
+    @field_validator("pinned")
+    @classmethod
+    def _pinned(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - {"detector", "vlm", "clip"})
+        if unknown:
+            raise ValueError(f"ENRICH_MODELS__PINNED: unknown model kinds {unknown}; use detector, vlm, clip")
+        return sorted(set(v))
 
 
 class WorkerSettings(BaseModel):
@@ -146,7 +176,35 @@ class WorkerSettings(BaseModel):
     retrain_window_days: int = Field(30, ge=1, description="Oldest feedback a retrain run considers.")
     retrain_merchant_cap: int = Field(200, ge=1, description="Most preference pairs one merchant contributes per dataset.")
     retrain_holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of products held out for evaluation.")
+    retrain_settle_s: float = Field(60.0, ge=0, description=(
+        "Feedback younger than this is left for the next pair-builder run (review transactions still committing "
+        "cannot then appear behind the read position)."))
     reconcile_interval_s: int = Field(900, ge=60, description="How often the coverage reconciler runs.")
+    heartbeat_s: int = Field(60, ge=1, description=(
+        "How often a running stage task refreshes its claim (its job's updated_at), so the reconciler can tell "
+        "a live task from a dead one."))
+    stall_after_s: int | None = Field(None, ge=1, description=(
+        "A claimed stage whose last heartbeat is older than this is stalled: the reconciler releases the claim "
+        "and re-dispatches the stage. At least 2 x HEARTBEAT_S. Empty: max(3 x HEARTBEAT_S, "
+        "RETRY_BACKOFF_MAX_S + HEARTBEAT_S), since a task waiting out a retry countdown keeps its claim without "
+        "beating."))
+    queued_stall_after_s: int = Field(24 * 3600, ge=60, description=(
+        "A job whose current stage no task holds (never claimed, or handed on and waiting in the next queue) "
+        "is stalled only after this long untouched: a long backlog is not a dead job."))
+
+    @model_validator(mode="after")
+    def _stall_after_several_beats(self) -> "WorkerSettings":
+        if self.stall_after_s is not None and self.stall_after_s < 2 * self.heartbeat_s:
+            raise ValueError("ENRICH_WORKERS__STALL_AFTER_S must be at least 2 x ENRICH_WORKERS__HEARTBEAT_S "
+                             "(otherwise one late heartbeat makes a live task look dead)")
+        return self
+
+    @property
+    def stall_allowance_s(self) -> float:
+        """How long a claimed stage may go without a heartbeat before the reconciler calls it stalled."""
+        if self.stall_after_s is not None:
+            return float(self.stall_after_s)
+        return float(max(3 * self.heartbeat_s, self.retry_backoff_max_s + self.heartbeat_s))
 
 
 class FaultSettings(BaseModel):
@@ -224,6 +282,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.models.cache_dir or self.data_dir / "models"
+
+    @property
+    def model_store_uri(self) -> str:
+        return self.models.store_uri or str(self.data_dir / "model-store")
 
 
 @lru_cache(maxsize=1)

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm import Session
-
-from db.engine import set_system_scope
+from db.engine import admin_session
 from db.repositories import reports
 from tasks.pipeline.reconcile import coverage_counts
-from workers.database import get_engine
+from workers.database import get_admin_session_factory
 
 
 def collect_status() -> dict[str, Any]:
-    with Session(get_engine()) as session:
-        # Platform-wide counts: the system scope of row-level security (a no-op for the owner role).
-        set_system_scope(session)
+    # Platform-wide counts: one maintenance transaction, the system scope as the admin role (the
+    # owner is filtered by the forced policies too and would count nothing).
+    with admin_session(get_admin_session_factory()) as session:
         return {
             "jobs_by_status": reports.jobs_by_status(session),
             "running_by_stage": reports.running_by_stage(session),

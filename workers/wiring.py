@@ -4,6 +4,8 @@ uses them: the model bundle is built lazily, and only a process that loaded torc
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from workers.logs import get_logger
 from workers.settings import Settings, get_settings
 
@@ -37,7 +39,7 @@ def retrain_config(settings: Settings):  # noqa: ANN201
 
     w = settings.workers
     return RetrainConfig(window_days=w.retrain_window_days, merchant_cap=w.retrain_merchant_cap,
-                         holdout_fraction=w.retrain_holdout_fraction)
+                         holdout_fraction=w.retrain_holdout_fraction, settle=timedelta(seconds=w.retrain_settle_s))
 
 
 def fault_plan(settings: Settings):  # noqa: ANN201
@@ -69,6 +71,7 @@ def build_runtime(settings: Settings, send_task=None):  # noqa: ANN001, ANN201
     from workers.database import get_session_factory, reset_engine
     from workers.publisher import KombuEventPublisher
     from workers.storage import s3_client
+    from workers.supervision import exit_for_restart
 
     reset_engine()  # never reuse a connection pool inherited across fork
     config = model_config(settings)
@@ -79,11 +82,16 @@ def build_runtime(settings: Settings, send_task=None):  # noqa: ANN001, ANN201
         fetcher=ImageFetcher(fetch_policy(settings), s3_client_factory=lambda: s3_client(settings)),
         publisher=KombuEventPublisher(settings, send_task),
         image_limits=ImageLimits(max_pixels=settings.storage.max_pixels, max_frames=settings.storage.max_frames),
-        models_factory=lambda: _build_models(config, settings.workers.cpu_threads),
+        models_factory=lambda model_config: _build_models(model_config, settings.workers.cpu_threads),
+        model_config=config, pinned_models=frozenset(settings.models.pinned),
+        registry_poll_s=settings.models.registry_poll_s,
         retry=RetryPolicy(max_retries=w.max_retries, backoff_s=w.retry_backoff_s, backoff_max_s=w.retry_backoff_max_s,
                           max_stage_attempts=w.max_retries + settings.broker.delivery_limit + 1),
         unknown_category=settings.models.unknown_category,
         batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
+        heartbeat_s=w.heartbeat_s, stall_after_s=w.stall_allowance_s, queued_stall_after_s=w.queued_stall_after_s,
+        model_wait_s=float(w.soft_time_limit_s), batch_hang_s=float(w.time_limit_s),
+        on_batcher_hung=lambda: exit_for_restart("a model batch ran past the hard time limit (hung model thread)"),
         datasets=open_blob_store(settings.datasets_uri, s3_client_factory=lambda: s3_client(settings)),
         retrain=retrain_config(settings),
         faults=fault_plan(settings),

@@ -44,6 +44,10 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
             f"--loglevel={loglevel}", f"--hostname={node}", "--without-gossip", "--without-mingle"]
     log.info("worker.start", queues=queues, pool=pool, concurrency=size)
     app.worker_main(argv)
+    from workers.supervision import requested_exit_code
+
+    if (code := requested_exit_code()) is not None:  # e.g. a hung model thread: the supervisor restarts us
+        raise SystemExit(code)
 
 
 def declare_everything(topo) -> None:  # noqa: ANN001

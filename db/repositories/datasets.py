@@ -1,7 +1,9 @@
 """Training datasets and their preference pairs as rows, and the feedback a new dataset is built from.
 
-A dataset records the highest feedback id it consumed (its watermark), so each build reads only
-the feedback that arrived after the newest dataset; pair hashes are unique across all datasets.
+A builder's read position (``builder_watermarks``) is the highest feedback id it has examined,
+advanced by every run that read feedback, whether or not it wrote a dataset; a dataset also
+records the highest feedback id it consumed (its ``watermark_feedback_id``). Pair hashes are
+unique across all datasets.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, select, text
+from sqlalchemy import Row, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.tables import PreferencePair, TrainingDataset
+from db.tables import BuilderWatermark, PreferencePair, TrainingDataset
 
 _NEW_FEEDBACK = text("""
     SELECT f.id AS feedback_id, f.tenant_id, f.decision, f.corrected, f.created_at,
-           l.id AS listing_id, l.product_id, l.category, l.schema_id, l.content, l.dropped_attributes,
+           l.id AS listing_id, l.product_id, l.category, l.schema_id, l.content, l.generated_content,
+           l.dropped_attributes,
            l.model_output, l.model_input, l.model_version_id, p.merchant_id, p.external_id,
            i.storage_uri, g.box
     FROM review_feedback f
@@ -36,6 +39,23 @@ def watermark(session: Session) -> int:
     """The highest feedback id any dataset consumed (0 before the first dataset)."""
     return int(session.execute(text(
         "SELECT coalesce(max(watermark_feedback_id), 0) FROM training_datasets")).scalar_one())
+
+
+def read_position(session: Session, builder: str) -> int:
+    """The feedback id ``builder`` has read through: its recorded watermark, and never below the
+    highest id a dataset consumed (datasets built before the builder recorded a position)."""
+    return int(session.execute(text(
+        "SELECT greatest((SELECT watermark FROM builder_watermarks WHERE builder = :b), "
+        "(SELECT max(watermark_feedback_id) FROM training_datasets), 0)"), {"b": builder}).scalar_one())
+
+
+def advance_read_position(session: Session, builder: str, through: int) -> None:
+    """Record that ``builder`` has examined every feedback id up to ``through`` (never moves back)."""
+    stmt = insert(BuilderWatermark).values(builder=builder, watermark=through)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["builder"],
+        set_={"watermark": func.greatest(BuilderWatermark.watermark, stmt.excluded.watermark),
+              "updated_at": func.now()}))
 
 
 def new_feedback(session: Session, *, after: int, window: timedelta, settle: timedelta,

@@ -39,9 +39,18 @@ def add_feedback(session: Session, *, tenant_id: str, event_id: uuid.UUID, listi
     return feedback
 
 
+def replace_content(session: Session, listing: Listing, content: dict[str, Any]) -> None:
+    """Serve a merchant-corrected ``content``; the content as generated is kept in
+    ``generated_content`` by the first edit and never overwritten by a later one (flushed)."""
+    if listing.generated_content is None:
+        listing.generated_content = listing.content
+    listing.content = content
+    session.flush()
+
+
 def add_field_errors(session: Session, feedback: ReviewFeedback, listing: Listing,
                      diffs: dict[str, tuple[Any, Any]]) -> None:
-    """One ``field_errors`` row per ``{field: (listing value, merchant value)}``, stamped with the
+    """One ``field_errors`` row per ``{field: (model value, merchant value)}``, stamped with the
     listing's category and the model versions that produced it (flushed)."""
     session.add_all(
         FieldError(tenant_id=feedback.tenant_id, feedback_id=feedback.id, listing_id=listing.id,

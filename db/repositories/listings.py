@@ -31,17 +31,20 @@ def upsert_grounding(session: Session, *, tenant_id: str, image_id: int, detecto
     ).returning(Grounding.id)).scalar_one()
 
 
-def insert_listing(session: Session, values: dict[str, Any]) -> int:
-    """Idempotent on (tenant, product, product version, vlm version): the existing id on a replay."""
+def insert_listing(session: Session, values: dict[str, Any]) -> tuple[int, bool]:
+    """(listing id, created). Idempotent on (tenant, product, product version, vlm version): a
+    replay gets the existing row's id and ``created=False``."""
     new_id = session.execute(insert(Listing).values(**values).on_conflict_do_nothing(
         index_elements=["tenant_id", "product_id", "product_version", "model_version_id"]).returning(Listing.id)
     ).scalar_one_or_none()
     if new_id is not None:
-        return new_id
-    return session.scalar(select(Listing.id).where(
+        return new_id, True
+    existing = session.scalar(select(Listing.id).where(
         Listing.tenant_id == values["tenant_id"], Listing.product_id == values["product_id"],
         Listing.product_version == values["product_version"],
-        Listing.model_version_id == values["model_version_id"]))  # type: ignore[return-value]
+        Listing.model_version_id == values["model_version_id"]))
+    assert existing is not None
+    return existing, False
 
 
 def insert_embedding(session: Session, values: dict[str, Any]) -> None:

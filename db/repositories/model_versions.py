@@ -13,19 +13,24 @@ from db.enums import ModelStatus
 from db.tables import ModelVersion
 
 
-def ensure_model_versions(session: Session, versions: dict[str, Any]) -> dict[str, int]:
-    """Upsert one row per configured model (``ModelVersionInfo``-like objects by kind) and return
-    their ids. A kind with no active version gets this one activated (first deployment)."""
+def ensure_model_versions(session: Session, versions: dict[str, Any],
+                          weights_uris: dict[str, str | None] | None = None) -> dict[str, int]:
+    """Upsert one row per model (``ModelVersionInfo``-like objects by kind) and return their ids.
+    ``weights_uris`` records where each one's weights are (kept once known). A kind with no active
+    version gets this one activated (first deployment)."""
     ids: dict[str, int] = {}
+    uris = weights_uris or {}
     for kind, v in versions.items():
         session.execute(
             insert(ModelVersion).values(kind=kind, name=v.name, revision=v.revision, profile=v.profile,
-                                        random_weights=v.random_weights, dims=v.dims)
+                                        random_weights=v.random_weights, dims=v.dims, weights_uri=uris.get(kind))
             .on_conflict_do_nothing(index_elements=["kind", "name", "revision"])
         )
         row = session.scalar(select(ModelVersion).where(
             ModelVersion.kind == kind, ModelVersion.name == v.name, ModelVersion.revision == v.revision))
         assert row is not None
+        if row.weights_uri is None and uris.get(kind):
+            row.weights_uri = uris[kind]
         has_active = session.scalar(select(ModelVersion.id).where(
             ModelVersion.kind == kind, ModelVersion.status == ModelStatus.active.value).with_for_update())
         if has_active is None:
@@ -44,12 +49,13 @@ def display_names(session: Session, ids: list[int] | set[int]) -> dict[int, str]
 
 
 def upsert_candidate(session: Session, *, kind: str, name: str, revision: str, profile: str,
-                     random_weights: bool, params: dict[str, Any], metrics: dict[str, Any]) -> int:
+                     random_weights: bool, params: dict[str, Any], metrics: dict[str, Any],
+                     weights_uri: str | None = None) -> int:
     """Register a trained model as a ``candidate`` and return its id. Training the same weights
     again (same kind, name and revision) refreshes params and metrics and keeps the status."""
     stmt = insert(ModelVersion).values(kind=kind, name=name, revision=revision, profile=profile,
                                        random_weights=random_weights, status=ModelStatus.candidate.value,
-                                       params=params, metrics=metrics)
+                                       params=params, metrics=metrics, weights_uri=weights_uri)
     return session.execute(stmt.on_conflict_do_update(
         index_elements=["kind", "name", "revision"],
         set_={"params": stmt.excluded.params, "metrics": stmt.excluded.metrics},
@@ -61,3 +67,21 @@ def locked_versions(session: Session, kind: str) -> list[ModelVersion]:
     is decided while no other transaction can change any of them)."""
     return list(session.scalars(select(ModelVersion).where(ModelVersion.kind == kind)
                                 .order_by(ModelVersion.id).with_for_update()).all())
+
+
+def active(session: Session) -> dict[str, ModelVersion]:
+    """The active version of each kind that has one: the registry's answer to "what is served"."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.status == ModelStatus.active.value)).all()
+    return {r.kind: r for r in rows}
+
+
+def by_ids(session: Session, ids: list[int] | set[int]) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.id.in_(sorted(ids)))).all())
+
+
+def get(session: Session, version_id: int) -> ModelVersion | None:
+    return session.get(ModelVersion, version_id)
+
+
+def of_kind(session: Session, kind: str) -> list[ModelVersion]:
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.kind == kind).order_by(ModelVersion.id)))

@@ -1,14 +1,18 @@
 """DPO preference pairs from merchant feedback, built incrementally into versioned datasets.
 
 One run, in one transaction under a transaction-scoped advisory lock (a concurrent run is
-``skipped``): read the feedback newer than the watermark (the highest feedback id any dataset
-consumed) inside the time window, keep each listing's latest review, and build pairs:
+``skipped``): read the feedback after the builder's read position (``builder_watermarks``, moved
+forward by every run that read feedback, pairs or not, so a long stretch of reviews that make no
+pair is never re-read) inside the time window, keep each listing's latest review, and build pairs:
 
 - ``merchant_correction``: prompt = the listing's exact model input (rendered prompt text, the
   stored original's URI and grounding box, the schema id), rejected = the model's JSON,
-  chosen = the model's JSON with the merchant's corrections applied, valid under the same schema;
-- ``verification_drop``: for an accepted listing whose visual verification dropped attributes,
-  chosen = the verified listing the merchant accepted, rejected = the raw model output.
+  chosen = the model's JSON with the review's corrections applied, valid under the same schema;
+- ``verification_drop``: for a listing accepted without corrections whose visual verification
+  dropped attributes, chosen = the verified listing as generated, rejected = the raw model output.
+
+The model's side is always ``model_output`` (and ``generated_content`` once a merchant edited the
+listing), never ``content``, which serves the merchant's corrections after an edit.
 
 Pairs are de-duplicated by content hash (against earlier datasets too), capped per merchant,
 split into train/holdout by a hash of the product, written with ``tasks.feedback.datasets`` and recorded.
@@ -35,11 +39,13 @@ from db.repositories import locks, model_versions
 from models.categories import CategorySchema, load_schema, validate_listing
 from models.errors import UnsupportedCategory
 from tasks.feedback.datasets import listing_json, write_dataset
+from tasks.feedback.reviews import MERCHANT_SOURCE, has_corrections
 from tasks.io.blobs import BlobStore
 
 log = structlog.get_logger(__name__)
 
 ADVISORY_LOCK_KEY = 0x0D90_7EA1  # one pair builder at a time across all beat/worker processes
+BUILDER = "dpo-pairs"  # its row in builder_watermarks
 # Review transactions are short and statements time out after 30 s: feedback older than twice that
 # has committed, so no lower feedback id can still appear behind the watermark.
 DEFAULT_SETTLE = timedelta(seconds=60)
@@ -132,11 +138,20 @@ def _pair_from_row(row: Any, drops: Counter[str]) -> Pair | None:
         drops["no_model_input"] += 1
         return None
     corrected = row.corrected or {}
-    if row.decision != ReviewDecision.accepted.value and (corrected.get("title") is not None or corrected.get(
-            "description") is not None or corrected.get("attributes")):
-        source, chosen = PairSource.merchant_correction, corrected_listing(schema, row.model_output, corrected)
-    elif row.decision == ReviewDecision.accepted.value and row.dropped_attributes:
-        source, chosen = PairSource.verification_drop, verified_listing(schema, row.content)
+    correction = corrected_listing(schema, row.model_output, corrected) if has_corrections(corrected) else None
+    accepted = row.decision == ReviewDecision.accepted.value
+    if correction is not None and (not accepted or correction != row.model_output):
+        source, chosen = PairSource.merchant_correction, correction
+    elif accepted and row.dropped_attributes:
+        shown = (row.content or {}).get("attributes") or {}
+        # A merchant who put back what verification dropped did not prefer the drop.
+        if any(isinstance(shown.get(name), dict) and shown[name].get("source") == MERCHANT_SOURCE
+               for name in row.dropped_attributes):
+            drops["merchant_restored"] += 1
+            return None
+        # The verified listing as the pipeline generated it: after an edit ``content`` is the merchant's.
+        generated = row.generated_content or row.content
+        source, chosen = PairSource.verification_drop, verified_listing(schema, generated)
     else:
         drops["no_preference"] += 1  # accepted as generated, or rejected without a correction
         return None
@@ -195,19 +210,21 @@ def build_preference_pairs(session: Session, store: BlobStore, config: RetrainCo
     if not locks.try_xact_lock(session, ADVISORY_LOCK_KEY):
         log.info("retrain.skipped", reason="locked")
         return BuildResult(BuildStatus.skipped)
-    watermark = dataset_rows.watermark(session)
+    watermark = dataset_rows.read_position(session, BUILDER)
     rows = dataset_rows.new_feedback(session, after=watermark, window=timedelta(days=config.window_days),
                                      settle=config.settle, limit=config.max_feedback)
     if not rows:
         return BuildResult(BuildStatus.empty, watermark=watermark)
+    new_watermark = max(r.feedback_id for r in rows)
+    # Recorded whatever this run yields, in its transaction: the next run starts after these rows.
+    dataset_rows.advance_read_position(session, BUILDER, new_watermark)
     latest = {r.listing_id: r for r in rows}  # ordered by id: a listing's latest review wins
     drops: Counter[str] = Counter(superseded_review=len(rows) - len(latest))
     pairs = [p for r in latest.values() if (p := _pair_from_row(r, drops)) is not None]
     pairs = _dedupe_and_cap(session, pairs, config.merchant_cap, drops) if pairs else []
-    new_watermark = max(r.feedback_id for r in rows)
     if not pairs:
-        log.info("retrain.empty", feedback=len(rows), dropped=dict(drops))
-        return BuildResult(BuildStatus.empty, watermark=watermark, dropped=dict(drops))
+        log.info("retrain.empty", feedback=len(rows), watermark=new_watermark, dropped=dict(drops))
+        return BuildResult(BuildStatus.empty, watermark=new_watermark, dropped=dict(drops))
 
     splits = {p.pair_hash: holdout_split(p.tenant_id, p.external_id, config.holdout_fraction) for p in pairs}
     rows_by_split: dict[str, list[dict[str, Any]]] = {s.value: [] for s in DatasetSplit}

@@ -1,14 +1,18 @@
 """Merchant reviews (``listing.reviewed``): validation, idempotent application, field-level errors.
 
 A review is applied in the caller's transaction: an inbox row (every event id is received once),
-one ``review_feedback`` row keyed by the event id, the listing's status, and one ``field_errors``
-row per field the merchant changed (what the listing said, what the merchant said, and the model
-versions that produced it). A review of a listing that does not exist, or that belongs to another
-tenant or merchant, is refused with a code; the detail never carries the other tenant's data.
+one ``review_feedback`` row keyed by the event id, the listing's status, the merchant's corrections
+written into the listing's content, and one ``field_errors`` row per field the merchant changed
+(what the model generated, what the merchant said, and the model versions that produced it).
+Reviews arrive out of order: status and content follow the most recent review by ``occurred_at``;
+an older review is recorded but changes neither. A review of a listing that does not exist, or
+that belongs to another tenant or merchant, is refused with a code; the detail never carries the
+other tenant's data.
 """
 
 from __future__ import annotations
 
+import copy
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,12 +26,18 @@ from db.enums import InboxStatus, ReviewDecision
 from db.repositories import feedback as feedback_rows
 from db.repositories import inbox
 from db.tables import Listing
+from models.categories import CategorySchema, load_schema
+from models.errors import UnsupportedCategory
 from tasks.events import InvalidEvent, decode_json, validate
 
 log = structlog.get_logger(__name__)
 
 EVENT_TYPE = "listing.reviewed"
 TEXT_FIELDS = ("title", "description")
+# The shape the pipeline gives a merchant-supplied attribute (models.verify.SOURCE_MERCHANT; not
+# imported from there: that module pulls in the CLIP stack).
+MERCHANT_SOURCE = "merchant"
+MERCHANT_CONFIDENCE = 1.0
 
 
 class ReviewCode(StrEnum):
@@ -66,6 +76,14 @@ class ReviewResult:
     code: ReviewCode | None = None
     detail: str = ""
     field_errors: int = 0
+    content_edited: bool = False  # the listing's content now shows this review's corrections
+    refused: dict[str, str] = field(default_factory=dict)  # corrections the listing's schema refuses: why
+
+
+@dataclass(frozen=True)
+class ContentEdit:
+    content: dict[str, Any]  # the listing content with every correction the schema admits
+    refused: dict[str, str]  # {"attributes.<name>": why}: kept in the feedback, never in the content
 
 
 def parse_review_event(body: bytes, content_type: str | None) -> ReviewEvent:
@@ -108,25 +126,72 @@ def reject_invalid_review(session: Session, exc: InvalidEvent, fallback_id: uuid
     return ReviewResult(ReviewOutcome.rejected, event_id, code=ReviewCode.invalid_event, detail=exc.detail)
 
 
-def _shown_value(listing: Listing, name: str) -> Any:
-    """What the merchant was shown for ``name``: the verified listing content."""
+def _generated_value(listing: Listing, name: str) -> Any:
+    """What the model produced for ``name``: the verified content as generated, not an earlier edit."""
+    generated = listing.generated_content or listing.content
     if name in TEXT_FIELDS:
-        return listing.content.get(name)
-    attribute = (listing.content.get("attributes") or {}).get(name)
+        return generated.get(name)
+    attribute = (generated.get("attributes") or {}).get(name)
     return attribute.get("value") if isinstance(attribute, dict) else attribute
 
 
 def field_diffs(listing: Listing, corrected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{field: (listing value, merchant value)} for every corrected field that actually differs."""
+    """{field: (model value, merchant value)} for every corrected field that differs from the model's."""
     diffs: dict[str, tuple[Any, Any]] = {}
     for name in TEXT_FIELDS:
-        if name in corrected and corrected[name] != _shown_value(listing, name):
-            diffs[name] = (_shown_value(listing, name), corrected[name])
+        if name in corrected and corrected[name] != _generated_value(listing, name):
+            diffs[name] = (_generated_value(listing, name), corrected[name])
     for name, value in (corrected.get("attributes") or {}).items():
-        shown = _shown_value(listing, name)
-        if value != shown:
-            diffs[f"attributes.{name}"] = (shown, value)
+        generated = _generated_value(listing, name)
+        if value != generated:
+            diffs[f"attributes.{name}"] = (generated, value)
     return diffs
+
+
+def has_corrections(corrected: dict[str, Any]) -> bool:
+    return any(corrected.get(name) is not None for name in TEXT_FIELDS) or bool(corrected.get("attributes"))
+
+
+def listing_schema(schema_id: str) -> CategorySchema | None:
+    name, _, version = schema_id.partition("@")
+    try:
+        return load_schema(name, int(version) if version.isdigit() else None)
+    except UnsupportedCategory:
+        return None
+
+
+def _attribute_refusal(schema: CategorySchema | None, name: str, value: Any) -> str | None:
+    """Why the listing's schema refuses ``name = value`` (None when it admits it). Visual attributes
+    are the category's vocabulary (enums SQL users filter on); merchant-only ones are free values."""
+    if schema is None or name in schema.merchant_only_attributes:
+        return None
+    allowed = schema.visual_attributes.get(name)
+    if allowed is None:
+        return f"{schema.schema_id} has no attribute {name!r}"
+    if not isinstance(value, str) or value not in allowed:
+        return f"{value!r} is not one of the {schema.schema_id} values of {name!r}"
+    return None
+
+
+def edited_content(schema: CategorySchema | None, content: dict[str, Any],
+                   corrected: dict[str, Any]) -> ContentEdit:
+    """``content`` with the merchant's corrections: title and description replaced as given (the
+    event contract bounds them), each admitted attribute set as a merchant attribute
+    (``{value, confidence: 1.0, source: "merchant"}``, as the pipeline stores merchant data);
+    fields the merchant did not correct keep their value."""
+    out = copy.deepcopy(content)
+    for name in TEXT_FIELDS:
+        if corrected.get(name) is not None:
+            out[name] = corrected[name]
+    attributes = dict(out.get("attributes") or {})
+    refused: dict[str, str] = {}
+    for name, value in (corrected.get("attributes") or {}).items():
+        if (reason := _attribute_refusal(schema, name, value)) is not None:
+            refused[f"attributes.{name}"] = reason
+            continue
+        attributes[name] = {"value": value, "confidence": MERCHANT_CONFIDENCE, "source": MERCHANT_SOURCE}
+    out["attributes"] = attributes
+    return ContentEdit(content=out, refused=refused)
 
 
 def apply_review(session: Session, event: ReviewEvent) -> ReviewResult:
@@ -142,8 +207,10 @@ def apply_review(session: Session, event: ReviewEvent) -> ReviewResult:
     if merchant_id != event.merchant_id:
         return _refuse(session, event, ReviewCode.merchant_mismatch,
                        f"listing {event.listing_id} does not belong to merchant {event.merchant_id}")
+    edit = edited_content(listing_schema(listing.schema_id), listing.content, event.corrected)
+    refused = "; ".join(f"{name}: {why}" for name, why in edit.refused.items())
     if not inbox.record(session, event.event_id, tenant_id=event.tenant_id, event_type=EVENT_TYPE,
-                        status=InboxStatus.accepted):
+                        status=InboxStatus.accepted, detail=f"corrections refused: {refused}" if refused else None):
         existing = feedback_rows.feedback_id_for_event(session, event.event_id)
         return ReviewResult(ReviewOutcome.duplicate, event.event_id, feedback_id=existing)
 
@@ -152,14 +219,24 @@ def apply_review(session: Session, event: ReviewEvent) -> ReviewResult:
         decision=event.decision.value, reviewer=event.reviewer, reason=event.reason, corrected=event.corrected)
     diffs = field_diffs(listing, event.corrected)
     feedback_rows.add_field_errors(session, feedback, listing, diffs)
-    # Reviews can arrive out of order: the status follows the most recent review, not the last delivered.
-    if listing.reviewed_at is None or event.occurred_at >= listing.reviewed_at:
+    # Reviews can arrive out of order: status and content follow the most recent review, not the last
+    # delivered. A rejection keeps the content as it stands (it never brings the generated text back).
+    newest = listing.reviewed_at is None or event.occurred_at >= listing.reviewed_at
+    content_edited = (newest and event.decision is not ReviewDecision.rejected
+                      and has_corrections(event.corrected) and edit.content != listing.content)
+    if newest:
         listing.status = event.decision.value
         listing.reviewed_at = event.occurred_at
+    if content_edited:
+        feedback_rows.replace_content(session, listing, edit.content)
     session.flush()
+    if edit.refused:
+        log.warning("review.corrections_refused", event_id=str(event.event_id), listing_id=listing.id,
+                    fields=sorted(edit.refused))
     log.info("review.applied", event_id=str(event.event_id), listing_id=listing.id,
-             decision=event.decision.value, field_errors=len(diffs))
-    return ReviewResult(ReviewOutcome.applied, event.event_id, feedback_id=feedback.id, field_errors=len(diffs))
+             decision=event.decision.value, field_errors=len(diffs), content_edited=content_edited)
+    return ReviewResult(ReviewOutcome.applied, event.event_id, feedback_id=feedback.id, field_errors=len(diffs),
+                        content_edited=content_edited, refused=edit.refused)
 
 
 def review_event_payload(*, tenant_id: str, merchant_id: str, listing_id: int, decision: str,

@@ -5,13 +5,21 @@ originals store (cropped to its grounding box, as the model saw it), runs ``mode
 train split, saves the merged weights as a loadable directory, evaluates base and candidate on the
 held-out split (schema-valid rate of constrained generation, field-level accuracy against the
 merchant's corrections, DPO reward accuracy) and upserts a ``model_versions`` row with status
-``candidate``. ``promote`` is the separate, explicit step that makes a candidate active.
+``candidate``. ``tasks.feedback.promotion.promote`` is the separate, gated step that makes a
+candidate active.
+
+Weights are stored content-addressed in the model store (a directory or ``s3://`` prefix):
+``vlm/<revision>/…`` where the revision is the content hash of the weight files, with the
+provenance file (``enrich-weights.json``) written last as the completeness marker. Training the
+same data again never overwrites weights behind an existing row: identical weights land on the
+same key (already there: nothing is written), different weights on a new one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +30,7 @@ from jsonschema import ValidationError
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.enums import ModelKind, ModelStatus
+from db.enums import ModelKind
 from db.repositories import datasets as dataset_rows
 from db.repositories import model_versions
 from models.categories import load_schema, validate_listing
@@ -30,7 +38,7 @@ from models.dpo import DpoConfig, PreferenceExample, PreferenceTuner
 from models.errors import ModelError
 from models.images import decode_image
 from models.listing import ListingGenerator, ListingRequest
-from models.identity import model_identity
+from models.identity import PROVENANCE_FILE, model_identity
 from models.vlm_builders import save_vlm
 from tasks.feedback.datasets import read_split
 from tasks.io.blobs import BlobStore
@@ -38,15 +46,24 @@ from tasks.io.blobs import BlobStore
 log = structlog.get_logger(__name__)
 
 
-class PromotionError(ValueError):
-    """The model version cannot be promoted (unknown, not a vlm, or not a candidate)."""
-
-
 @dataclass(frozen=True)
 class CandidateResult:
     model_version_id: int
-    weights_dir: Path
+    weights_uri: str  # where the registry says the weights are (what GPU workers load)
+    weights_dir: Path | None  # the same weights as a local directory, when the model store is local
     metrics: dict[str, Any]
+
+
+def store_weights(directory: Path, store: BlobStore, kind: str = "vlm") -> tuple[str, str]:
+    """(weights URI, revision): ``directory`` copied into ``store`` at ``<kind>/<revision>``, the
+    provenance file last. Weights already stored under that revision are left as they are."""
+    revision = model_identity(kind, str(directory), profile="pretrained").revision
+    key = f"{kind}/{revision}"
+    if not store.exists(f"{key}/{PROVENANCE_FILE}"):
+        files = sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.name == PROVENANCE_FILE)
+        for path in files:
+            store.put(f"{key}/{path.relative_to(directory).as_posix()}", path.read_bytes())
+    return store.uri_for(key), revision
 
 
 def _image(originals: BlobStore, row: dict[str, Any], cache: dict[str, Image.Image]) -> Image.Image:
@@ -102,8 +119,11 @@ def _schema_ref(schema_id: str) -> tuple[str, int | None]:
 
 
 def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, originals: BlobStore,
-                    generator: ListingGenerator, dataset_name: str, output_root: Path,
+                    generator: ListingGenerator, dataset_name: str, model_store: BlobStore,
                     config: DpoConfig = DpoConfig(), eval_max_new_tokens: int = 128) -> CandidateResult:
+    """Train on ``dataset_name`` from ``generator`` (the base: the active listing model), store the
+    weights content-addressed in ``model_store``, evaluate base and candidate on the held-out split
+    and register the candidate with its metrics."""
     with factory() as session:
         dataset = dataset_rows.dataset_named(session, dataset_name)
         if dataset is None:
@@ -120,49 +140,40 @@ def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, orig
     started = datetime.now(UTC)
     tuner = PreferenceTuner(generator.model, generator.processor, config)
     report = tuner.train(_examples(train_rows, train_images), _examples(held_rows, held_images))
-    config_hash = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
-    weights_dir = save_vlm(tuner.trained_model(), generator.processor,
-                           Path(output_root) / f"{dataset_name}-{config_hash}",
-                           random_weights=base.random_weights, base=base.canonical,
-                           produced_by="tasks.feedback.training.train_candidate", extra={"dataset": dataset_name})
-    identity = model_identity("vlm", str(weights_dir), profile="pretrained")
-    candidate = ListingGenerator(profile="pretrained", vlm=str(weights_dir), device=str(generator.device))
-    before = evaluate(generator, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
-    after = evaluate(candidate, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
+    staging = Path(tempfile.mkdtemp(prefix="candidate-vlm-"))
+    try:
+        save_vlm(tuner.trained_model(), generator.processor, staging, random_weights=base.random_weights,
+                 base=base.canonical, produced_by="tasks.feedback.training.train_candidate",
+                 extra={"dataset": dataset_name})
+        weights_uri, revision = store_weights(staging, model_store)
+        random_weights = model_identity("vlm", str(staging), profile="pretrained").random_weights
+        local = _local_dir(weights_uri)
+        candidate = ListingGenerator(profile="pretrained", vlm=str(local or staging), device=str(generator.device))
+        before = evaluate(generator, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
+        after = evaluate(candidate, held_rows, held_images, max_new_tokens=eval_max_new_tokens)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     metrics = {"holdout": after, "base_holdout": before,
                "dpo": {"steps": report.steps, "train_pairs": len(train_rows), "first_loss": report.train_losses[0],
                        "last_loss": report.train_losses[-1], "holdout_loss": report.holdout_loss,
                        "holdout_reward_accuracy": report.holdout_reward_accuracy,
                        "holdout_reward_margin": report.holdout_reward_margin,
                        "trainable_parameters": report.trainable_parameters},
-               "random_weights": base.random_weights,
+               "random_weights": random_weights,
                "seconds": round((datetime.now(UTC) - started).total_seconds(), 2)}
     params = {"base": base.key, "dataset": dataset_name, "dataset_id": dataset_id, "dataset_hash": content_hash,
-              "weights_dir": str(weights_dir), "dpo": asdict(config), "method": "dpo-lora" if config.lora_rank else "dpo"}
+              "weights_uri": weights_uri, "dpo": asdict(config), "method": "dpo-lora" if config.lora_rank else "dpo"}
     with factory() as session, session.begin():
         version_id = model_versions.upsert_candidate(
-            session, kind=ModelKind.vlm.value, name=identity.name, revision=identity.revision,
-            profile="pretrained", random_weights=identity.random_weights, params=params, metrics=metrics)
+            session, kind=ModelKind.vlm.value, name=weights_uri, revision=revision, profile="pretrained",
+            random_weights=random_weights, params=params, metrics=metrics, weights_uri=weights_uri)
     log.info("retrain.candidate", model_version_id=version_id, dataset=dataset_name, steps=report.steps,
              schema_valid_rate=after["schema_valid_rate"], field_accuracy=after["field_accuracy"])
-    return CandidateResult(version_id, weights_dir, metrics)
+    return CandidateResult(version_id, weights_uri, local, metrics)
 
 
-def promote(session: Session, model_version_id: int) -> int | None:
-    """Make a vlm candidate active and retire the active one, in the caller's transaction.
-    Returns the retired version's id (None when there was no active vlm)."""
-    rows = model_versions.locked_versions(session, ModelKind.vlm.value)
-    target = next((r for r in rows if r.id == model_version_id), None)
-    if target is None:
-        raise PromotionError(f"model version {model_version_id} is not a vlm version")
-    if target.status != ModelStatus.candidate.value:
-        raise PromotionError(f"model version {model_version_id} is {target.status}, not a candidate")
-    retired = next((r for r in rows if r.status == ModelStatus.active.value), None)
-    if retired is not None:
-        retired.status = ModelStatus.retired.value
-        session.flush()  # the one-active index must see the old row retired first
-    target.status = ModelStatus.active.value
-    target.activated_at = datetime.now(UTC)
-    session.flush()
-    log.info("retrain.promoted", model_version_id=target.id, retired=retired.id if retired else None)
-    return retired.id if retired else None
+def _local_dir(uri: str) -> Path | None:
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    return Path(unquote(parts.path)) if parts.scheme == "file" else None

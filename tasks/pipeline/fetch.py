@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.engine import job_session
 from db.enums import Stage
-from db.repositories import images, listings, products
+from db.repositories import images, listings, model_versions, products
 from db.repositories import jobs as job_rows
 from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateCandidate
 from models.errors import ImageRejected
@@ -99,7 +99,16 @@ def _verify_near(runtime: Runtime, session: Session, tenant_id: str, image_id: i
     return best.image_id, best.hamming, best.inliers
 
 
-def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, int]) -> FetchOutcome:
+def _reusable(session: Session, tenant_id: str, image_id: int) -> int | None:
+    """A listing of this image by the versions the registry serves now (the CPU worker needs no
+    model identity of its own): reuse it, no model work. None until every kind has an active version."""
+    active = {kind: row.id for kind, row in model_versions.active(session).items()}
+    if set(active) != {"detector", "vlm", "clip"}:
+        return None
+    return listings.reusable(session, tenant_id, image_id, active)
+
+
+def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome:
     started = time.perf_counter()
     with job_session(runtime.session_factory, job_id) as session:
         job = jobs.claim(session, job_id, Stage.fetch, task_id, runtime.retry.max_stage_attempts)
@@ -137,7 +146,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str, model_ids: dict
                 other = images.product_using(session, tenant_id, match_id, exclude_product=product_id)
                 duplicates.append(DuplicateFound(img.url, "near", other, hamming, inliers))
         primary = next((i for i, s in enumerate(stored) if s.role == "primary"), 0)
-        reuse = listings.reusable(session, tenant_id, image_ids[primary], model_ids)
+        reuse = _reusable(session, tenant_id, image_ids[primary])
         nxt = Stage.persist if reuse is not None else jobs.STAGES[Stage.fetch].next
         assert nxt is not None
         handoff = FetchedImages(image_ids=tuple(image_ids), primary_image_id=image_ids[primary],

@@ -5,7 +5,8 @@ are written; the Celery tasks, the hand-offs, the reconciler's redispatch and th
 it. A stage is claimed under a row lock by the task id that runs it. A redelivery of the same task
 (same id) re-claims; a concurrent duplicate (another id) backs off; a stage already passed, a
 stage not reached yet, or a job already done/failed, is a no-op. That turns at-least-once delivery
-into one model run.
+into one model run. While a task runs it keeps its claim fresh (``heartbeat``), so the reconciler
+can tell a live claim from one whose worker died.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
     job.updated_at = datetime.now(UTC)
     session.flush()
     return job
+
+
+def heartbeat(session: Session, job_id: int, stage: Stage, task_id: str) -> bool:
+    """Keep ``task_id``'s claim of ``stage`` fresh while it runs (``tasks.adapter`` beats every
+    ``Runtime.heartbeat_s``); the reconciler calls a claimed stage stalled only once its beats stop.
+    False when this task no longer holds the job's current stage: nothing is refreshed."""
+    return job_rows.heartbeat(session, job_id, stage.value, task_id)
 
 
 def release_claim(session: Session, job_id: int, stage: str) -> bool:

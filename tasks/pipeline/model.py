@@ -40,7 +40,7 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
                            attributes=dict(product.attributes), locale=product.locale)
     image = decode_image(runtime.blobs.get(uri), runtime.image_limits).image
     result = runtime.batcher.run(ModelItem(job_id=job_id, image=image, unknown_category=runtime.unknown_category,
-                                           **item_fields))
+                                           **item_fields), timeout=runtime.model_wait_s)
     if result.error is not None:
         code, detail, retryable = result.error
         raise PipelineError(ErrorCode(code), detail, retryable=retryable)

@@ -16,6 +16,7 @@ from db.enums import Stage
 from db.repositories import listings, model_versions, products
 from db.tables import EnrichmentJob, Listing, Product
 from tasks import faults
+from tasks.errors import ErrorCode, PipelineError
 from tasks.events import SCHEMA_VERSION, now_iso
 from tasks.pipeline import jobs
 from tasks.pipeline.outbox import enqueue
@@ -25,15 +26,21 @@ from tasks.runtime import Runtime
 log = structlog.get_logger(__name__)
 
 
-def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob, product: Product,
-                 model_ids: dict[str, int], random_weights: bool) -> tuple[int, dict[str, Any]]:
+def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob,
+                 product: Product) -> tuple[int, bool, dict[str, Any]]:
+    """The model stage's result document, recorded under the versions that produced it."""
     doc = json.loads(runtime.blobs.get(ModelOutput.of(job.work).result_uri))
+    model_ids = doc.get("model_versions") or {}
+    if set(model_ids) != {"detector", "vlm", "clip"}:
+        raise PipelineError(ErrorCode.internal_error, "the model result names no model versions (written by a GPU "
+                            "worker older than the registry); the reconciler runs the product again")
+    random_weights = bool(doc.get("random_weights"))
     image_id = FetchedImages.of(job.work).primary_image_id
     g = doc["grounding"]
     grounding_id = listings.upsert_grounding(session, tenant_id=job.tenant_id, image_id=image_id,
                                              detector_id=model_ids["detector"], prompt=g["prompt"], box=g["box"],
                                              score=g["score"], fallback=g["fallback"])
-    listing_id = listings.insert_listing(session, dict(
+    listing_id, created = listings.insert_listing(session, dict(
         tenant_id=job.tenant_id, product_id=product.id, product_version=job.product_version,
         model_version_id=model_ids["vlm"], image_id=image_id, grounding_id=grounding_id, category=product.category,
         schema_id=doc["schema_id"], content=doc["content"], dropped_attributes=doc["dropped"],
@@ -44,17 +51,18 @@ def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob, product
         tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id, model_version_id=model_ids["clip"],
         category=product.category, dims=len(vec), image_embedding=vec, text_embedding=doc["text_embedding"],
         text_input=doc["text_input"]))
-    return listing_id, doc["grounding"]
+    return listing_id, created, doc["grounding"]
 
 
-def _from_reuse(session: Session, job: EnrichmentJob, product: Product, source_id: int) -> tuple[int, dict[str, Any]]:
+def _from_reuse(session: Session, job: EnrichmentJob, product: Product,
+                source_id: int) -> tuple[int, bool, dict[str, Any]]:
     """An identical image already enriched by the same models: copy, no model work."""
     src = listings.get(session, source_id)
     assert src is not None
-    listing_id = listings.insert_listing(session, dict(
+    listing_id, created = listings.insert_listing(session, dict(
         tenant_id=job.tenant_id, product_id=product.id, product_version=job.product_version,
         model_version_id=src.model_version_id, image_id=src.image_id, grounding_id=src.grounding_id,
-        category=product.category, schema_id=src.schema_id, content=src.content,
+        category=product.category, schema_id=src.schema_id, content=src.generated_content or src.content,
         dropped_attributes=src.dropped_attributes, model_output=src.model_output, model_input=src.model_input,
         model_versions={**src.model_versions, "reused_from_listing_id": src.id}, random_weights=src.random_weights))
     for emb in listings.embeddings_of(session, src.id):
@@ -65,7 +73,7 @@ def _from_reuse(session: Session, job: EnrichmentJob, product: Product, source_i
     g = listings.grounding(session, src.grounding_id)
     grounding = ({"box": g.box, "score": g.score, "fallback": g.fallback, "prompt": g.prompt} if g
                  else {"box": None, "score": None, "fallback": True, "prompt": ""})
-    return listing_id, grounding
+    return listing_id, created, grounding
 
 
 def _model_names(session: Session, model_ids: dict[str, int]) -> dict[str, str]:
@@ -92,8 +100,12 @@ def enriched_event(job: EnrichmentJob, product: Product, listing: Listing, groun
     }
 
 
-def persist(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, int], random_weights: bool) -> int | None:
-    """Returns the listing id, or None when the job had already ended (a duplicate delivery)."""
+def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
+    """Returns the listing id, or None when the job had already ended (a duplicate delivery).
+
+    ``listing.enriched`` is published once per listing row: a job that finds its listing already
+    there (the reconciler re-ran a product to add an embedding of a new clip version, say) records
+    what is new and finishes without announcing the same listing again."""
     started = time.perf_counter()
     with job_session(runtime.session_factory, job_id) as session:
         job = jobs.claim(session, job_id, Stage.persist, task_id, runtime.retry.max_stage_attempts)
@@ -103,15 +115,16 @@ def persist(runtime: Runtime, job_id: int, task_id: str, model_ids: dict[str, in
         assert product is not None
         reuse = FetchedImages.of(job.work).reuse_listing_id
         if reuse:
-            listing_id, grounding = _from_reuse(session, job, product, reuse)
+            listing_id, created, grounding = _from_reuse(session, job, product, reuse)
         else:
-            listing_id, grounding = _from_result(session, runtime, job, product, model_ids, random_weights)
+            listing_id, created, grounding = _from_result(session, runtime, job, product)
         listing = listings.get(session, listing_id)
         assert listing is not None
-        names = _model_names(session, {k: listing.model_versions[k] for k in ("detector", "vlm", "clip")})
-        enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names),
-                tenant_id=job.tenant_id)
+        if created:
+            names = _model_names(session, {k: listing.model_versions[k] for k in ("detector", "vlm", "clip")})
+            enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names),
+                    tenant_id=job.tenant_id)
         jobs.finish(session, job, listing_id=listing_id, timings={"persist": (time.perf_counter() - started) * 1000})
         faults.hit("persist.before_commit", job_id=job_id)
-    log.info("persist.done", job_id=job_id, listing_id=listing_id, reused=bool(reuse))
+    log.info("persist.done", job_id=job_id, listing_id=listing_id, reused=bool(reuse), new_listing=created)
     return listing_id

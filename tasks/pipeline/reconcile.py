@@ -2,8 +2,17 @@
 
 A product needs work again when its latest version has no listing from the active vlm version,
 no embedding from the active clip version (a model changed, a persist was lost), or its job died
-(pending/running without progress for too long, or failed with a retryable error). Products
-with a fresh job in flight, or a permanent failure, are left alone.
+(stalled, or failed with a retryable error). Products with a job in flight, or a permanent
+failure, are left alone.
+
+Stalled, the rule: a task that holds the job's current stage refreshes ``updated_at`` every
+``heartbeat_s`` while it runs (``tasks.adapter``), so a claimed stage is stalled once its last
+beat is older than ``stalled_after`` (a few beats: its worker is gone). A stage no task holds
+(a pending job never claimed, or one handed on and waiting in the next stage's queue) is only
+waiting in a queue, which under backlog can take hours; it is stalled after the much longer
+``queued_after``. Re-dispatching a job that is in fact alive costs one duplicate message, which
+its claim turns into a no-op; releasing a claim that is alive would cost a second model run, and
+the heartbeat is what prevents that.
 
 ``find_incomplete_products`` and ``requeue`` are plain functions; ``reconcile`` takes an advisory
 lock and runs them in the caller's transaction, dispatching through the outbox like every other
@@ -26,8 +35,10 @@ from db.repositories import jobs as job_rows
 from tasks.pipeline import jobs
 from tasks.pipeline.work import EnrichRequest
 
-# Twice the default hard task time limit (900 s): a job untouched that long has no live worker.
-DEFAULT_STALLED_AFTER = timedelta(minutes=30)
+# The defaults of ENRICH_WORKERS__STALL_AFTER_S (derived from the heartbeat and retry settings)
+# and ENRICH_WORKERS__QUEUED_STALL_AFTER_S; the beat task passes the configured values.
+DEFAULT_STALLED_AFTER = timedelta(minutes=6)
+DEFAULT_QUEUED_AFTER = timedelta(hours=24)
 ADVISORY_LOCK_KEY = 0x5EC0_C0DE  # one reconciler at a time across all beat/worker processes
 
 
@@ -58,17 +69,19 @@ class Redispatch:
 
 
 def find_incomplete_products(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER,
-                             limit: int = 1000, tenant_id: str | None = None) -> list[IncompleteProduct]:
+                             queued_after: timedelta = DEFAULT_QUEUED_AFTER, limit: int = 1000,
+                             tenant_id: str | None = None) -> list[IncompleteProduct]:
     """Products to re-queue, oldest product id first."""
-    rows = coverage.products_in(session, [r.value for r in Reason], stalled_after=stalled_after, limit=limit,
-                                tenant_id=tenant_id)
+    rows = coverage.products_in(session, [r.value for r in Reason], stalled_after=stalled_after,
+                                queued_after=queued_after, limit=limit, tenant_id=tenant_id)
     return [IncompleteProduct(r.tenant_id, r.product_id, r.external_id, r.product_version, Reason(r.reason),
                               r.job_id, r.job_stage) for r in rows]
 
 
-def coverage_counts(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER) -> dict[str, int]:
+def coverage_counts(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER,
+                    queued_after: timedelta = DEFAULT_QUEUED_AFTER) -> dict[str, int]:
     """Products by reconciler class (``enrich status``): complete, in_flight, each Reason, failed_permanently."""
-    counts = coverage.counts_by_class(session, stalled_after=stalled_after)
+    counts = coverage.counts_by_class(session, stalled_after=stalled_after, queued_after=queued_after)
     keys = ["products", "complete", "in_flight", *[r.value for r in Reason], "failed_permanently"]
     out = {k: int(counts.get(k, 0)) for k in keys}
     out["products"] = sum(counts.values())
@@ -102,14 +115,15 @@ def requeue(session: Session, item: IncompleteProduct) -> Redispatch | None:
 
 
 def reconcile(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AFTER,
-              limit: int = 1000) -> list[Redispatch]:
+              queued_after: timedelta = DEFAULT_QUEUED_AFTER, limit: int = 1000) -> list[Redispatch]:
     """One pass under a transaction-scoped advisory lock; what it re-dispatched (sent by the outbox
     relay once the caller commits). Cross-tenant by nature: the transaction runs in the system scope."""
     set_system_scope(session)
     if not locks.try_xact_lock(session, ADVISORY_LOCK_KEY):
         return []
     out = []
-    for item in find_incomplete_products(session, stalled_after=stalled_after, limit=limit):
+    for item in find_incomplete_products(session, stalled_after=stalled_after, queued_after=queued_after,
+                                         limit=limit):
         if (dispatch := requeue(session, item)) is not None:
             out.append(dispatch)
     session.flush()

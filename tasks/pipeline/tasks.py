@@ -22,7 +22,7 @@ from tasks.runtime import Runtime, get_runtime
 
 @stage_task(Stage.fetch)
 def fetch(runtime: Runtime, job_id: int, task_id: str) -> str | None:
-    outcome = fetch_and_dedup(runtime, job_id, task_id, runtime.model_ids)
+    outcome = fetch_and_dedup(runtime, job_id, task_id)
     return outcome.next_stage.value if outcome.next_stage is not None else None
 
 
@@ -33,7 +33,7 @@ def model(runtime: Runtime, job_id: int, task_id: str) -> bool:
 
 @stage_task(Stage.persist)
 def persist_listing(runtime: Runtime, job_id: int, task_id: str) -> int | None:
-    return persist(runtime, job_id, task_id, runtime.model_ids, runtime.random_weights)
+    return persist(runtime, job_id, task_id)
 
 
 @catalog_task("relay_outbox", queue="cpu", ignore_result=True)
@@ -45,9 +45,12 @@ def relay_outbox_task(self: Task) -> None:
 @catalog_task("reconcile", queue="cpu", ignore_result=True)
 def reconcile_task(self: Task, limit: int = 1000) -> int:
     """One reconciler pass: what it re-dispatches is committed to the outbox, then relayed."""
+    from datetime import timedelta
+
     runtime = get_runtime()
     with session_scope(runtime.session_factory) as session:
-        dispatches = reconcile(session, limit=limit)
+        dispatches = reconcile(session, stalled_after=timedelta(seconds=runtime.stall_after_s),
+                               queued_after=timedelta(seconds=runtime.queued_stall_after_s), limit=limit)
     if dispatches:
         relay_outbox(runtime)
     return len(dispatches)

@@ -182,9 +182,14 @@ def running_deployment(*, env: dict[str, str], data_dir: Path, namespace: str, e
 
 def base_env(*, pg_url: str, data_dir: Path, namespace: str, broker_url: str = AMQP_URL,
              **overrides: str) -> dict[str, str]:
+    """The deployment's environment, as production sets it: the workers ``SET ROLE enrich_worker``
+    (forced row-level security applies, although the test database's login is a superuser) and
+    the ``enrich`` maintenance commands run with this env switch to ``enrich_admin`` (the default
+    ``ENRICH_DB__ADMIN_ROLE``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENRICH_")}
     env.update({
         "ENRICH_DB__URL": pg_url,
+        "ENRICH_DB__RUNTIME_ROLE": "enrich_worker",
         "ENRICH_BROKER__URL": broker_url,
         "ENRICH_BROKER__NAMESPACE": namespace,
         "ENRICH_DATA_DIR": str(data_dir),

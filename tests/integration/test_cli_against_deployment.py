@@ -1,4 +1,6 @@
-"""`enrich publish` and `enrich status` against a running deployment, as an operator runs them."""
+"""`enrich publish`, `enrich status` and `enrich embeddings list` against a running deployment, as an
+operator runs them: the workers as ``enrich_worker``, the maintenance commands as ``enrich_admin``
+(both under forced row-level security)."""
 
 from __future__ import annotations
 
@@ -41,11 +43,20 @@ def test_publish_from_a_manifest_then_status(deployment: Deployment, dataset_dir
     status = enrich(deployment, "status", "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
+    with engine.connect() as conn:  # the superuser's count, which row-level security does not filter
+        jobs = conn.execute(text("SELECT count(*) FROM enrichment_jobs")).scalar_one()
+        clip_rows = conn.execute(text("SELECT count(*) FROM embeddings e JOIN model_versions mv "
+                                      "ON mv.id = e.model_version_id WHERE mv.status = 'active'")).scalar_one()
+    assert sum(report["jobs_by_status"].values()) == jobs and report["coverage"]["products"] >= 3
     assert report["jobs_by_status"].get("done", 0) >= 3
     assert report["throughput_15min"]["done"] >= 3 and report["throughput_15min"]["events_per_s"] > 0
     assert report["outbox_pending"] == 0
     human = enrich(deployment, "status")
     assert "jobs by status" in human.stdout and "failures by code" in human.stdout
+    versions = enrich(deployment, "embeddings", "list")
+    assert versions.returncode == 0, versions.stderr
+    active = [line.split() for line in versions.stdout.splitlines() if " active " in line]
+    assert len(active) == 1 and int(active[0][3]) == clip_rows > 0, versions.stdout
 
 
 def test_publish_refuses_a_folder_without_photos(deployment: Deployment, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -102,5 +103,78 @@ def test_micro_batcher_hands_a_batch_failure_to_every_caller() -> None:
         for f in futures:
             with pytest.raises(RuntimeError, match="model thread broke"):
                 f.result(timeout=10)
+    finally:
+        batcher.close()
+
+
+def test_micro_batcher_wait_is_bounded_and_a_withdrawn_item_never_runs() -> None:
+    from models.batch import BatcherUnavailable, BatchWaitTimeout
+
+    release = threading.Event()
+    seen: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        release.wait(10)  # the model thread is stuck on the first batch
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_size=1, max_wait_ms=0)
+    try:
+        first = batcher.submit(1)
+        started = time.monotonic()
+        with pytest.raises(BatchWaitTimeout) as info:
+            batcher.run(2, timeout=0.3)  # queued behind the stuck batch
+        assert 0.25 <= time.monotonic() - started < 3
+        assert isinstance(info.value, BatcherUnavailable) and isinstance(info.value, TimeoutError)
+        release.set()
+        assert first.result(timeout=5) == 1
+        assert batcher.run(3, timeout=5) == 3
+        assert seen == [[1], [3]]  # item 2 was withdrawn when its caller gave up: no wasted model run
+    finally:
+        release.set()
+        batcher.close()
+
+
+def test_micro_batcher_watchdog_fails_waiters_refuses_work_and_asks_for_a_restart_when_a_batch_hangs() -> None:
+    from models.batch import BatcherHung
+
+    never = threading.Event()
+    hung_calls: list[float] = []
+
+    def run(items: list[int]) -> list[int]:
+        never.wait(30)  # a model call that does not come back
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_size=1, max_wait_ms=0, hang_after_s=0.4,
+                                                   on_hang=lambda: hung_calls.append(time.monotonic()))
+    try:
+        started = time.monotonic()
+        running, queued = batcher.submit(1), batcher.submit(2)
+        for fut in (running, queued):  # both callers learn at once, long before their own timeouts
+            with pytest.raises(BatcherHung):
+                fut.result(timeout=5)
+        assert 0.35 <= time.monotonic() - started < 3
+        assert batcher.hung and len(hung_calls) == 1
+        with pytest.raises(BatcherHung):
+            batcher.run(3, timeout=5)  # refused at once: the process is on its way out
+        time.sleep(0.6)
+        assert len(hung_calls) == 1  # one restart request, however long the thread stays stuck
+    finally:
+        never.set()
+        batcher.close()
+
+
+def test_micro_batcher_watchdog_leaves_slow_but_finishing_batches_alone() -> None:
+    hung_calls: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        time.sleep(0.1)
+        return [i + 1 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_size=2, max_wait_ms=10, hang_after_s=0.5,
+                                                   on_hang=lambda: hung_calls.append(1))
+    try:
+        assert [batcher.run(i, timeout=5) for i in range(8)] == list(range(1, 9))  # 0.8 s of batches in all
+        assert not batcher.hung and hung_calls == []
     finally:
         batcher.close()

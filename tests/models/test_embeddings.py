@@ -64,3 +64,20 @@ def test_visual_description_is_visual_short_and_deterministic() -> None:
     assert 10 <= len(minimal.split()) <= 20 and "black jacket" in minimal and "solid" not in minimal
     long_values = {f"attribute_{i}": "very_long_value_name" for i in range(12)}
     assert len(visual_description("shoes", long_values).split()) <= 20
+
+
+def test_a_saved_clip_loads_back_as_the_same_model_with_its_provenance(tmp_path) -> None:  # noqa: ANN001
+    import numpy as np
+    from PIL import Image
+
+    from models.embeddings import ClipEmbedder, save_clip
+
+    tiny = ClipEmbedder("tiny", profile="tiny", device="cpu", seed=7)
+    directory = save_clip(tiny, tmp_path / "clip", random_weights=True, base=tiny.version().canonical)
+    back = ClipEmbedder(str(directory), profile="pretrained", device="cpu")
+    image = Image.new("RGB", (80, 80), (200, 10, 10))
+    assert np.allclose(tiny.embed_images([image]), back.embed_images([image]))
+    version = back.version()
+    assert version.random_weights and version.dims == 512 and version.revision.startswith("sha256-")
+    other = ClipEmbedder("tiny", profile="tiny", device="cpu", seed=0)
+    assert not np.allclose(other.embed_images([image]), back.embed_images([image]))  # another seed, other weights

@@ -169,6 +169,34 @@ def test_simulated_gpu_oom_splits_the_batch_and_the_worker_stays_up(make_deploym
     dep.check("7 simulated GPU OOM (batch > 1)")
 
 
+def test_a_hung_model_thread_bounds_the_task_wait_and_restarts_the_gpu_worker(make_deployment, new_tenant,  # noqa: ANN001
+                                                                              product_event) -> None:
+    """The threads pool enforces no Celery time limit: the model task's wait on the batcher is
+    bounded by the soft limit (a retryable error, retried), and a batch that outlives the hard
+    limit makes the worker exit (code 70) for its supervisor to restart; nothing is lost."""
+    dep = make_deployment()
+    t = new_tenant()
+    hung = {**TRACE, "ENRICH_FAULTS__SLEEP_IN_MODEL_S": "300", "ENRICH_WORKERS__SOFT_TIME_LIMIT_S": "4",
+            "ENRICH_WORKERS__TIME_LIMIT_S": "7"}
+    dep.start(CPU, WorkerSpec("gpu", "gpu", hung))
+    [eid] = dep.publish_many([product_event(t, "hang", 3)])
+    dep.wait_log(r"fault\.sleep", name="gpu", timeout=120)  # the model thread is stuck in its batch
+    gpu = dep.by_name["gpu"]
+    started = time.monotonic()
+    code = gpu.wait(120)  # not wait_log: its supervisor would restart the worker with the fault still on
+    dep.procs.remove(gpu)
+    log = dep.log_text("gpu")
+    assert code == 70, (code, log[-3000:])
+    assert time.monotonic() - started < 90  # well before the broker's consumer timeout (1800 s)
+    assert re.search(r"stage\.retry.*no model result within 4 s", log), log[-3000:]  # the bounded wait
+    assert dep.count(r"batch\.hung", name="gpu") == 1 and dep.count(r"worker\.exit_for_restart", name="gpu") == 1
+    dep.restart("gpu", extra_env=TRACE)  # what the supervisor does; the model thread is fine this time
+    row = dep.wait_finished([eid], timeout=180)[eid]
+    assert row.status == "done", (row.status, row.stage, row.error_code)
+    assert row.attempts["model"] >= 2, row.attempts  # retried after the timeout, then run by the new process
+    dep.check("7b hung model thread (bounded wait, restart)", note=f"gpu exit code {code}")
+
+
 # ---- 5. broker and database restarts ------------------------------------------------------------
 
 def _rabbitmqctl(*args: str) -> None:
@@ -192,6 +220,63 @@ def test_rabbitmq_restarted_with_messages_in_flight(make_deployment, new_tenant,
     assert {r.status for r in rows.values()} == {"done"}, [(r.status, r.stage, r.error_code) for r in rows.values()]
     assert dep.count(r"Connected to amqp://") >= 4  # both workers connected again after the restart
     dep.check("5a RabbitMQ restart in flight")
+
+
+# Loaded at start-up by an events worker (PYTHONPATH): holds each product-event ack for a moment,
+# so the test can stop RabbitMQ between the intake's commit and its ack, as a real broker outage
+# would. The heartbeat frame written first meets the closed connection and draws the reset that
+# makes the ack itself fail (a single write to a peer that closed is accepted by the kernel).
+_ACK_DELAY_SHIM = """
+import os, sys, time
+_delay = float(os.environ.get("RELIABILITY_INTAKE_ACK_DELAY_S") or 0)
+if _delay:
+    from kombu.message import Message
+    _ack = Message.ack
+    def ack(self, multiple=False):
+        if str(self.delivery_info.get("routing_key", "")).startswith("product."):
+            print(f"shim.ack_delayed delay_s={_delay}", flush=True)
+            time.sleep(_delay)
+            try:
+                self.channel.connection.send_heartbeat()
+            except Exception:
+                pass
+            time.sleep(0.3)
+        return _ack(self, multiple=multiple)
+    Message.ack = ack
+"""
+
+
+def test_rabbitmq_stopped_between_intake_commit_and_ack_is_no_dead_letter(make_deployment, new_tenant,  # noqa: ANN001
+                                                                          product_event, tmp_path) -> None:  # noqa: ANN001
+    from tests.integration.harness import REPO
+
+    shim = tmp_path / "ack-shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_ACK_DELAY_SHIM)
+    dep = make_deployment()
+    t = new_tenant()
+    delayed = {**TRACE, "PYTHONPATH": f"{shim}:{REPO}", "RELIABILITY_INTAKE_ACK_DELAY_S": "5"}
+    dep.start(WorkerSpec("events-cpu", "events,cpu", delayed), GPU)
+    [eid] = dep.publish_many([product_event(t, "ack", 2)])
+    dep.wait_log(r"shim\.ack_delayed", name="events-cpu")  # committed and relayed; the ack is held
+    try:
+        _rabbitmqctl("stop_app")
+        assert not port_open(5672)
+        time.sleep(6)  # the held ack runs against the closed connection
+    finally:
+        _rabbitmqctl("start_app")
+        _rabbitmqctl("await_startup")
+    row = dep.wait_finished([eid], timeout=240)[eid]
+    assert row.status == "done", (row.status, row.stage, row.error_code)
+    assert dep.count(r"intake\.ack_failed", name="events-cpu") >= 1  # the ack really failed mid-outage…
+    assert dep.count(r"intake\.crashed") == 0  # …and was not taken for a handler crash
+    dep.wait_log(r"shim\.ack_delayed", name="events-cpu", count=2, timeout=60)  # redelivered after the restart
+    with dep.engine.connect() as conn:
+        kept = conn.execute(text("SELECT count(*) FROM dead_letters WHERE queue LIKE :q"),
+                            {"q": f"{dep.namespace}.%"}).scalar()
+        inbox = conn.execute(text("SELECT count(*) FROM inbox_events WHERE event_id = :e"), {"e": eid}).scalar()
+    assert (kept, inbox) == (0, 1)  # no dead letter for a valid event; its redelivery was an inbox no-op
+    dep.check("5c RabbitMQ stopped before the intake ack")
 
 
 @pytest.mark.parametrize("how", ["terminate", "restart"])

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from tasks.feedback.reviews import review_event_payload
-from tests.tasks.feedback.test_reviews import add_listing
+from tests.tasks.feedback.test_reviews import MODEL_OUTPUT, add_listing
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -91,6 +91,13 @@ def test_reviews_published_as_raw_json_are_applied_once(intake_settings, engine)
             assert s.execute(text("SELECT count(*) FROM review_feedback WHERE event_id = :e"),
                              {"e": uuid.UUID(edited["event_id"])}).scalar_one() == 1
             assert s.execute(text("SELECT status FROM listings WHERE id = :i"), {"i": mine}).scalar_one() == "edited"
+            served = s.execute(text("SELECT title, attributes FROM catalog.current_listings WHERE listing_id = :i"),
+                               {"i": mine}).one()  # the merchant's edit is what the catalog serves
+            assert served.title == "Red floral midi dress"
+            assert served.attributes["length"] == {"value": "midi", "confidence": 1.0, "source": "merchant"}
+            generated = s.execute(text("SELECT generated_content ->> 'title' FROM listings WHERE id = :i"),
+                                  {"i": mine}).scalar_one()
+            assert generated == MODEL_OUTPUT["title"]  # kept beside the edit
             assert s.execute(text("SELECT status FROM listings WHERE id = :i"), {"i": theirs}).scalar_one() == "proposed"
             fields = s.execute(text("SELECT field FROM field_errors WHERE listing_id = :i ORDER BY field"),
                                {"i": mine}).scalars().all()

@@ -1,4 +1,9 @@
-"""``enrich backfill`` and ``enrich embeddings list|compare|activate|drop``: blue/green clip versions."""
+"""``enrich backfill`` and ``enrich embeddings list|compare|activate|drop``: blue/green clip versions.
+
+Maintenance commands: every transaction runs in the system scope as the maintenance role
+(``admin_session`` on ``get_admin_session_factory()``, ``ENRICH_DB__ADMIN_ROLE``); the HNSW index
+DDL needs the table owner and runs on an owner connection (``get_owner_engine()``).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import typer
 
 from db import embedding_versions as ev
 from db import vector_indexes
-from db.engine import session_scope
+from db.engine import admin_session
 from workers.cli.errors import CliError, one_line_errors
 from workers.settings import Settings, get_settings
 
@@ -38,8 +43,10 @@ class ModelEmbedder:
         return self.clip.embed_images(images), self.clip.embed_texts([i.text_input for i in items])
 
 
-def load_embedder(model: str, settings: Settings) -> tuple[ev.VersionSpec, ev.EmbedBatch]:
-    """The clip model named ``model`` (same reference forms as ENRICH_MODELS__CLIP), loaded once."""
+def load_embedder(model: str, settings: Settings, profile: str = "pretrained") -> tuple[ev.VersionSpec, ev.EmbedBatch]:
+    """The clip model named ``model`` (same reference forms as ENRICH_MODELS__CLIP), loaded once.
+    ``profile`` is the clip's own (a backfill loads real weights unless told otherwise), whatever
+    the rest of this installation's models use."""
     try:
         from dataclasses import replace
 
@@ -49,7 +56,9 @@ def load_embedder(model: str, settings: Settings) -> tuple[ev.VersionSpec, ev.Em
         from workers.storage import s3_client
     except ModuleNotFoundError as exc:
         raise CliError(f"the model layer is not installed ({exc.name}); cannot compute embeddings") from exc
-    bundle = build_models(replace(model_config(settings), clip=model))
+    base = model_config(settings)
+    bundle = build_models(replace(base, clip=model,
+                                  kind_profiles=tuple(sorted({**dict(base.kind_profiles), "clip": profile}.items()))))
     clip = bundle.embedder
     clip.load()
     info = clip.version()
@@ -57,14 +66,26 @@ def load_embedder(model: str, settings: Settings) -> tuple[ev.VersionSpec, ev.Em
         raise CliError(f"clip model {model} reports no embedding dimension")
     blobs = open_blob_store(settings.originals_uri, s3_client_factory=lambda: s3_client(settings))
     spec = ev.VersionSpec(name=info.name, revision=info.revision, dims=int(info.dims), profile=info.profile,
-                          random_weights=info.random_weights, params={"ref": model})
+                          random_weights=info.random_weights, params={"ref": model},
+                          weights_uri=model if info.profile == "pretrained" else None)
     return spec, ModelEmbedder(clip, blobs.get)
 
 
 def _factory():  # noqa: ANN202
-    from workers.database import get_session_factory
+    from workers.database import get_admin_session_factory
 
-    return get_session_factory()
+    return get_admin_session_factory()
+
+
+def _as_owner(ddl: Any, dims: int) -> list[str]:
+    """Index DDL on a fresh owner connection: CREATE/DROP INDEX needs the table owner."""
+    from workers.database import get_owner_engine
+
+    engine = get_owner_engine()
+    try:
+        return ddl(engine, dims)
+    finally:
+        engine.dispose()
 
 
 def backfill(
@@ -72,22 +93,22 @@ def backfill(
     batch_size: int = typer.Option(64, min=1, help="Listings per model call and per committed transaction."),
     rate: float = typer.Option(0.0, min=0, help="Most rows per second (0 = unlimited), to spare the database."),
     limit: int = typer.Option(0, min=0, help="Stop after this many rows (0 = all); run again to resume."),
+    profile: str = typer.Option("pretrained", help="The clip's weights: pretrained (from --model), or tiny / "
+                                                   "random-full (random weights, for rehearsals)."),
 ) -> None:
     """Embed every searchable listing with a new clip version, beside the active one (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from workers.database import get_engine
-
     with one_line_errors():
         settings = get_settings()
-        spec, embed = load_embedder(model, settings)
+        spec, embed = load_embedder(model, settings, profile)
         factory = _factory()
-        with session_scope(factory) as s:
+        with admin_session(factory) as s:
             version_id = ev.register_version(s, spec)
-        created = vector_indexes.ensure_dimension_index(get_engine(), spec.dims)  # CONCURRENTLY: writers keep writing
+        created = _as_owner(vector_indexes.ensure_dimension_index, spec.dims)  # CONCURRENTLY: writers keep writing
         if created:
             typer.echo(f"created HNSW indexes {', '.join(created)}")
-        with session_scope(factory) as s:
+        with admin_session(factory) as s:
             start = ev.coverage(s, version_id)
         todo = start.target - start.embedded if not limit else min(limit, start.target - start.embedded)
         with Progress(TextColumn(f"backfill clip version {version_id}"), BarColumn(), MofNCompleteColumn(),
@@ -104,7 +125,7 @@ def backfill(
 @embeddings_app.command("list")
 def list_versions() -> None:
     """Clip model versions with their status, size and row counts."""
-    with one_line_errors(), session_scope(_factory()) as s:
+    with one_line_errors(), admin_session(_factory()) as s:
         versions = ev.list_versions(s)
     for v in versions:
         compare = v.metrics.get("compare", {})
@@ -119,7 +140,7 @@ def compare(version_id: int = typer.Argument(..., help="Clip model version id (s
             k: int = typer.Option(10, min=1, max=100),
             ef_search: int = typer.Option(40, min=1, help="hnsw.ef_search for the approximate side.")) -> None:
     """Coverage and recall@k of the version's HNSW neighbours against exact search."""
-    with one_line_errors(), session_scope(_factory()) as s:
+    with one_line_errors(), admin_session(_factory()) as s:
         result = ev.compare(s, version_id, k=k, queries=queries, ef_search=ef_search)
     recall = "n/a (no rows)" if result.recall_at_k is None else f"{result.recall_at_k:.3f}"
     cov = result.coverage
@@ -129,11 +150,12 @@ def compare(version_id: int = typer.Argument(..., help="Clip model version id (s
 
 @embeddings_app.command("activate")
 def activate(version_id: int = typer.Argument(...),
-             force: bool = typer.Option(False, "--force", help="Activate below 100% coverage / without index.")) -> None:
+             force: bool = typer.Option(False, "--force", help="Activate below 100% coverage / without index "
+                                        "(never a version that covers no listing).")) -> None:
     """Switch SQL searches to this version, atomically (one transaction)."""
     with one_line_errors():
         try:
-            with session_scope(_factory()) as s:
+            with admin_session(_factory()) as s:
                 old = ev.activate(s, version_id, force=force)
         except ev.VersionError as exc:
             raise CliError(str(exc)) from exc
@@ -144,8 +166,6 @@ def activate(version_id: int = typer.Argument(...),
 def drop(version_id: int = typer.Argument(...),
          yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation.")) -> None:
     """Delete a non-active version's embeddings (in batches) and its dimension index if now unused."""
-    from workers.database import get_engine
-
     if not yes:
         typer.confirm(f"delete every embedding of clip version {version_id}?", abort=True)
     with one_line_errors():
@@ -153,17 +173,17 @@ def drop(version_id: int = typer.Argument(...),
         total = 0
         try:
             while True:
-                with session_scope(factory) as s:
+                with admin_session(factory) as s:
                     n = ev.delete_version_rows(s, version_id)
                 total += n
                 if n == 0:
                     break
-            with session_scope(factory) as s:
+            with admin_session(factory) as s:
                 dims = ev.get_version(s, version_id).dims
                 unused = dims is not None and not ev.dims_still_used(s, dims, except_version=version_id)
         except ev.VersionError as exc:
             raise CliError(str(exc)) from exc
-        dropped = vector_indexes.drop_dimension_index(get_engine(), dims) if unused and dims else []
+        dropped = _as_owner(vector_indexes.drop_dimension_index, dims) if unused and dims else []
     typer.echo(f"deleted {total} embeddings of version {version_id}"
                + (f"; dropped {', '.join(dropped)}" if dropped else ""))
 

@@ -76,6 +76,35 @@ def register(app: typer.Typer) -> None:
             report = collect_status()
         typer.echo(json.dumps(report, indent=2, default=str) if as_json else render_status(report))
 
+    @app.command("reconcile")
+    def reconcile_cmd(
+        limit: int = typer.Option(1000, min=1, help="Most products re-queued in this pass."),
+    ) -> None:
+        """One coverage-reconciler pass now (what beat runs periodically): re-queue products whose
+        latest version lacks output of the active model versions, or whose job died."""
+        from db.engine import session_scope
+        from tasks.pipeline.outbox import relay
+        from tasks.pipeline.reconcile import reconcile
+        from workers.celery_app import send_task
+        from workers.database import get_admin_session_factory
+        from workers.publisher import KombuEventPublisher
+        from workers.settings import get_settings
+
+        with one_line_errors():
+            factory = get_admin_session_factory()
+            with session_scope(factory) as session:
+                dispatches = reconcile(session, limit=limit)
+            publisher = KombuEventPublisher(get_settings(), send_task)
+            try:
+                sent = relay(factory, publisher)
+            finally:
+                publisher.close()
+        by_stage: dict[str, int] = {}
+        for d in dispatches:
+            by_stage[d.stage] = by_stage.get(d.stage, 0) + 1
+        typer.echo(f"re-queued {len(dispatches)} products ({json.dumps(by_stage, sort_keys=True)}); "
+                   f"relayed {sent} outbox messages")
+
     @app.command("topology")
     def topology(definitions: bool = typer.Option(False, "--definitions", help="Print a RabbitMQ definitions file.")) -> None:
         """Show the exchanges, queues and bindings (or the RabbitMQ definitions document)."""

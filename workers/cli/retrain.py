@@ -21,9 +21,11 @@ retrain_app = typer.Typer(help="Preference pairs from merchant feedback, DPO can
 
 
 def _factory() -> sessionmaker[Session]:
-    from workers.database import get_session_factory
+    """The maintenance role's sessions (``ENRICH_DB__ADMIN_ROLE``): building pairs reads every
+    tenant's feedback in the system scope, which the owner's connection would not see."""
+    from workers.database import get_admin_session_factory
 
-    return get_session_factory()
+    return get_admin_session_factory()
 
 
 def _datasets(settings: Settings) -> BlobStore:
@@ -60,43 +62,96 @@ def train(
     lora_rank: int = typer.Option(8, min=0, help="LoRA rank (0: full fine-tuning against a frozen copy)."),
     eval_tokens: int = typer.Option(256, min=16, help="Token budget of each held-out generation."),
 ) -> None:
-    """Run DPO on the configured listing model and register the result as a candidate version."""
+    """Run DPO on the active listing model and register the result as a candidate version."""
     from models.dpo import DpoConfig
     from models.listing import ListingGenerator
-    from tasks.io.blobs import open_blob_store
     from tasks.feedback.training import train_candidate
-    from workers.wiring import model_config
+    from tasks.io.blobs import open_blob_store
     from workers.storage import s3_client
 
     settings = get_settings()
     config = DpoConfig(beta=beta, learning_rate=learning_rate, epochs=epochs, max_steps=steps, lora_rank=lora_rank)
     with one_line_errors():
-        generator = ListingGenerator(model_config(settings))
+        vlm_config = _active_vlm_config(settings)
+        generator = ListingGenerator(vlm_config, profile=vlm_config.profile_of("vlm"))
         originals = open_blob_store(settings.originals_uri, s3_client_factory=lambda: s3_client(settings))
+        store = open_blob_store(settings.model_store_uri, s3_client_factory=lambda: s3_client(settings))
         try:
             result = train_candidate(_factory(), datasets=_datasets(settings), originals=originals,
-                                     generator=generator, dataset_name=dataset,
-                                     output_root=settings.data_dir / "candidates" / "vlm", config=config,
+                                     generator=generator, dataset_name=dataset, model_store=store, config=config,
                                      eval_max_new_tokens=eval_tokens)
         except (LookupError, ValueError) as exc:
             raise CliError(str(exc)) from exc
-    typer.echo(f"candidate vlm version {result.model_version_id} at {result.weights_dir}")
+    typer.echo(f"candidate vlm version {result.model_version_id} at {result.weights_uri}")
     typer.echo(json.dumps(result.metrics, indent=2, sort_keys=True))
 
 
-@retrain_app.command("promote")
-def promote(model_version: int = typer.Option(..., "--model-version", help="Candidate vlm version id.")) -> None:
-    """Make a candidate the active listing model, retiring the active one, atomically."""
-    from tasks.feedback.training import PromotionError
-    from tasks.feedback.training import promote as promote_version
+def _active_vlm_config(settings: Settings):  # noqa: ANN202
+    """The model configuration of the active listing model (the base a candidate improves on);
+    this worker's configured one when the registry has none yet."""
+    from db.engine import system_session
+    from db.repositories import model_versions
+    from tasks.pipeline.serving import config_for, version_ref
+    from workers.wiring import model_config
 
+    base = model_config(settings)
+    with system_session(_factory()) as session:
+        active = model_versions.active(session).get("vlm")
+        return config_for(base, {"vlm": version_ref(active)}) if active is not None else base
+
+
+@retrain_app.command("promote")
+def promote(
+    model_version: int = typer.Option(..., "--model-version", help="Candidate vlm version id."),
+    force: bool = typer.Option(False, "--force", help="Promote although the gate refuses (needs --reason)."),
+    reason: str | None = typer.Option(None, "--reason", help="Why the gate is overridden (recorded on the version)."),
+) -> None:
+    """Promote a candidate if it beats the active listing model on held-out pairs (the gate), atomically."""
+    from tasks.feedback.promotion import PromotionError
+    from tasks.feedback.promotion import promote as promote_version
+
+    settings = get_settings()
     with one_line_errors():
         try:
             with session_scope(_factory()) as session:
-                retired = promote_version(session, model_version)
+                decision = promote_version(session, model_version, margin=settings.models.promotion_margin,
+                                           force=force, reason=reason)
         except PromotionError as exc:
             raise CliError(str(exc)) from exc
-    typer.echo(f"vlm version {model_version} is active" + (f"; version {retired} retired" if retired else ""))
+    if not decision.promoted:
+        raise CliError(f"vlm version {model_version} not promoted: " + "; ".join(decision.reasons)
+                       + " (the decision is recorded; --force --reason \"…\" overrides)")
+    forced = f" (forced over: {'; '.join(decision.reasons)})" if decision.forced else ""
+    retired = f"; version {decision.retired_version_id} retired" if decision.retired_version_id else ""
+    typer.echo(f"vlm version {model_version} is active{retired}{forced}")
+
+
+@retrain_app.command("list")
+def list_versions(kind: str = typer.Option("vlm", help="detector, vlm or clip.")) -> None:
+    """Model versions of one kind with status, held-out metrics and the last gate decision."""
+    from db.engine import system_session
+    from db.repositories import model_versions
+
+    with one_line_errors(), system_session(_factory()) as session:
+        rows = model_versions.of_kind(session, kind)
+        lines = [_version_line(r) for r in rows]
+    for line in lines or [f"no {kind} versions registered"]:
+        typer.echo(line)
+
+
+def _version_line(row) -> str:  # noqa: ANN001
+    held = (row.metrics or {}).get("holdout") or {}
+    base = (row.metrics or {}).get("base_holdout") or {}
+    gate = (row.metrics or {}).get("gate") or {}
+    accuracy = held.get("field_accuracy")
+    figures = (f"  field_accuracy {accuracy:.3f} (base {base.get('field_accuracy', float('nan')):.3f})"
+               if isinstance(accuracy, int | float) else "")
+    decision = ""
+    if gate:
+        decision = "  gate: " + ("promoted" + (" (forced: " + str(gate.get("reason")) + ")" if gate.get("forced") else "")
+                                 if gate.get("promoted") else "refused: " + "; ".join(gate.get("reasons") or []))
+    weights = "random" if row.random_weights else "real"
+    return f"{row.id:>4}  {row.status:<10} {weights:<6} {row.name}@{row.revision}{figures}{decision}"
 
 
 def register(app: typer.Typer) -> None:

@@ -64,10 +64,12 @@ def test_pipeline_counts(db_session: Session) -> None:
     assert latency["p50"] is not None and latency["p50"] <= latency["p95"]
 
 
-def test_collect_status_reads_every_report(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_collect_status_reads_every_report(admin_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the maintenance role, like ``enrich status``."""
+    from db.engine import make_sessionmaker
     from workers import status
 
-    monkeypatch.setattr(status, "get_engine", lambda: engine)
+    monkeypatch.setattr(status, "get_admin_session_factory", lambda: make_sessionmaker(admin_engine))
     report = status.collect_status()
     assert list(report) == ["jobs_by_status", "running_by_stage", "failures_by_code", "intake",
                             "throughput_15min", "latency_s_15min", "outbox_pending", "dead_letters",

@@ -20,7 +20,8 @@ from tasks.feedback.datasets import read_manifest, read_split
 from tasks.feedback.reviews import apply_review, parse_review_event, review_event_payload
 from tasks.feedback.pairs import BuildStatus, RetrainConfig, build_preference_pairs, holdout_split
 from tasks.io.blobs import LocalBlobStore, open_blob_store
-from tasks.feedback.training import promote, train_candidate
+from tasks.feedback.promotion import PromotionError, promote
+from tasks.feedback.training import train_candidate
 from tests.tasks.feedback.test_reviews import add_listing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,6 +131,8 @@ def test_two_concurrent_runs_produce_one_dataset(engine, generated: list[Any], o
     factory = sessionmaker(engine, expire_on_commit=False)
     store, uris = LocalBlobStore(tmp_path / "datasets"), originals[1]
     tenant = "rt-lock"
+    with factory() as s:  # these runs commit: the builder's read position is put back afterwards
+        position = s.execute(text("SELECT watermark FROM builder_watermarks WHERE builder = 'dpo-pairs'")).scalar()
     try:
         with factory() as s, s.begin():
             edit(s, tenant, listing(s, tenant, "p0", generated[0], uris[0]))
@@ -155,6 +158,10 @@ def test_two_concurrent_runs_produce_one_dataset(engine, generated: list[Any], o
             s.execute(text("DELETE FROM tenants WHERE id = :t"), {"t": tenant})
             s.execute(text("DELETE FROM model_versions m WHERE m.name = 'tiny-vlm' AND NOT EXISTS "
                            "(SELECT 1 FROM listings l WHERE l.model_version_id = m.id)"))
+            s.execute(text("DELETE FROM builder_watermarks WHERE builder = 'dpo-pairs'"))
+            if position is not None:
+                s.execute(text("INSERT INTO builder_watermarks (builder, watermark) VALUES ('dpo-pairs', :w)"),
+                          {"w": position})
 
 
 @pytest.fixture
@@ -213,7 +220,8 @@ def test_tiny_dpo_step_registers_a_candidate_and_promotion_is_explicit(  # noqa:
 
     factory = sessionmaker(bind=s.connection(), join_transaction_mode="create_savepoint", expire_on_commit=False)
     result = train_candidate(factory, datasets=store, originals=blobs, generator=generator, dataset_name=built.name,
-                             output_root=tmp_path / "candidates", config=DpoConfig(max_steps=3, learning_rate=1e-2),
+                             model_store=LocalBlobStore(tmp_path / "candidates"),
+                             config=DpoConfig(max_steps=3, learning_rate=1e-2),
                              eval_max_new_tokens=48)
 
     row = s.get(ModelVersion, result.model_version_id)
@@ -224,12 +232,25 @@ def test_tiny_dpo_step_registers_a_candidate_and_promotion_is_explicit(  # noqa:
     assert 0.0 <= holdout["field_accuracy"] <= 1.0
     assert row.metrics["dpo"]["steps"] == 3 and row.metrics["dpo"]["last_loss"] < row.metrics["dpo"]["first_loss"]
 
-    retired = promote(s, result.model_version_id)
+    assert row.name == row.weights_uri == result.weights_uri and row.revision.startswith("sha256-")
+    assert result.weights_uri.endswith(f"/vlm/{row.revision}")  # content-addressed in the model store
+
+    refused = promote(s, result.model_version_id, margin=1.01)  # nothing beats its base by more than 100 %
+    assert not refused.promoted and any("does not beat" in r for r in refused.reasons)
     s.expire_all()
+    assert s.get(ModelVersion, result.model_version_id).status == "candidate"
+    assert s.get(ModelVersion, result.model_version_id).metrics["gate"]["promoted"] is False
+    with pytest.raises(PromotionError, match="--reason"):
+        promote(s, result.model_version_id, margin=1.01, force=True)
+    decision = promote(s, result.model_version_id, margin=1.01, force=True, reason="test: promote the tiny candidate")
+    s.expire_all()
+    assert decision.promoted and decision.forced
     assert s.get(ModelVersion, result.model_version_id).status == "active"
-    assert retired == active
+    assert decision.retired_version_id == active
     if active is not None:
         assert s.get(ModelVersion, active).status == "retired"
+    gate = s.get(ModelVersion, result.model_version_id).metrics["gate"]
+    assert gate["forced"] and gate["reason"] == "test: promote the tiny candidate"
 
 
 def test_beat_task_runs_the_builder(db_session: Session, generated: list[Any], originals, tmp_path: Path,  # noqa: ANN001

@@ -176,3 +176,147 @@ def test_feedback_report(db_session: Session) -> None:
     assert report["error_rate_by_field"]["attributes.color"] > 0
     assert 0 < report["error_rate_by_category"]["dress"] <= 1
     assert isinstance(report["last_datasets"], list)
+
+
+# --- merchant edits: the corrected listing is what the catalog serves ------------------------------------
+
+
+def _edit(s: Session, tenant: str, listing_id: int, corrected: dict[str, Any], *, decision: str = "edited",
+          at: datetime | None = None):  # noqa: ANN202
+    payload = review_event_payload(tenant_id=tenant, merchant_id="m1", listing_id=listing_id, decision=decision,
+                                   corrected=corrected)
+    if at is not None:
+        payload["occurred_at"] = at.isoformat()
+    return review(s, payload)
+
+
+def _listing(s: Session, listing_id: int) -> Listing:
+    s.expire_all()
+    listing = s.get(Listing, listing_id)
+    assert listing is not None
+    return listing
+
+
+def test_edit_replaces_content_and_keeps_the_generated_listing_once(db_session: Session) -> None:
+    from models.verify import SOURCE_MERCHANT
+
+    s = db_session
+    listing_id = add_listing(s, "ed-once", "dress-1")
+    generated = _listing(s, listing_id).content
+    t0 = datetime.now(UTC) - timedelta(minutes=10)
+    first = _edit(s, "ed-once", listing_id, {"title": "Red floral midi dress",
+                                             "attributes": {"length": "midi", "material": "silk"}}, at=t0)
+    listing = _listing(s, listing_id)
+    assert first.content_edited and not first.refused
+    assert listing.status == "edited" and listing.generated_content == generated
+    assert listing.content["title"] == "Red floral midi dress"
+    assert listing.content["description"] == MODEL_OUTPUT["description"]  # not corrected: as generated
+    merchant = {"value": "midi", "confidence": 1.0, "source": SOURCE_MERCHANT}  # the pipeline's merchant shape
+    assert listing.content["attributes"]["length"] == merchant
+    assert listing.content["attributes"]["material"] == {**merchant, "value": "silk"}
+    assert listing.content["attributes"]["color"] == generated["attributes"]["color"]  # untouched, source image
+
+    second = _edit(s, "ed-once", listing_id, {"title": "Scarlet floral midi dress", "attributes": {"color": "pink"}},
+                   at=t0 + timedelta(minutes=1))
+    listing = _listing(s, listing_id)
+    assert second.content_edited
+    assert listing.generated_content == generated  # written by the first edit only
+    assert listing.content["title"] == "Scarlet floral midi dress"
+    assert listing.content["attributes"]["color"]["value"] == "pink"
+    assert listing.content["attributes"]["length"]["value"] == "midi"  # the earlier edit of another field stays
+    errors = {e.field: e for e in s.scalars(select(FieldError).where(FieldError.feedback_id == second.feedback_id))}
+    # Compared with what the model generated, not with the merchant's first edit.
+    assert (errors["title"].model_value, errors["title"].merchant_value) == (MODEL_OUTPUT["title"],
+                                                                             "Scarlet floral midi dress")
+    assert errors["attributes.color"].model_value == "red"
+
+
+@pytest.mark.parametrize("newest_first", [True, False])
+def test_out_of_order_edits_end_as_the_newest_review_says(db_session: Session, newest_first: bool) -> None:
+    s = db_session
+    tenant = f"ed-order-{int(newest_first)}"
+    listing_id = add_listing(s, tenant, "dress-1")
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    older = ({"title": "Older merchant title", "attributes": {"color": "blue"}}, t0)
+    newer = ({"title": "Newer merchant title", "attributes": {"pattern": "striped"}}, t0 + timedelta(minutes=5))
+    results = [_edit(s, tenant, listing_id, corrected, at=at)
+               for corrected, at in ((newer, older) if newest_first else (older, newer))]
+    listing = _listing(s, listing_id)
+    assert listing.content["title"] == "Newer merchant title" and listing.reviewed_at == newer[1]
+    assert listing.content["attributes"]["pattern"]["value"] == "striped"
+    assert listing.generated_content is not None and listing.generated_content["title"] == MODEL_OUTPUT["title"]
+    if newest_first:  # the late, older edit is recorded but writes nothing into the listing
+        assert not results[1].content_edited and results[1].feedback_id is not None
+        assert listing.content["attributes"]["color"]["value"] == "red"
+    else:
+        assert all(r.content_edited for r in results)
+
+
+def test_rejection_after_an_edit_does_not_restore_the_generated_text(db_session: Session) -> None:
+    s = db_session
+    listing_id = add_listing(s, "ed-reject", "dress-1")
+    t0 = datetime.now(UTC) - timedelta(minutes=5)
+    _edit(s, "ed-reject", listing_id, {"title": "Red floral midi dress"}, at=t0)
+    rejected = _edit(s, "ed-reject", listing_id, {"title": "Should not be served"}, decision="rejected",
+                     at=t0 + timedelta(minutes=1))
+    listing = _listing(s, listing_id)
+    assert listing.status == "rejected" and not rejected.content_edited
+    assert listing.content["title"] == "Red floral midi dress"
+    assert listing.generated_content is not None and listing.generated_content["title"] == MODEL_OUTPUT["title"]
+
+
+def test_accepted_review_with_corrections_edits_the_content(db_session: Session) -> None:
+    s = db_session
+    listing_id = add_listing(s, "ed-accept", "dress-1")
+    result = _edit(s, "ed-accept", listing_id, {"description": "A red floral dress, knee length, short sleeves."},
+                   decision="accepted")
+    listing = _listing(s, listing_id)
+    assert result.content_edited and listing.status == "accepted"
+    assert listing.content["description"] == "A red floral dress, knee length, short sleeves."
+    assert listing.generated_content is not None
+    assert listing.generated_content["description"] == MODEL_OUTPUT["description"]
+    plain = _edit(s, "ed-accept", listing_id, {}, decision="accepted")  # accepting what is shown changes nothing
+    assert not plain.content_edited
+    assert _listing(s, listing_id).content["description"] == "A red floral dress, knee length, short sleeves."
+
+
+def test_values_the_listing_schema_refuses_are_reported_not_served(db_session: Session) -> None:
+    s = db_session
+    listing_id = add_listing(s, "ed-invalid", "dress-1")
+    corrected = {"title": "Teal floral dress",
+                 "attributes": {"color": "teal", "sparkle": "lots", "length": "midi", "size": 38}}
+    result = _edit(s, "ed-invalid", listing_id, corrected)
+    listing = _listing(s, listing_id)
+    assert result.outcome is ReviewOutcome.applied and result.content_edited
+    assert set(result.refused) == {"attributes.color", "attributes.sparkle"}
+    assert "teal" in result.refused["attributes.color"] and "dress@1" in result.refused["attributes.color"]
+    assert listing.content["title"] == "Teal floral dress"  # text is the merchant's, as given
+    assert listing.content["attributes"]["color"]["value"] == "red"  # refused: stays as generated
+    assert "sparkle" not in listing.content["attributes"]
+    assert listing.content["attributes"]["length"]["value"] == "midi"
+    assert listing.content["attributes"]["size"]["value"] == 38  # merchant-only: free values
+    inbox = s.get(InboxEvent, result.event_id)
+    assert inbox is not None and inbox.status == "accepted" and "attributes.color" in inbox.detail
+    feedback = s.get(ReviewFeedback, result.feedback_id)
+    assert feedback is not None and feedback.corrected == corrected  # what the merchant said is kept whole
+    errors = {e.field: e.merchant_value for e in
+              s.scalars(select(FieldError).where(FieldError.feedback_id == result.feedback_id))}
+    assert errors["attributes.color"] == "teal"
+
+    other = add_listing(s, "ed-invalid", "dress-2")
+    nothing = _edit(s, "ed-invalid", other, {"attributes": {"color": "teal"}})
+    listing = _listing(s, other)
+    assert not nothing.content_edited and listing.generated_content is None and listing.status == "edited"
+
+
+def test_current_listings_view_serves_the_edit(db_session: Session) -> None:
+    s = db_session
+    listing_id = add_listing(s, "ed-view", "dress-1")
+    _edit(s, "ed-view", listing_id, {"title": "Red floral midi dress", "description": "Merchant's own words here.",
+                                     "attributes": {"length": "midi"}})
+    row = s.execute(text("SELECT listing_id, status, title, description, attributes, content "
+                         "FROM catalog.current_listings WHERE tenant_id = 'ed-view'")).one()
+    assert (row.listing_id, row.status) == (listing_id, "edited")
+    assert (row.title, row.description) == ("Red floral midi dress", "Merchant's own words here.")
+    assert row.attributes["length"] == {"value": "midi", "confidence": 1.0, "source": "merchant"}
+    assert row.content["title"] == row.title

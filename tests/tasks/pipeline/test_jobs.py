@@ -95,3 +95,83 @@ def test_release_claim_lets_a_new_task_take_a_stalled_stage(db_session, job_id: 
     assert jobs.claim(db_session, job_id, Stage.fetch, "new") is None
     assert jobs.release_claim(db_session, job_id, "fetch") is True
     assert jobs.claim(db_session, job_id, Stage.fetch, "new") is not None
+
+
+def _age(session, job_id: int, interval: str = "2 hours") -> None:  # noqa: ANN001
+    from sqlalchemy import text
+
+    session.execute(text("UPDATE enrichment_jobs SET updated_at = now() - CAST(:i AS interval) WHERE id = :id"),
+                    {"i": interval, "id": job_id})
+
+
+def _updated_at(session, job_id: int):  # noqa: ANN001, ANN202
+    from sqlalchemy import text
+
+    return session.execute(text("SELECT updated_at FROM enrichment_jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+
+
+def test_a_heartbeat_refreshes_only_the_claim_its_task_holds(db_session, job_id: int) -> None:  # noqa: ANN001
+    job = jobs.claim(db_session, job_id, Stage.fetch, "task-a")
+    _age(db_session, job_id)
+    old = _updated_at(db_session, job_id)
+    assert jobs.heartbeat(db_session, job_id, Stage.fetch, "task-b") is False  # a stale/duplicate worker
+    assert jobs.heartbeat(db_session, job_id, Stage.model, "task-a") is False  # not the job's current stage
+    assert _updated_at(db_session, job_id) == old
+    assert jobs.heartbeat(db_session, job_id, Stage.fetch, "task-a") is True
+    assert _updated_at(db_session, job_id) > old
+
+    jobs.hand_off(db_session, job, Stage.model, FetchedImages(image_ids=(1,), primary_image_id=1,
+                                                              primary_uri="file:///originals/x"))
+    _age(db_session, job_id)
+    assert jobs.heartbeat(db_session, job_id, Stage.fetch, "task-a") is False  # handed on: its claim is spent
+    assert jobs.release_claim(db_session, job_id, "model") is True
+    jobs.claim(db_session, job_id, Stage.model, "task-m")
+    jobs.fail(db_session, job_id, ErrorCode.model_error, "broke", retryable=False)
+    assert jobs.heartbeat(db_session, job_id, Stage.model, "task-m") is False  # ended jobs stay ended
+
+
+def test_a_heartbeat_never_waits_behind_the_stage_transaction_that_holds_the_row(engine) -> None:  # noqa: ANN001
+    """Persist holds the job row for its whole transaction; a beat then skips instead of queueing
+    behind it (that transaction writes the row anyway). Committed rows: two connections."""
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from db.repositories import jobs as job_rows
+
+    tenant = f"hb-{uuid.uuid4().hex[:8]}"
+    with Session(engine) as s, s.begin():
+        s.add(Tenant(id=tenant))
+        s.flush()
+        s.add(Merchant(tenant_id=tenant, id="m"))
+        s.flush()
+        product = Product(tenant_id=tenant, merchant_id="m", external_id="p", version=1, category="dress")
+        event = InboxEvent(event_id=uuid.uuid4(), tenant_id=tenant, event_type="product.created", status="accepted")
+        s.add_all([product, event])
+        s.flush()
+        job = EnrichmentJob(tenant_id=tenant, event_id=event.event_id, product_id=product.id, product_version=1,
+                            stage="persist")
+        s.add(job)
+        s.flush()
+        job_id = job.id
+        assert jobs.claim(s, job_id, Stage.persist, "task-p") is not None
+    holder = Session(engine)
+    try:
+        holder.begin()
+        job_rows.lock(holder, job_id)  # the stage's transaction, still open
+        with Session(engine) as s, s.begin():
+            s.execute(text("SET LOCAL lock_timeout = '5s'"))
+            started = time.monotonic()
+            assert jobs.heartbeat(s, job_id, Stage.persist, "task-p") is False
+            assert time.monotonic() - started < 1.0
+        holder.rollback()
+        with Session(engine) as s, s.begin():
+            assert jobs.heartbeat(s, job_id, Stage.persist, "task-p") is True  # free again: it beats
+    finally:
+        holder.rollback()
+        holder.close()
+        with engine.begin() as conn:
+            for table in ("enrichment_jobs", "products", "inbox_events", "merchants", "tenants"):
+                column = "id" if table == "tenants" else "tenant_id"
+                conn.execute(text(f"DELETE FROM {table} WHERE {column} = :t"), {"t": tenant})

@@ -98,3 +98,46 @@ def test_requeue_without_any_job_has_nothing_to_run(db_session) -> None:  # noqa
     add_products(s, "acme", ["orphan"], ["dress"])
     (item,) = find_incomplete_products(s)
     assert item.reason is Reason.missing_listing and requeue(s, item) is None
+
+
+def _set_work(session, job_id: int, work: str) -> None:  # noqa: ANN001
+    session.execute(text("UPDATE enrichment_jobs SET work = CAST(:w AS jsonb) WHERE id = :id"), {"w": work, "id": job_id})
+
+
+def test_stalled_means_heartbeats_stopped_for_a_claim_and_a_long_queue_wait_otherwise(db_session) -> None:  # noqa: ANN001
+    """A claimed stage is stalled a few heartbeats after its last beat; a job no task holds is
+    waiting in a queue (backlog), and is stalled only after the much longer queueing allowance."""
+    s = db_session
+    add_model_version(s, "vlm", "vlm-a")
+    add_tenant(s, "acme")
+    names = ["claimed_silent", "claimed_beating", "queued_2h", "handed_on_2h", "queued_25h"]
+    pids = dict(zip(names, add_products(s, "acme", names, ["dress"] * len(names)), strict=True))
+    _job(s, "acme", pids["claimed_silent"], status="running", stage="model", age="10 minutes")
+    _job(s, "acme", pids["claimed_beating"], status="running", stage="model", age="5 minutes")
+    never_claimed = '{"image_urls": [["https://img.example/1.jpg", "primary"]]}'
+    _set_work(s, _job(s, "acme", pids["queued_2h"], status="pending", age="2 hours"), never_claimed)
+    # fetch finished and handed the job to model; no model task has claimed it yet (GPU backlog)
+    handed_on = '{"image_urls": [["https://img.example/1.jpg", "primary"]], "claims": {"fetch": "f-task"}}'
+    _set_work(s, _job(s, "acme", pids["handed_on_2h"], status="running", stage="model", age="2 hours"), handed_on)
+    _set_work(s, _job(s, "acme", pids["queued_25h"], status="pending", age="25 hours"), never_claimed)
+
+    found = {i.external_id: i.reason for i in find_incomplete_products(
+        s, stalled_after=timedelta(minutes=6), queued_after=timedelta(hours=24))}
+    assert found == {"claimed_silent": Reason.job_stalled, "queued_25h": Reason.job_stalled}
+    counts = coverage_counts(s, stalled_after=timedelta(minutes=6), queued_after=timedelta(hours=24))
+    assert (counts["job_stalled"], counts["in_flight"]) == (2, 3)
+
+
+def test_a_heartbeat_keeps_a_long_running_claim_from_being_redispatched(db_session) -> None:  # noqa: ANN001
+    from db.enums import Stage
+    from tasks.pipeline import jobs
+
+    s = db_session
+    add_model_version(s, "vlm", "vlm-a")
+    add_tenant(s, "acme")
+    (pid,) = add_products(s, "acme", ["slow"], ["dress"])
+    job_id = _job(s, "acme", pid, status="running", stage="model", age="2 hours")  # claimed by "dead-task"
+    assert jobs.heartbeat(s, job_id, Stage.model, "dead-task") is True  # …which is alive after all, and beats
+    assert reconcile(s, stalled_after=timedelta(minutes=6)) == []
+    assert s.execute(text("SELECT work -> 'claims' ->> 'model' FROM enrichment_jobs WHERE id = :id"),
+                     {"id": job_id}).scalar_one() == "dead-task"  # its claim was not released
