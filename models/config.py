@@ -6,10 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from platformdirs import user_cache_dir
+
 PROFILES = ("pretrained", "random-full", "tiny")
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
 DEFAULT_CLIP = "ViT-B-32/laion2b_s34b_b79k"
+# Workers always pass <data_dir>/models; the default keeps library use out of the working directory.
+DEFAULT_CACHE_DIR = Path(user_cache_dir("catalog-enrich")) / "models"
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class ModelConfig:
     detector: str = DEFAULT_DETECTOR
     vlm: str = DEFAULT_VLM
     clip: str = DEFAULT_CLIP
-    cache_dir: Path = field(default_factory=lambda: Path("models-cache"))
+    cache_dir: Path = DEFAULT_CACHE_DIR
     s3_endpoint_url: str | None = None
     detection_threshold: float = 0.2
     crop_padding: float = 0.05

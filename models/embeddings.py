@@ -26,7 +26,7 @@ from models.loading import is_s3_uri, local_path, looks_like_path, resolve_model
 from models.prompts import category_noun
 from models.tiny import TINY_CLIP_ARCH, register_tiny_open_clip, seeded
 
-from models.config import DEFAULT_CLIP  # noqa: E402  (re-exported)
+from models.config import DEFAULT_CACHE_DIR, DEFAULT_CLIP  # noqa: E402  (re-exported)
 
 
 class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
@@ -41,7 +41,7 @@ class ClipEmbedder(ModelWrapper[Image.Image, np.ndarray]):
         *,
         profile: str = "pretrained",
         device: str = "auto",
-        cache_dir: Path = Path("models-cache"),
+        cache_dir: Path = DEFAULT_CACHE_DIR,
         s3_endpoint_url: str | None = None,
         seed: int = 0,
     ) -> None:

@@ -24,7 +24,7 @@ from models.loading import resolve_model_ref, weights_missing
 from models.prompts import detection_prompt
 from models.tiny import base_owlv2_config, build_owlv2_processor, build_random_owlv2, tiny_owlv2_config
 
-from models.config import DEFAULT_DETECTOR  # noqa: E402  (re-exported)
+from models.config import DEFAULT_CACHE_DIR, DEFAULT_DETECTOR  # noqa: E402  (re-exported)
 
 Box = tuple[float, float, float, float]
 
@@ -80,7 +80,7 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
         *,
         profile: str = "pretrained",
         device: str = "auto",
-        cache_dir: Path = Path("models-cache"),
+        cache_dir: Path = DEFAULT_CACHE_DIR,
         s3_endpoint_url: str | None = None,
         threshold: float = 0.2,
         padding: float = 0.05,

@@ -54,7 +54,7 @@ KINDS = ("detector", "vlm", "clip")
 PROFILES = ("pretrained", "random-full", "tiny")
 PROVENANCE_FILE = "enrich-weights.json"
 DIGEST_CACHE_FILE = "weight-digests.json"
-DEFAULT_CACHE_DIR = Path("models-cache")
+from models.config import DEFAULT_CACHE_DIR  # noqa: E402  (re-exported)
 
 TINY_DETECTOR_NAME = "owlv2-tiny"
 # tiny and random-full VLMs are built from SmolVLM-256M's architecture (models.vlm_builders).
@@ -108,7 +108,7 @@ def model_identity(
     Raises ``WeightsMissing`` when a pretrained ref cannot be found (missing directory, unreachable
     S3 prefix, hub id not in the local cache, clip ref that is not ``ARCH/tag``). ``cache_dir`` is
     the model cache: S3 mirrors and the persisted digest cache live there (no persisted cache when
-    None; S3 mirrors then go to ``models-cache``).
+    None; S3 mirrors then go to ``models.config.DEFAULT_CACHE_DIR``).
     """
     name = model_name(kind, ref, profile=profile)
     if profile != "pretrained":

@@ -22,6 +22,7 @@ from jsonschema import ValidationError
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessorList
 
+from models.config import DEFAULT_CACHE_DIR
 from models.base import ModelVersionInfo, ModelWrapper
 from models.categories import CategorySchema, validate_listing
 from models.constrained import GrammarCache, GrammarVocab, SchemaLogitsProcessor, finish_row, grammar_vocab
@@ -124,7 +125,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
 
     def _load_pretrained(self) -> tuple[Any, Any]:
         # A hub id passes through unchanged; s3:// is mirrored to the cache; a missing path raises.
-        ref = resolve_model_ref(self.ref, cache_dir=self.cache_dir or Path("models-cache"),
+        ref = resolve_model_ref(self.ref, cache_dir=self.cache_dir or DEFAULT_CACHE_DIR,
                                 s3_endpoint_url=self.s3_endpoint_url, kind="vlm")
         try:
             processor = AutoProcessor.from_pretrained(ref)

@@ -163,7 +163,7 @@ def own_database(suite: str):  # noqa: ANN201
 
 # ---------------------------------------------------------------- the production roles
 
-ADMIN_ROLE, WORKER_ROLE = "enrich_admin", "enrich_worker"
+ADMIN_ROLE, WORKER_ROLE, READER_ROLE = "enrich_admin", "enrich_worker", "enrich_reader"
 
 
 @contextmanager
@@ -178,6 +178,41 @@ def as_role(session, role: str | None) -> Iterator[None]:  # noqa: ANN001
         yield
     finally:
         session.execute(text("RESET ROLE") if previous == "none" else text(f'SET ROLE "{previous}"'))
+
+
+def _set_scope(session, tenant_id: str, scope: str) -> None:  # noqa: ANN001
+    from sqlalchemy import text
+
+    session.execute(text("SELECT set_config('enrich.tenant_id', :t, true), "
+                         "set_config('enrich.scope', :s, true)"), {"t": tenant_id, "s": scope})
+
+
+@contextmanager
+def in_scope(session, role: str, *, tenant: str | None = None,  # noqa: ANN001
+             system: bool = False) -> Iterator[None]:
+    """The block as a production transaction of ``role`` under forced row-level security: SET
+    ROLE, then only the scope named here (``tenant``, as ``db.engine.tenant_session`` and
+    ``job_session`` set it; ``system``, as ``system_session`` and ``admin_session`` do; neither:
+    what the code under test sets itself, as ``reconcile`` and ``build_preference_pairs`` do).
+    Whatever scope the block ends with is dropped, as the end of its transaction would drop it,
+    and the session is back to its role (seeding as the superuser goes on as before)."""
+    with as_role(session, role):
+        _set_scope(session, tenant or "", "system" if system else "")
+        try:
+            yield
+        finally:
+            _set_scope(session, "", "")
+
+
+def in_tenant(session, tenant_id: str, role: str = WORKER_ROLE):  # noqa: ANN001, ANN201
+    """``in_scope`` of one tenant: how the pipeline's stages and the review intake run."""
+    return in_scope(session, role, tenant=tenant_id)
+
+
+def in_system_scope(session, role: str = WORKER_ROLE):  # noqa: ANN001, ANN201
+    """``in_scope`` of the system scope: beat's cross-tenant work as ``enrich_worker``, the
+    maintenance commands' as ``enrich_admin``."""
+    return in_scope(session, role, system=True)
 
 
 @pytest.fixture
@@ -197,6 +232,17 @@ def admin_engine(pg_url: str):  # noqa: ANN201
     from db.engine import make_engine
 
     eng = make_engine(pg_url, pool_size=2, runtime_role=ADMIN_ROLE)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def worker_engine(pg_url: str):  # noqa: ANN201
+    """Connections that ``SET ROLE enrich_worker``, as the workers' engine does with
+    ``ENRICH_DB__RUNTIME_ROLE=enrich_worker`` (``workers.database.get_engine``)."""
+    from db.engine import make_engine
+
+    eng = make_engine(pg_url, pool_size=2, runtime_role=WORKER_ROLE)
     yield eng
     eng.dispose()
 

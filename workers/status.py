@@ -8,6 +8,8 @@ from db.engine import admin_session
 from db.repositories import reports
 from tasks.pipeline.reconcile import coverage_counts
 from workers.database import get_admin_session_factory
+from workers.settings import get_settings
+from workers.wiring import stall_thresholds
 
 
 def collect_status() -> dict[str, Any]:
@@ -23,7 +25,7 @@ def collect_status() -> dict[str, Any]:
             "latency_s_15min": reports.latency_15min(session),
             "outbox_pending": reports.outbox_pending(session),
             "dead_letters": reports.dead_letters(session),
-            "coverage": coverage_counts(session),
+            "coverage": coverage_counts(session, **stall_thresholds(get_settings())),
             "feedback": reports.feedback_report(session),
         }
 

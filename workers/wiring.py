@@ -126,6 +126,14 @@ def limit_cpu_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def stall_thresholds(settings: Settings) -> dict[str, timedelta]:
+    """The reconciler's stall rule from settings, for every caller (beat's task, `enrich reconcile`,
+    `enrich status`): ``stalled_after`` and ``queued_after`` keyword arguments."""
+    w = settings.workers
+    return {"stalled_after": timedelta(seconds=w.stall_allowance_s),
+            "queued_after": timedelta(seconds=w.queued_stall_after_s)}
+
+
 def install_from_settings(settings: Settings | None = None, *, send_task=None) -> None:  # noqa: ANN001
     """``send_task``: how stage hand-offs leave this process (``workers.celery_app.send_task``)."""
     from tasks.runtime import install_runtime

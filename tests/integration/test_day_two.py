@@ -32,9 +32,14 @@ from sqlalchemy import Engine, text
 
 from tasks.events import product_event_payload
 from tasks.feedback.reviews import review_event_payload
+from tests.conftest import own_database
 from tests.integration.harness import REPO, Deployment, base_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# A database of its own: the scenario promotes models and reconciles the whole catalog, which
+# must see only its own products (and must not change the models the other suites run with).
+pg_url, engine = own_database("day_two")
 
 TENANTS = ("day2-a", "day2-b")
 PER_TENANT = 3

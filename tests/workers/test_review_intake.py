@@ -39,6 +39,7 @@ def intake_settings(pg_url: str, data_dir, monkeypatch: pytest.MonkeyPatch) -> I
     monkeypatch.setenv("ENRICH_BROKER__URL", AMQP)
     monkeypatch.setenv("ENRICH_BROKER__NAMESPACE", f"t{uuid.uuid4().hex[:12]}")
     monkeypatch.setenv("ENRICH_DB__URL", pg_url)
+    monkeypatch.setenv("ENRICH_DB__RUNTIME_ROLE", "enrich_worker")  # as production: forced RLS applies
     reset_settings_cache()
     reset_engine()
     yield get_settings()
@@ -104,7 +105,8 @@ def test_reviews_published_as_raw_json_are_applied_once(intake_settings, engine)
             assert fields == ["attributes.length", "title"]
             detail = s.execute(text("SELECT detail FROM inbox_events WHERE event_id = :e"),
                                {"e": uuid.UUID(cross["event_id"])}).scalar_one()
-            assert detail.startswith("tenant_mismatch") and other not in detail
+            # Under forced RLS the other tenant's listing does not exist for this tenant's transaction.
+            assert detail.startswith("unknown_listing") and other not in detail
     finally:
         intake.should_stop = True
         worker.join(timeout=10)

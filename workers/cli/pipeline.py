@@ -89,11 +89,12 @@ def register(app: typer.Typer) -> None:
         from workers.database import get_admin_session_factory
         from workers.publisher import KombuEventPublisher
         from workers.settings import get_settings
+        from workers.wiring import stall_thresholds
 
         with one_line_errors():
             factory = get_admin_session_factory()
             with session_scope(factory) as session:
-                dispatches = reconcile(session, limit=limit)
+                dispatches = reconcile(session, limit=limit, **stall_thresholds(get_settings()))
             publisher = KombuEventPublisher(get_settings(), send_task)
             try:
                 sent = relay(factory, publisher)

@@ -1,5 +1,11 @@
 """The pair builder after merchant edits (the model's side is never the edited content) and its read
-position (runs that make no pair still move it, so the builder cannot starve)."""
+position (runs that make no pair still move it, so the builder cannot starve).
+
+Listings are seeded as the superuser test connection and reviewed as the intake does
+(``enrich_worker``, tenant scope: ``test_reviews.review``); the builder runs as beat runs it,
+``enrich_worker`` under forced row-level security (``enrich_admin`` for ``enrich retrain
+build-pairs``), with no scope set beforehand: it sets the system scope itself.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +14,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.tables import Listing
 from tasks.feedback.datasets import read_split
-from tasks.feedback.pairs import BuildStatus, RetrainConfig, build_preference_pairs
+from tasks.feedback.pairs import BuildResult, BuildStatus, RetrainConfig, build_preference_pairs
 from tasks.feedback.reviews import review_event_payload
-from tasks.io.blobs import LocalBlobStore
+from tasks.io.blobs import BlobStore, LocalBlobStore
+from tests.conftest import ADMIN_ROLE, WORKER_ROLE, in_scope
 from tests.tasks.feedback.test_reviews import MODEL_OUTPUT, add_listing, review
 
 NOW = RetrainConfig(settle=timedelta(0), holdout_fraction=0.0)
@@ -31,6 +39,12 @@ def _review(s: Session, tenant: str, listing_id: int, decision: str, corrected: 
     result = review(s, payload)
     assert result.feedback_id is not None
     return result.feedback_id
+
+
+def build(s: Session, store: BlobStore, config: RetrainConfig = NOW, role: str = WORKER_ROLE) -> BuildResult:
+    """One builder run as ``role``, with no tenant or scope set: the builder sets the system scope."""
+    with in_scope(s, role):
+        return build_preference_pairs(s, store, config)
 
 
 def _rows(store: LocalBlobStore, uri: str | None) -> list[dict[str, Any]]:
@@ -51,8 +65,10 @@ def test_pairs_take_the_model_side_from_model_output_and_generated_content(db_se
             at=t0)
     listing = s.get(Listing, listing_id)
     assert listing is not None and listing.content["title"] == "A red summer dress"  # the catalog serves the edit
+    with in_scope(s, WORKER_ROLE):  # no scope: the feedback is there only for the builder's system scope
+        assert s.execute(text("SELECT count(*) FROM review_feedback")).scalar_one() == 0
 
-    edit = build_preference_pairs(s, store, NOW)
+    edit = build(s, store)
     [row] = _rows(store, edit.uri)
     assert row["source"] == "merchant_correction"
     assert row["rejected"] == _json(MODEL_OUTPUT)  # the model's JSON, not the edited content
@@ -62,7 +78,7 @@ def test_pairs_take_the_model_side_from_model_output_and_generated_content(db_se
     # Accepted later, without corrections: the verification-drop pair's chosen side is the listing as
     # the pipeline verified it (generated_content), not the merchant's edit that content now holds.
     _review(s, "pb-model", listing_id, "accepted", at=t0 + timedelta(minutes=1))
-    accepted = build_preference_pairs(s, store, NOW)
+    accepted = build(s, store)
     [row] = _rows(store, accepted.uri)
     assert row["source"] == "verification_drop" and row["rejected"] == _json(MODEL_OUTPUT)
     expected = {**MODEL_OUTPUT, "attributes": {k: v for k, v in MODEL_OUTPUT["attributes"].items() if k != "neckline"}}
@@ -74,17 +90,19 @@ def test_a_drop_the_merchant_reverted_is_no_preference(db_session: Session, tmp_
     listing_id = add_listing(s, "pb-restore", "dress-1", dropped={"neckline"})
     t0 = datetime.now(UTC) - timedelta(minutes=10)
     _review(s, "pb-restore", listing_id, "edited", {"attributes": {"neckline": "v_neck"}}, at=t0)
-    assert build_preference_pairs(s, store, NOW).status is BuildStatus.empty  # same as the model said: no change
+    assert build(s, store).status is BuildStatus.empty  # same as the model said: no change
     _review(s, "pb-restore", listing_id, "accepted", at=t0 + timedelta(minutes=1))
-    result = build_preference_pairs(s, store, NOW)
+    result = build(s, store)
     assert result.status is BuildStatus.empty and result.dropped.get("merchant_restored") == 1
 
 
-def test_an_accepted_review_with_corrections_is_a_correction_pair(db_session: Session, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", [WORKER_ROLE, ADMIN_ROLE])  # beat, and enrich retrain build-pairs
+def test_an_accepted_review_with_corrections_is_a_correction_pair(db_session: Session, tmp_path: Path,
+                                                                  role: str) -> None:
     s, store = db_session, LocalBlobStore(tmp_path / "datasets")
     listing_id = add_listing(s, "pb-accept", "dress-1", dropped={"neckline"})
     _review(s, "pb-accept", listing_id, "accepted", {"title": "A red floral summer dress"})
-    result = build_preference_pairs(s, store, NOW)
+    result = build(s, store, role=role)
     [row] = _rows(store, result.uri)
     assert row["source"] == "merchant_correction"
     assert json.loads(row["chosen"])["title"] == "A red floral summer dress"
@@ -101,7 +119,7 @@ def test_runs_without_pairs_move_the_read_position_so_the_builder_never_starves(
     edited_listing = add_listing(s, "pb-starve", "edited")
     edit_id = _review(s, "pb-starve", edited_listing, "edited", {"title": "A red summer dress"})
 
-    runs = [build_preference_pairs(s, store, config) for _ in range(3)]
+    runs = [build(s, store, config) for _ in range(3)]
     assert [r.status for r in runs] == [BuildStatus.empty, BuildStatus.empty, BuildStatus.built]
     assert [r.watermark for r in runs] == [plain[2], plain[5], edit_id]  # three rows a run, every run moves on
     assert runs[0].dropped["no_preference"] == 3
@@ -111,7 +129,7 @@ def test_runs_without_pairs_move_the_read_position_so_the_builder_never_starves(
                         {"i": runs[2].dataset_id}).scalar_one()
     assert dataset == edit_id  # the dataset still records the last feedback id it consumed
 
-    after = build_preference_pairs(s, store, config)
+    after = build(s, store, config)
     assert after.status is BuildStatus.empty and after.watermark == edit_id and _position(s) == edit_id
 
 
@@ -120,7 +138,7 @@ def test_the_read_position_moves_with_the_runs_transaction(db_session: Session, 
     before = _position(s)
     _review(s, "pb-tx", add_listing(s, "pb-tx", "plain", dropped=frozenset()), "accepted")
     savepoint = s.begin_nested()
-    assert build_preference_pairs(s, store, NOW).status is BuildStatus.empty
+    assert build(s, store).status is BuildStatus.empty
     assert _position(s) is not None and _position(s) != before
     savepoint.rollback()
     assert _position(s) == before  # a run that rolls back has read nothing
@@ -135,7 +153,7 @@ def test_the_read_position_starts_after_datasets_built_before_it_existed(db_sess
                    "window_end) VALUES ('pb-legacy', 'file:///x', repeat('0', 64), '{}', :w, now())"), {"w": consumed})
     fresh = add_listing(s, "pb-legacy", "new")
     _review(s, "pb-legacy", fresh, "edited", {"title": "A blue summer dress"})
-    result = build_preference_pairs(s, store, NOW)
+    result = build(s, store)
     assert [r["listing_id"] for r in _rows(store, result.uri)] == [fresh]
 
 

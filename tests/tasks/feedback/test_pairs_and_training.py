@@ -1,4 +1,9 @@
-"""Retrain loop: incremental pair building, the advisory lock, caps, dedupe, S3 datasets, a tiny DPO step."""
+"""Retrain loop: incremental pair building, the advisory lock, caps, dedupe, S3 datasets, a tiny DPO step.
+
+Rows are seeded as the superuser test connection and reviewed as the intake does (``enrich_worker``
+in the event's tenant); the builder runs as ``enrich_worker`` (beat) with no scope set beforehand
+(it sets the system scope itself), training and promotion as ``enrich_admin`` (``enrich retrain``).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from tasks.feedback.pairs import BuildStatus, RetrainConfig, build_preference_pa
 from tasks.io.blobs import LocalBlobStore, open_blob_store
 from tasks.feedback.promotion import PromotionError, promote
 from tasks.feedback.training import train_candidate
+from tests.conftest import ADMIN_ROLE, WORKER_ROLE, in_scope, in_tenant
 from tests.tasks.feedback.test_reviews import add_listing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,12 +62,20 @@ def listing(session: Session, tenant: str, ext: str, gen: Any, uri: str, merchan
 def edit(session: Session, tenant: str, listing_id: int, merchant: str = "m1", title: str = "A red summer dress") -> None:
     payload = review_event_payload(tenant_id=tenant, merchant_id=merchant, listing_id=listing_id, decision="edited",
                                    corrected={"title": title, "attributes": {"color": "red", "material": "silk"}})
-    apply_review(session, parse_review_event(json.dumps(payload).encode(), "application/json"))
+    with in_tenant(session, tenant):  # the review intake's tenant session
+        apply_review(session, parse_review_event(json.dumps(payload).encode(), "application/json"))
 
 
 def accept(session: Session, tenant: str, listing_id: int) -> None:
     payload = review_event_payload(tenant_id=tenant, merchant_id="m1", listing_id=listing_id, decision="accepted")
-    apply_review(session, parse_review_event(json.dumps(payload).encode(), "application/json"))
+    with in_tenant(session, tenant):
+        apply_review(session, parse_review_event(json.dumps(payload).encode(), "application/json"))
+
+
+def build(session: Session, store: Any, config: RetrainConfig = NOW, role: str = WORKER_ROLE) -> Any:
+    """One builder run as ``role``, with no tenant or scope set: the builder sets the system scope."""
+    with in_scope(session, role):
+        return build_preference_pairs(session, store, config)
 
 
 def test_pairs_are_incremental_and_valid(db_session: Session, generated: list[Any], originals, tmp_path: Path) -> None:  # noqa: ANN001
@@ -70,7 +84,7 @@ def test_pairs_are_incremental_and_valid(db_session: Session, generated: list[An
     first = [listing(s, "rt-inc", f"p{n}", generated[n], uris[n]) for n in range(2)]
     for lid in first:
         edit(s, "rt-inc", lid)
-    built = build_preference_pairs(s, store, NOW)
+    built = build(s, store)
     assert built.status is BuildStatus.built and built.pairs == 2
     rows = read_split(store, built.uri, "train")
     assert {r["listing_id"] for r in rows} == set(first)
@@ -82,10 +96,10 @@ def test_pairs_are_incremental_and_valid(db_session: Session, generated: list[An
         assert r["prompt"] == generated[first.index(r["listing_id"])].model_input["prompt_text"]
         assert r["images"] == [uris[first.index(r["listing_id"])]]
 
-    assert build_preference_pairs(s, store, NOW).status is BuildStatus.empty  # nothing new
+    assert build(s, store).status is BuildStatus.empty  # nothing new
     later = listing(s, "rt-inc", "p2", generated[2], uris[2])
     edit(s, "rt-inc", later)
-    again = build_preference_pairs(s, store, NOW)
+    again = build(s, store)
     assert again.status is BuildStatus.built and again.watermark > built.watermark
     assert [r["listing_id"] for r in read_split(store, again.uri, "train")] == [later]
 
@@ -111,7 +125,7 @@ def test_verification_drops_dedupe_and_merchant_caps(db_session: Session, genera
     for n, lid in enumerate(capped):
         edit(s, "rt-cap", lid, title=f"A red summer dress no. {n}")
 
-    result = build_preference_pairs(s, store, RetrainConfig(settle=timedelta(0), merchant_cap=2))
+    result = build(s, store, RetrainConfig(settle=timedelta(0), merchant_cap=2))
     rows = read_split(store, result.uri, "train") + read_split(store, result.uri, "holdout")
     by_listing = {r["listing_id"]: r for r in rows}
     assert result.dropped["chosen_invalid"] == 1 and broken not in by_listing
@@ -126,9 +140,12 @@ def test_verification_drops_dedupe_and_merchant_caps(db_session: Session, genera
     assert manifest["content_hash"] and manifest["window"]["start"]
 
 
-def test_two_concurrent_runs_produce_one_dataset(engine, generated: list[Any], originals, tmp_path: Path) -> None:  # noqa: ANN001
-    """Committed data: run A holds the advisory lock while run B starts on another connection."""
+def test_two_concurrent_runs_produce_one_dataset(engine, worker_engine, generated: list[Any], originals,  # noqa: ANN001
+                                                 tmp_path: Path) -> None:
+    """Committed data: run A holds the advisory lock while run B starts on another connection, both
+    as beat runs them (``enrich_worker``); seeded and cleaned up as the superuser."""
     factory = sessionmaker(engine, expire_on_commit=False)
+    workers = sessionmaker(worker_engine, expire_on_commit=False)
     store, uris = LocalBlobStore(tmp_path / "datasets"), originals[1]
     tenant = "rt-lock"
     with factory() as s:  # these runs commit: the builder's read position is put back afterwards
@@ -136,7 +153,7 @@ def test_two_concurrent_runs_produce_one_dataset(engine, generated: list[Any], o
     try:
         with factory() as s, s.begin():
             edit(s, tenant, listing(s, tenant, "p0", generated[0], uris[0]))
-        with factory() as a, factory() as b:
+        with workers() as a, workers() as b:
             with a.begin():
                 first = build_preference_pairs(a, store, NOW)
                 with b.begin():
@@ -187,7 +204,7 @@ def test_dataset_on_s3_loads_as_a_trl_dpo_dataset(db_session: Session, generated
     for n in range(3):
         edit(s, "rt-s3", listing(s, "rt-s3", f"p{n}", generated[n], uris[n]))
     store = open_blob_store("s3://datasets/dpo", s3_client_factory=lambda: moto_s3)
-    result = build_preference_pairs(s, store, NOW)
+    result = build(s, store)
     assert result.uri == f"s3://datasets/dpo/{result.name}"
     files = {}
     for split in ("train", "holdout"):
@@ -214,43 +231,49 @@ def test_tiny_dpo_step_registers_a_candidate_and_promotion_is_explicit(  # noqa:
     for n, ext in enumerate(train + held):
         edit(s, "rt-dpo", listing(s, "rt-dpo", ext, generated[n % 4], uris[n % 4]), title=f"A red dress, take {n}")
     store = LocalBlobStore(tmp_path / "datasets")
-    built = build_preference_pairs(s, store, RetrainConfig(settle=timedelta(0), holdout_fraction=fraction))
+    built = build(s, store, RetrainConfig(settle=timedelta(0), holdout_fraction=fraction), role=ADMIN_ROLE)
     assert read_manifest(store, built.uri)["counts"]["by_split"] == {"train": 3, "holdout": 2}
     active = s.execute(text("SELECT id FROM model_versions WHERE kind = 'vlm' AND status = 'active'")).scalar()
 
-    factory = sessionmaker(bind=s.connection(), join_transaction_mode="create_savepoint", expire_on_commit=False)
-    result = train_candidate(factory, datasets=store, originals=blobs, generator=generator, dataset_name=built.name,
-                             model_store=LocalBlobStore(tmp_path / "candidates"),
-                             config=DpoConfig(max_steps=3, learning_rate=1e-2),
-                             eval_max_new_tokens=48)
+    # enrich retrain train / promote: the maintenance role's sessions (model_versions and
+    # training_datasets are platform-level: no scope); the factory shares the test's connection and role.
+    with in_scope(s, ADMIN_ROLE):
+        factory = sessionmaker(bind=s.connection(), join_transaction_mode="create_savepoint",
+                               expire_on_commit=False)
+        result = train_candidate(factory, datasets=store, originals=blobs, generator=generator,
+                                 dataset_name=built.name, model_store=LocalBlobStore(tmp_path / "candidates"),
+                                 config=DpoConfig(max_steps=3, learning_rate=1e-2),
+                                 eval_max_new_tokens=48)
 
-    row = s.get(ModelVersion, result.model_version_id)
-    assert row is not None and row.kind == "vlm" and row.status == "candidate" and row.random_weights
-    assert (result.weights_dir / "config.json").exists() and row.params["dataset"] == built.name
-    holdout = row.metrics["holdout"]
-    assert holdout["pairs"] == 2 and holdout["schema_valid_rate"] == 1.0
-    assert 0.0 <= holdout["field_accuracy"] <= 1.0
-    assert row.metrics["dpo"]["steps"] == 3 and row.metrics["dpo"]["last_loss"] < row.metrics["dpo"]["first_loss"]
+        row = s.get(ModelVersion, result.model_version_id)
+        assert row is not None and row.kind == "vlm" and row.status == "candidate" and row.random_weights
+        assert (result.weights_dir / "config.json").exists() and row.params["dataset"] == built.name
+        holdout = row.metrics["holdout"]
+        assert holdout["pairs"] == 2 and holdout["schema_valid_rate"] == 1.0
+        assert 0.0 <= holdout["field_accuracy"] <= 1.0
+        dpo = row.metrics["dpo"]
+        assert dpo["steps"] == 3 and dpo["last_loss"] < dpo["first_loss"]
 
-    assert row.name == row.weights_uri == result.weights_uri and row.revision.startswith("sha256-")
-    assert result.weights_uri.endswith(f"/vlm/{row.revision}")  # content-addressed in the model store
+        assert row.name == row.weights_uri == result.weights_uri and row.revision.startswith("sha256-")
+        assert result.weights_uri.endswith(f"/vlm/{row.revision}")  # content-addressed in the model store
 
-    refused = promote(s, result.model_version_id, margin=1.01)  # nothing beats its base by more than 100 %
-    assert not refused.promoted and any("does not beat" in r for r in refused.reasons)
-    s.expire_all()
-    assert s.get(ModelVersion, result.model_version_id).status == "candidate"
-    assert s.get(ModelVersion, result.model_version_id).metrics["gate"]["promoted"] is False
-    with pytest.raises(PromotionError, match="--reason"):
-        promote(s, result.model_version_id, margin=1.01, force=True)
-    decision = promote(s, result.model_version_id, margin=1.01, force=True, reason="test: promote the tiny candidate")
-    s.expire_all()
-    assert decision.promoted and decision.forced
-    assert s.get(ModelVersion, result.model_version_id).status == "active"
-    assert decision.retired_version_id == active
-    if active is not None:
-        assert s.get(ModelVersion, active).status == "retired"
-    gate = s.get(ModelVersion, result.model_version_id).metrics["gate"]
-    assert gate["forced"] and gate["reason"] == "test: promote the tiny candidate"
+        refused = promote(s, result.model_version_id, margin=1.01)  # nothing beats its base by more than 100 %
+        assert not refused.promoted and any("does not beat" in r for r in refused.reasons)
+        s.expire_all()
+        assert s.get(ModelVersion, result.model_version_id).status == "candidate"
+        assert s.get(ModelVersion, result.model_version_id).metrics["gate"]["promoted"] is False
+        with pytest.raises(PromotionError, match="--reason"):
+            promote(s, result.model_version_id, margin=1.01, force=True)
+        decision = promote(s, result.model_version_id, margin=1.01, force=True,
+                           reason="test: promote the tiny candidate")
+        s.expire_all()
+        assert decision.promoted and decision.forced
+        assert s.get(ModelVersion, result.model_version_id).status == "active"
+        assert decision.retired_version_id == active
+        if active is not None:
+            assert s.get(ModelVersion, active).status == "retired"
+        gate = s.get(ModelVersion, result.model_version_id).metrics["gate"]
+        assert gate["forced"] and gate["reason"] == "test: promote the tiny candidate"
 
 
 def test_beat_task_runs_the_builder(db_session: Session, generated: list[Any], originals, tmp_path: Path,  # noqa: ANN001
@@ -267,5 +290,6 @@ def test_beat_task_runs_the_builder(db_session: Session, generated: list[Any], o
     factory = sessionmaker(bind=s.connection(), join_transaction_mode="create_savepoint", expire_on_commit=False)
     runtime = SimpleNamespace(session_factory=factory, datasets=LocalBlobStore(tmp_path / "datasets"), retrain=NOW)
     monkeypatch.setattr(retrain_tasks, "get_runtime", lambda: runtime)
-    assert retrain_tasks.build_pairs.run()["status"] == "built"
-    assert retrain_tasks.build_pairs.run()["status"] == "empty"
+    with in_scope(s, WORKER_ROLE):  # beat's worker: the factory shares the test's connection and role
+        assert retrain_tasks.build_pairs.run()["status"] == "built"
+        assert retrain_tasks.build_pairs.run()["status"] == "empty"

@@ -1,12 +1,18 @@
-"""The promotion gate: a candidate replaces the active listing model only when it is better."""
+"""The promotion gate: a candidate replaces the active listing model only when it is better.
+
+Run as ``enrich retrain promote`` runs it: the maintenance role ``enrich_admin`` (``model_versions``
+is platform-level, not tenant-scoped, so no scope is set).
+"""
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.tables import ModelVersion
 from tasks.feedback.promotion import PromotionError, promote
+from tests.conftest import ADMIN_ROLE
 
 
 def _version(s: Session, name: str, *, status: str, random_weights: bool = False, base: str | None = None,
@@ -22,12 +28,15 @@ def _version(s: Session, name: str, *, status: str, random_weights: bool = False
 
 
 @pytest.fixture
-def active(db_session: Session) -> ModelVersion:
-    db_session.query(ModelVersion).filter_by(kind="vlm", status="active").update({"status": "retired"})
-    return _version(db_session, "gate-active", status="active")
+def active(admin_db_session: Session) -> ModelVersion:
+    admin_db_session.query(ModelVersion).filter_by(kind="vlm", status="active").update({"status": "retired"})
+    return _version(admin_db_session, "gate-active", status="active")
 
 
-def test_a_better_candidate_is_promoted_and_the_active_one_retired(db_session: Session, active: ModelVersion) -> None:
+def test_a_better_candidate_is_promoted_and_the_active_one_retired(admin_db_session: Session,
+                                                                    active: ModelVersion) -> None:
+    db_session = admin_db_session
+    assert db_session.execute(text("SELECT current_user")).scalar_one() == ADMIN_ROLE
     cand = _version(db_session, "gate-better", status="candidate", base="vlm:gate-active@r1", accuracy=0.8,
                     base_accuracy=0.7)
     decision = promote(db_session, cand.id, margin=0.05)
@@ -42,7 +51,9 @@ def test_a_better_candidate_is_promoted_and_the_active_one_retired(db_session: S
     ({"accuracy": 0.9, "base_accuracy": 0.7, "random_weights": True}, "random weights"),
     ({}, "no held-out"),
 ])
-def test_the_gate_refuses_and_records_why(db_session: Session, active: ModelVersion, kwargs: dict, why: str) -> None:
+def test_the_gate_refuses_and_records_why(admin_db_session: Session, active: ModelVersion, kwargs: dict,
+                                          why: str) -> None:
+    db_session = admin_db_session
     fields = {"base": "vlm:gate-active@r1", **kwargs}
     cand = _version(db_session, f"gate-refused-{len(why)}", status="candidate", **fields)
     decision = promote(db_session, cand.id, margin=0.05)
@@ -51,7 +62,8 @@ def test_the_gate_refuses_and_records_why(db_session: Session, active: ModelVers
     assert cand.metrics["gate"]["promoted"] is False and cand.metrics["gate"]["reasons"] == decision.reasons
 
 
-def test_force_needs_a_reason_and_records_it(db_session: Session, active: ModelVersion) -> None:
+def test_force_needs_a_reason_and_records_it(admin_db_session: Session, active: ModelVersion) -> None:
+    db_session = admin_db_session
     cand = _version(db_session, "gate-forced", status="candidate", base="vlm:gate-active@r1", accuracy=0.1,
                     base_accuracy=0.7)
     with pytest.raises(PromotionError, match="--reason"):
@@ -61,8 +73,8 @@ def test_force_needs_a_reason_and_records_it(db_session: Session, active: ModelV
     assert cand.metrics["gate"]["reason"] == "rollback drill" and cand.metrics["gate"]["reasons"]
 
 
-def test_only_candidates_of_the_vlm_kind_can_be_promoted(db_session: Session, active: ModelVersion) -> None:
+def test_only_candidates_of_the_vlm_kind_can_be_promoted(admin_db_session: Session, active: ModelVersion) -> None:
     with pytest.raises(PromotionError, match="not a candidate"):
-        promote(db_session, active.id)
+        promote(admin_db_session, active.id)
     with pytest.raises(PromotionError, match="not a vlm version"):
-        promote(db_session, 10**9)
+        promote(admin_db_session, 10**9)

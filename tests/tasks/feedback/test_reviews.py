@@ -1,4 +1,11 @@
-"""Merchant reviews: validation, idempotent application, field-level errors, refusals, the status report."""
+"""Merchant reviews: validation, idempotent application, field-level errors, refusals, the status report.
+
+Listings are seeded as the superuser test connection; reviews are applied as the intake applies
+them (``workers.intake.on_review_event``): ``enrich_worker`` under forced row-level security, in a
+tenant session of the event's tenant. Invalid reviews are recorded in the system scope (their
+tenant may be unknown), the report is read as ``enrich status`` reads it (``enrich_admin``, system
+scope) and the catalog view as an analyst (``enrich_reader``) reads it.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from sqlalchemy.orm import Session
 from db.repositories.reports import feedback_report
 from db.tables import FieldError, InboxEvent, Listing, ReviewFeedback
 from tasks.events import InvalidEvent
+from tests.conftest import ADMIN_ROLE, READER_ROLE, in_system_scope, in_tenant
 from tasks.feedback.reviews import (
     ReviewCode,
     ReviewOutcome,
@@ -83,7 +91,10 @@ def add_listing(session: Session, tenant: str, external_id: str, *, merchant: st
 
 
 def review(session: Session, payload: dict[str, Any]):  # noqa: ANN201
-    return apply_review(session, parse_review_event(json.dumps(payload).encode(), JSON))
+    """Apply one review as the intake does: ``enrich_worker``, scoped to the event's tenant."""
+    event = parse_review_event(json.dumps(payload).encode(), JSON)
+    with in_tenant(session, event.tenant_id):
+        return apply_review(session, event)
 
 
 def test_review_applied_idempotently_with_field_errors(db_session: Session) -> None:
@@ -133,6 +144,29 @@ def test_unknown_listing_and_cross_tenant_review_are_rejected(db_session: Sessio
     result = review(s, cross)
 
     assert unknown.code is ReviewCode.unknown_listing and unknown.outcome is ReviewOutcome.rejected
+    # The attacker's tenant session does not see the other tenant's listing at all (row-level
+    # security): refused exactly as a listing that does not exist.
+    assert result.outcome is ReviewOutcome.rejected and result.code is ReviewCode.unknown_listing
+    assert "fb-victim" not in result.detail and "secret" not in result.detail
+    listing = s.get(Listing, theirs)
+    assert listing is not None and listing.status == "proposed"
+    assert s.scalar(select(func.count()).select_from(ReviewFeedback).where(ReviewFeedback.listing_id == theirs)) == 0
+    inbox = s.get(InboxEvent, uuid.UUID(cross["event_id"]))
+    assert inbox is not None and inbox.status == "rejected" and inbox.detail.startswith("unknown_listing")
+    assert inbox.tenant_id == "fb-attacker"
+    assert review(s, cross).outcome is ReviewOutcome.duplicate  # redelivery of a refused review is a no-op
+
+
+def test_cross_tenant_review_is_refused_by_name_where_row_level_security_is_bypassed(db_session: Session) -> None:
+    # Superuser on purpose: apply_review's own tenant check is reached only by a connection that
+    # bypasses row-level security (a superuser or BYPASSRLS login, ENRICH_DB__RUNTIME_ROLE empty).
+    s = db_session
+    theirs = add_listing(s, "fb-victim", "secret-dress")
+    cross = review_event_payload(tenant_id="fb-attacker", merchant_id="m1", listing_id=theirs, decision="edited",
+                                 corrected={"title": "Overwritten by another tenant"})
+    event = parse_review_event(json.dumps(cross).encode(), JSON)
+    result = apply_review(s, event)
+
     assert result.outcome is ReviewOutcome.rejected and result.code is ReviewCode.tenant_mismatch
     assert "fb-victim" not in result.detail and "secret" not in result.detail
     listing = s.get(Listing, theirs)
@@ -140,7 +174,7 @@ def test_unknown_listing_and_cross_tenant_review_are_rejected(db_session: Sessio
     assert s.scalar(select(func.count()).select_from(ReviewFeedback).where(ReviewFeedback.listing_id == theirs)) == 0
     inbox = s.get(InboxEvent, uuid.UUID(cross["event_id"]))
     assert inbox is not None and inbox.status == "rejected" and inbox.detail.startswith("tenant_mismatch")
-    assert review(s, cross).outcome is ReviewOutcome.duplicate  # redelivery of a refused review is a no-op
+    assert apply_review(s, event).outcome is ReviewOutcome.duplicate  # redelivery of a refused review is a no-op
 
 
 def test_other_merchants_listing_is_rejected(db_session: Session) -> None:
@@ -158,7 +192,8 @@ def test_invalid_review_is_refused_and_recorded(db_session: Session) -> None:
     with pytest.raises(InvalidEvent) as caught:
         parse_review_event(json.dumps(bad).encode(), JSON)
     assert caught.value.event_id == uuid.UUID(bad["event_id"])
-    result = reject_invalid_review(s, caught.value, uuid.uuid4())
+    with in_system_scope(s):  # the intake's system_session: an invalid event's tenant may be unknown
+        result = reject_invalid_review(s, caught.value, uuid.uuid4())
     assert result.code is ReviewCode.invalid_event
     with pytest.raises(InvalidEvent):
         parse_review_event(b"\x80\x04pickle", "application/x-python-serialize")
@@ -171,7 +206,8 @@ def test_feedback_report(db_session: Session) -> None:
     review(s, review_event_payload(tenant_id="fb-report", merchant_id="m1", listing_id=a, decision="edited",
                                    corrected={"attributes": {"color": "blue"}}))
     review(s, review_event_payload(tenant_id="fb-report", merchant_id="m1", listing_id=b, decision="accepted"))
-    report = feedback_report(s)
+    with in_system_scope(s, ADMIN_ROLE):  # enrich status: admin_session
+        report = feedback_report(s)
     assert report["by_decision"]["edited"] >= 1 and report["by_decision"]["accepted"] >= 1
     assert report["error_rate_by_field"]["attributes.color"] > 0
     assert 0 < report["error_rate_by_category"]["dress"] <= 1
@@ -314,8 +350,9 @@ def test_current_listings_view_serves_the_edit(db_session: Session) -> None:
     listing_id = add_listing(s, "ed-view", "dress-1")
     _edit(s, "ed-view", listing_id, {"title": "Red floral midi dress", "description": "Merchant's own words here.",
                                      "attributes": {"length": "midi"}})
-    row = s.execute(text("SELECT listing_id, status, title, description, attributes, content "
-                         "FROM catalog.current_listings WHERE tenant_id = 'ed-view'")).one()
+    with in_tenant(s, "ed-view", READER_ROLE):  # an analyst: SET enrich.tenant_id, then the view
+        row = s.execute(text("SELECT listing_id, status, title, description, attributes, content "
+                             "FROM catalog.current_listings WHERE tenant_id = 'ed-view'")).one()
     assert (row.listing_id, row.status) == (listing_id, "edited")
     assert (row.title, row.description) == ("Red floral midi dress", "Merchant's own words here.")
     assert row.attributes["length"] == {"value": "midi", "confidence": 1.0, "source": "merchant"}

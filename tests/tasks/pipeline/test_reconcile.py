@@ -1,4 +1,9 @@
-"""Coverage reconciler: which products are re-queued and why, and the counts ``enrich status`` shows."""
+"""Coverage reconciler: which products are re-queued and why, and the counts ``enrich status`` shows.
+
+Rows are seeded as the superuser test connection; the reconciler then runs as production runs it,
+under forced row-level security in the system scope: as ``enrich_worker`` on beat
+(``catalog.reconcile``) and as ``enrich_admin`` from ``enrich reconcile`` / ``enrich status``.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ import uuid
 from datetime import timedelta
 
 import numpy as np
+import pytest
 from sqlalchemy import text
 
 from tasks.pipeline.reconcile import Reason, coverage_counts, find_incomplete_products, reconcile, requeue
+from tests.conftest import ADMIN_ROLE, WORKER_ROLE, in_scope, in_system_scope, in_tenant
 from tests.db.catalog_rows import (
     add_embeddings,
     add_listings,
@@ -34,7 +41,8 @@ def _job(session, tenant: str, product_id: int, *, status: str, stage: str | Non
     ).scalar_one())
 
 
-def test_reasons_and_counts(db_session) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("role", [WORKER_ROLE, ADMIN_ROLE])
+def test_reasons_and_counts(db_session, role: str) -> None:  # noqa: ANN001
     s = db_session
     vlm = add_model_version(s, "vlm", "vlm-a")
     clip = add_model_version(s, "clip", "clip-a", dims=8)
@@ -52,23 +60,28 @@ def test_reasons_and_counts(db_session) -> None:  # noqa: ANN001
     _job(s, "acme", pids["failed_retry"], status="failed", retryable=True)
     _job(s, "acme", pids["failed_perm"], status="failed", retryable=False)
 
-    found = {i.external_id: i for i in find_incomplete_products(s, stalled_after=timedelta(minutes=30))}
-    assert {k: v.reason for k, v in found.items()} == {
-        "no_listing": Reason.missing_listing, "no_embedding": Reason.missing_embedding,
-        "stalled": Reason.job_stalled, "failed_retry": Reason.job_failed_retryable}
-    assert found["stalled"].job_id == stalled_job and found["stalled"].job_stage == "model"
-    assert find_incomplete_products(s, tenant_id="other") == []
+    with in_scope(s, role):  # no system scope: forced row-level security shows this role no product
+        assert find_incomplete_products(s) == [] and coverage_counts(s)["products"] == 0
+    with in_system_scope(s, role):
+        found = {i.external_id: i for i in find_incomplete_products(s, stalled_after=timedelta(minutes=30))}
+        assert {k: v.reason for k, v in found.items()} == {
+            "no_listing": Reason.missing_listing, "no_embedding": Reason.missing_embedding,
+            "stalled": Reason.job_stalled, "failed_retry": Reason.job_failed_retryable}
+        assert found["stalled"].job_id == stalled_job and found["stalled"].job_stage == "model"
+        assert find_incomplete_products(s, tenant_id="other") == []
 
-    assert coverage_counts(s) == {"products": 7, "complete": 1, "in_flight": 1, "job_stalled": 1,
-                                  "job_failed_retryable": 1, "missing_listing": 1, "missing_embedding": 1,
-                                  "failed_permanently": 1}
+        assert coverage_counts(s) == {"products": 7, "complete": 1, "in_flight": 1, "job_stalled": 1,
+                                      "job_failed_retryable": 1, "missing_listing": 1, "missing_embedding": 1,
+                                      "failed_permanently": 1}
 
     # A new clip version becoming active makes every product miss its embedding.
     add_model_version(s, "clip", "clip-b", dims=8)
-    assert coverage_counts(s)["complete"] == 0
+    with in_system_scope(s, role):
+        assert coverage_counts(s)["complete"] == 0
 
 
-def test_requeue_releases_stalled_claim_and_creates_new_jobs(db_session) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("role", [WORKER_ROLE, ADMIN_ROLE])
+def test_requeue_releases_stalled_claim_and_creates_new_jobs(db_session, role: str) -> None:  # noqa: ANN001
     s = db_session
     add_model_version(s, "vlm", "vlm-a")
     add_tenant(s, "acme")
@@ -76,19 +89,21 @@ def test_requeue_releases_stalled_claim_and_creates_new_jobs(db_session) -> None
     stalled_job = _job(s, "acme", stalled_pid, status="running", stage="model", age="2 hours")
     _job(s, "acme", missing_pid, status="done", stage="persist")
 
-    dispatches = reconcile(s)
-    by_job = {d.job_id: d.stage for d in dispatches}
-    assert by_job[stalled_job] == "model"
-    claims = s.execute(text("SELECT work -> 'claims' FROM enrichment_jobs WHERE id = :id"),
-                       {"id": stalled_job}).scalar_one()
-    assert "model" not in claims
-    new_job = next(j for j in by_job if j != stalled_job)
-    row = s.execute(text("SELECT j.status, j.product_id, j.work, i.event_type FROM enrichment_jobs j "
-                         "JOIN inbox_events i ON i.event_id = j.event_id WHERE j.id = :id"), {"id": new_job}).one()
-    assert (row.status, row.product_id, row.event_type) == ("pending", missing_pid, "reconcile")
-    assert row.work["image_urls"] == [["https://img.example/1.jpg", "primary"]]
-    # The re-queued product is now in flight: a second pass finds nothing to do.
-    assert {i.external_id for i in find_incomplete_products(s)} == set()
+    with in_scope(s, role):  # reconcile() sets the system scope itself, for the rest of its transaction
+        dispatches = reconcile(s)
+        by_job = {d.job_id: d.stage for d in dispatches}
+        assert by_job[stalled_job] == "model"
+        claims = s.execute(text("SELECT work -> 'claims' FROM enrichment_jobs WHERE id = :id"),
+                           {"id": stalled_job}).scalar_one()
+        assert "model" not in claims
+        new_job = next(j for j in by_job if j != stalled_job)
+        row = s.execute(text("SELECT j.status, j.product_id, j.work, i.event_type FROM enrichment_jobs j "
+                             "JOIN inbox_events i ON i.event_id = j.event_id WHERE j.id = :id"),
+                        {"id": new_job}).one()
+        assert (row.status, row.product_id, row.event_type) == ("pending", missing_pid, "reconcile")
+        assert row.work["image_urls"] == [["https://img.example/1.jpg", "primary"]]
+        # The re-queued product is now in flight: a second pass finds nothing to do.
+        assert {i.external_id for i in find_incomplete_products(s)} == set()
 
 
 def test_requeue_without_any_job_has_nothing_to_run(db_session) -> None:  # noqa: ANN001
@@ -96,8 +111,9 @@ def test_requeue_without_any_job_has_nothing_to_run(db_session) -> None:  # noqa
     add_model_version(s, "vlm", "vlm-a")
     add_tenant(s, "acme")
     add_products(s, "acme", ["orphan"], ["dress"])
-    (item,) = find_incomplete_products(s)
-    assert item.reason is Reason.missing_listing and requeue(s, item) is None
+    with in_system_scope(s, WORKER_ROLE):
+        (item,) = find_incomplete_products(s)
+        assert item.reason is Reason.missing_listing and requeue(s, item) is None
 
 
 def _set_work(session, job_id: int, work: str) -> None:  # noqa: ANN001
@@ -121,11 +137,12 @@ def test_stalled_means_heartbeats_stopped_for_a_claim_and_a_long_queue_wait_othe
     _set_work(s, _job(s, "acme", pids["handed_on_2h"], status="running", stage="model", age="2 hours"), handed_on)
     _set_work(s, _job(s, "acme", pids["queued_25h"], status="pending", age="25 hours"), never_claimed)
 
-    found = {i.external_id: i.reason for i in find_incomplete_products(
-        s, stalled_after=timedelta(minutes=6), queued_after=timedelta(hours=24))}
-    assert found == {"claimed_silent": Reason.job_stalled, "queued_25h": Reason.job_stalled}
-    counts = coverage_counts(s, stalled_after=timedelta(minutes=6), queued_after=timedelta(hours=24))
-    assert (counts["job_stalled"], counts["in_flight"]) == (2, 3)
+    with in_system_scope(s, WORKER_ROLE):
+        found = {i.external_id: i.reason for i in find_incomplete_products(
+            s, stalled_after=timedelta(minutes=6), queued_after=timedelta(hours=24))}
+        assert found == {"claimed_silent": Reason.job_stalled, "queued_25h": Reason.job_stalled}
+        counts = coverage_counts(s, stalled_after=timedelta(minutes=6), queued_after=timedelta(hours=24))
+        assert (counts["job_stalled"], counts["in_flight"]) == (2, 3)
 
 
 def test_a_heartbeat_keeps_a_long_running_claim_from_being_redispatched(db_session) -> None:  # noqa: ANN001
@@ -137,7 +154,9 @@ def test_a_heartbeat_keeps_a_long_running_claim_from_being_redispatched(db_sessi
     add_tenant(s, "acme")
     (pid,) = add_products(s, "acme", ["slow"], ["dress"])
     job_id = _job(s, "acme", pid, status="running", stage="model", age="2 hours")  # claimed by "dead-task"
-    assert jobs.heartbeat(s, job_id, Stage.model, "dead-task") is True  # …which is alive after all, and beats
-    assert reconcile(s, stalled_after=timedelta(minutes=6)) == []
-    assert s.execute(text("SELECT work -> 'claims' ->> 'model' FROM enrichment_jobs WHERE id = :id"),
-                     {"id": job_id}).scalar_one() == "dead-task"  # its claim was not released
+    with in_tenant(s, "acme"):  # the beat's job_session: the job's tenant
+        assert jobs.heartbeat(s, job_id, Stage.model, "dead-task") is True  # …which is alive after all, and beats
+    with in_scope(s, WORKER_ROLE):  # beat: reconcile() sets the system scope
+        assert reconcile(s, stalled_after=timedelta(minutes=6)) == []
+        assert s.execute(text("SELECT work -> 'claims' ->> 'model' FROM enrichment_jobs WHERE id = :id"),
+                         {"id": job_id}).scalar_one() == "dead-task"  # its claim was not released
