@@ -1,20 +1,32 @@
-"""Schema-constrained decoding with xgrammar: compiled-grammar cache, a per-row bitmask logits
-processor for batched ``generate()``, and deterministic force-completion when the budget runs out.
+"""Schema-constrained decoding with xgrammar: the listing grammar built from a category's JSON
+Schema, a compiled-grammar cache, a per-row bitmask logits processor for batched ``generate()``, and
+deterministic force-completion when the budget runs out.
 
-Why the output is valid by construction: at every step the logits of tokens the category's JSON
-Schema grammar cannot accept are set to -inf, so greedy decoding can only pick grammar-legal tokens.
+Why the output is valid by construction: at every step the logits of tokens the category's grammar
+cannot accept are set to -inf, so greedy decoding can only pick grammar-legal tokens.
 Every schema has bounded strings, enumerated attributes and no recursion, so the grammar's language
 is finite. A row that exhausts ``max_new_tokens`` is completed without the model by repeatedly
 taking the grammar-allowed token that closes structure soonest (a quote, a brace, …); since every
 legal prefix of a finite language has a bounded legal completion, this terminates. Nothing invalid
 is ever returned: if a completion cannot be found within a hard cap, ModelError is raised.
+
+Why the grammar is built here (``listing_ebnf``) and not by xgrammar's JSON Schema converter:
+a listing's strings are narrower than JSON's. xgrammar's unbounded string rule admits every escape,
+``\\u0000`` and lone surrogates among them (valid JSON that PostgreSQL's JSONB refuses, so persist
+failed), and its bounded one admits the UTF-8 spelling of a surrogate (``ED A0 80``): one character
+to the grammar, three U+FFFD after decoding, so the length bounds disagreed with ``json.loads``.
+Here one rule, ``listing_char`` (see ``STRING_ESCAPES``), is the character of every string, and
+``minLength``/``maxLength`` repeat it, so the grammar counts characters as ``json.loads`` does;
+``GrammarVocab.text`` decodes exactly the bytes the grammar matched.
 """
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xgrammar as xgr
@@ -27,6 +39,19 @@ from models.errors import ModelError
 # budget on spaces, and the text looks like what models saw in training.
 SEPARATORS = (", ", ": ")
 FORCE_COMPLETION_CAP = 4096
+
+# What a listing string may contain, as JSON text. Characters: anything but the quote, the
+# backslash, control characters (C0 U+0000-U+001F, DEL, C1 U+0080-U+009F) and surrogate code points
+# (U+D800-U+DFFF: the grammar would otherwise take their UTF-8 spelling ED A0 80 as one character).
+# Escapes: only \" \\ and \/ (a quote, a backslash, a slash). No \uXXXX at all: the tokenizer can
+# spell any other character directly, and \u0000 or a lone surrogate is valid JSON that JSONB
+# refuses; no \b \f \n \r \t: titles and descriptions are single-line text without control
+# characters. Each escape is one character, as json.loads and the schema's length bounds count it.
+STRING_ESCAPES = ('\\"', "\\\\", "\\/")
+FORBIDDEN_CHARACTERS = "U+0000-U+001F, U+007F-U+009F, U+D800-U+DFFF"
+LISTING_GRAMMAR = "xgrammar.ebnf:listing-v2"  # recorded in model_input (v1: xgrammar's own JSON Schema rules)
+_CHAR_RULE = r'listing_char ::= [^"\\\0-\x1f\x7f-\x9f\uD800-\uDFFF] | "\\" ["\\/]'
+_ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "examples"})
 
 # Lower rank = preferred while force-completing: a quote closes a string (or opens a value); inside
 # a string below minLength, or while spelling an enum value, a lower-case letter; structural closers
@@ -44,10 +69,21 @@ class GrammarVocab:
     completion_rank: torch.Tensor  # int64 [vocab_size]: rank * vocab_size + token id
     banned: torch.Tensor  # bool [vocab_size]: tokens with raw control bytes (invalid inside JSON strings)
     allow_bits: torch.Tensor  # int32 bitmask row that clears the banned tokens
+    token_bytes: tuple[bytes, ...]  # each token's bytes as the grammar matches them
 
     def mask(self, bitmask: torch.Tensor) -> None:
         """Apply the static ban on top of a grammar bitmask, in place."""
         bitmask &= self.allow_bits
+
+    def text(self, token_ids: Sequence[int]) -> str:
+        """The text of grammar-accepted tokens, from the bytes the grammar matched (strict UTF-8).
+
+        Not ``tokenizer.decode``: that may replace bytes (U+FFFD) or tidy spaces, and then the text
+        ``json.loads`` reads is not the text whose characters the grammar counted."""
+        try:
+            return b"".join(self.token_bytes[t] for t in token_ids).decode("utf-8")
+        except (IndexError, UnicodeDecodeError) as exc:
+            raise ModelError(f"grammar-accepted tokens are not UTF-8 text: {exc}") from exc
 
 
 def _rank(token: bytes) -> int:
@@ -63,8 +99,8 @@ def _rank(token: bytes) -> int:
 
 
 def _has_control_byte(token: bytes) -> bool:
-    # xgrammar's JSON string rule admits raw U+0000..U+001F, which strict JSON parsers reject; the
-    # schemas never need them (no free whitespace, strings can always continue with a letter).
+    # listing_char refuses raw U+0000..U+001F itself; the static ban is a second line that needs no
+    # grammar (no free whitespace anywhere, and strings can always continue with a letter).
     return any(b < 0x20 for b in token)
 
 
@@ -97,8 +133,91 @@ def grammar_vocab(
     extra = [i for i in banned_token_ids if 0 <= i < vocab_size and i not in stops]
     banned[extra] = True
     return GrammarVocab(
-        info, vocab_size, stops, ranks * vocab_size + torch.arange(vocab_size), banned, pack_bitmask(~banned)
+        info, vocab_size, stops, ranks * vocab_size + torch.arange(vocab_size), banned, pack_bitmask(~banned),
+        tuple(decoded),
     )
+
+
+def _forbidden(text: str) -> bool:
+    return any(c < "\x20" or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in text)
+
+
+def _literal(value: str, where: str) -> str:
+    """An EBNF literal of ``value``'s JSON text (a key or an enum value), within the escape policy."""
+    if _forbidden(value):
+        raise ValueError(f"{where}: {value!r} has a character listings may not contain ({FORBIDDEN_CHARACTERS})")
+    return json.dumps(json.dumps(value, ensure_ascii=False), ensure_ascii=False)
+
+
+def _keys(node: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(node) - allowed - _ANNOTATIONS
+    if unknown:
+        raise ValueError(f"{where}: listing grammars do not support {sorted(unknown)}")
+
+
+class _Rules:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, name: str, body: str) -> str:
+        self.lines.append(f"{name} ::= {body}")
+        return name
+
+    def value(self, node: Mapping[str, Any], name: str, where: str) -> str:
+        if "enum" in node:
+            _keys(node, {"type", "enum"}, where)
+            if node.get("type", "string") != "string" or not node["enum"] or not all(
+                    isinstance(v, str) for v in node["enum"]):
+                raise ValueError(f"{where}: an enum must be a non-empty list of strings")
+            return self.add(name, " | ".join(_literal(v, where) for v in node["enum"]))
+        kind = node.get("type")
+        if kind == "string":
+            _keys(node, {"type", "minLength", "maxLength"}, where)
+            low, high = int(node.get("minLength", 0)), node.get("maxLength")
+            if high is None or low > int(high):
+                raise ValueError(f"{where}: a listing string needs maxLength >= minLength (the language is finite)")
+            return self.add(name, f'"\\"" listing_char{{{low},{int(high)}}} "\\""')
+        if kind == "object":
+            return self.object(node, name, where)
+        raise ValueError(f"{where}: listing grammars support objects, enums and bounded strings, not {kind!r}")
+
+    def object(self, node: Mapping[str, Any], name: str, where: str) -> str:
+        """Properties in schema order, optional ones skippable, no others (``additionalProperties``
+        must be false). ``rest(i, first)``: properties i.. with none written yet (``first``) or after
+        one was (each then starts with the separator)."""
+        _keys(node, {"type", "properties", "required", "additionalProperties"}, where)
+        if node.get("additionalProperties", True) is not False:
+            raise ValueError(f"{where}: listing objects need additionalProperties: false")
+        props = list(node.get("properties", {}).items())
+        required = set(node.get("required", ()))
+        if not required <= {key for key, _ in props}:
+            raise ValueError(f"{where}: required names a property the schema does not define")
+        colon, comma = json.dumps(SEPARATORS[1]), json.dumps(SEPARATORS[0])
+        pairs = [(f"{_literal(key, where)} {colon} {self.value(sub, f'{name}_{i}', f'{where}.{key}')}",
+                  key in required) for i, (key, sub) in enumerate(props)]
+        made: dict[tuple[int, bool], str] = {}
+
+        def rest(i: int, first: bool) -> str:
+            if i == len(pairs):
+                return '""'
+            if (i, first) not in made:
+                pair, needed = pairs[i]
+                this = f"{pair} {rest(i + 1, False)}" if first else f"{comma} {pair} {rest(i + 1, False)}"
+                skip = "" if needed else f" | {rest(i + 1, first)}"
+                made[i, first] = self.add(f"{name}_{'first' if first else 'next'}{i}", f"({this}){skip}")
+            return made[i, first]
+
+        return self.add(name, f'"{{" {rest(0, True)} "}}"')
+
+
+def listing_ebnf(json_schema: Mapping[str, Any]) -> str:
+    """The xgrammar EBNF of a listing schema: JSON with ``SEPARATORS`` and no other whitespace,
+    objects, string enums and bounded strings of ``listing_char``. Anything else raises ValueError."""
+    if json_schema.get("type") != "object":
+        raise ValueError("$: a listing is a JSON object")
+    rules = _Rules()
+    rules.object(json_schema, "root", "$")
+    return "\n".join([*rules.lines, _CHAR_RULE]) + "\n"
 
 
 class GrammarCache:
@@ -113,9 +232,7 @@ class GrammarCache:
     def get(self, schema: CategorySchema) -> xgr.CompiledGrammar:
         with self._lock:
             if schema.schema_id not in self._compiled:
-                self._compiled[schema.schema_id] = self._compiler.compile_json_schema(
-                    dict(schema.json_schema), any_whitespace=False, separators=SEPARATORS, strict_mode=True
-                )
+                self._compiled[schema.schema_id] = self._compiler.compile_grammar(listing_ebnf(schema.json_schema))
             return self._compiled[schema.schema_id]
 
     def matcher(self, schema: CategorySchema) -> xgr.GrammarMatcher:

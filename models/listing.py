@@ -25,7 +25,15 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 from models.config import DEFAULT_CACHE_DIR
 from models.base import ModelVersionInfo, ModelWrapper
 from models.categories import CategorySchema, validate_listing
-from models.constrained import GrammarCache, GrammarVocab, SchemaLogitsProcessor, finish_row, grammar_vocab
+from models.constrained import (
+    LISTING_GRAMMAR,
+    SEPARATORS,
+    GrammarCache,
+    GrammarVocab,
+    SchemaLogitsProcessor,
+    finish_row,
+    grammar_vocab,
+)
 from models.devices import halve_on_oom, select_device
 from models.errors import ModelError
 from models.identity import ModelIdentity, model_identity
@@ -206,7 +214,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
                 max_new: int) -> GeneratedListing:
         assert self._grammars is not None
         row = finish_row(self._grammars.matcher(req.schema), new_tokens, self._grammars.vocab)
-        raw = self.processor.tokenizer.decode(row.token_ids, skip_special_tokens=False)
+        raw = self._grammars.vocab.text(row.token_ids)  # the bytes the grammar counted, not decode()'s tidy-up
         try:
             output = json.loads(raw)
             validate_listing(req.schema, output)
@@ -232,7 +240,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
             prompt_text=text,
             image={"ref": req.image_ref or IMAGE_PLACEHOLDER, "size": list(req.image.size)},
             model=self.version().key,
-            decoding={"strategy": "greedy", "max_new_tokens": max_new, "grammar": "xgrammar.json_schema",
-                      "separators": [", ", ": "]},
+            decoding={"strategy": "greedy", "max_new_tokens": max_new, "grammar": LISTING_GRAMMAR,
+                      "separators": list(SEPARATORS)},
         )
         return record

@@ -204,7 +204,7 @@ def _wait(console: Console, engine, ids: list[uuid.UUID], timeout_s: int, procs)
         while time.monotonic() < deadline:
             with engine.connect() as conn:
                 finished = conn.execute(select(func.count()).select_from(EnrichmentJob).where(
-                    EnrichmentJob.event_id.in_(ids), EnrichmentJob.status.in_(["done", "failed"]))).scalar_one()
+                    EnrichmentJob.event_id.in_(ids), EnrichmentJob.status.in_(["done", "failed", "superseded"]))).scalar_one()
                 rejected = conn.execute(select(func.count()).select_from(InboxEvent).where(
                     InboxEvent.event_id.in_(ids), InboxEvent.status != "accepted")).scalar_one()
             progress.update(bar, completed=finished + rejected, detail=f"{finished + rejected}/{len(ids)} finished")

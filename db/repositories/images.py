@@ -1,10 +1,11 @@
-"""Images: content-addressed rows per tenant, their use by products, and near-duplicate groups."""
+"""Images: content-addressed rows per tenant, their use by products, near-duplicate candidates and
+the exact/near duplicate groups."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, text
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -52,40 +53,122 @@ def link_to_product(session: Session, *, tenant_id: str, product_id: int, produc
         image_id=image_id, role=role, source_url=source_url[:2048]).on_conflict_do_nothing())
 
 
-_NEAR = text(
-    "SELECT id, storage_uri, least(bit_count(phash # CAST(:p AS bit(64))), bit_count(dhash # CAST(:d AS bit(64))))"
-    " AS dist FROM (("
-    "  SELECT id, storage_uri, phash, dhash FROM images WHERE tenant_id = :t AND id <> :id"
-    "  ORDER BY phash <~> CAST(:p AS bit(64)) LIMIT :k"
-    ") UNION ("
-    "  SELECT id, storage_uri, phash, dhash FROM images WHERE tenant_id = :t AND id <> :id"
-    "  ORDER BY dhash <~> CAST(:d AS bit(64)) LIMIT :k"
-    ")) c ORDER BY dist")
+# Hamming candidate search. The HNSW indexes on phash/dhash are global (every tenant in one graph),
+# and a tenant filter applied after an HNSW scan loses the tenant's real copy once other tenants'
+# look-alike hashes crowd the query: without an iterative scan the index hands back about
+# ef_search rows before the filter, and on 64-bit hashes with many ties even an iterative scan
+# can stop early because the crowd's graph never links out to the copy (README "Safe decoding and
+# dedup" has the measurements). So a tenant of up to EXACT_SCAN_MAX_IMAGES images is searched
+# exactly: its own rows (the (tenant_id, sha256) index or a sequential scan), both distances
+# computed, which is complete by construction and costs about 0.3-0.5 us per image and hash kind.
+# A bigger tenant goes through the index with a strict-order iterative scan, bounded by
+# HNSW_MAX_SCAN_TUPLES: approximate, never silently limited to ef_search rows.
+EXACT_SCAN_MAX_IMAGES = 250_000
+HNSW_MAX_SCAN_TUPLES = 100_000
+
+_TENANT_SIZE = text("SELECT count(*) FROM (SELECT 1 FROM images WHERE tenant_id = :t LIMIT :cap) s")
+
+_DIST = "least(bit_count(phash # CAST(:p AS bit(64))), bit_count(dhash # CAST(:d AS bit(64))))"
+_ROWS = ("SELECT id, storage_uri, phash, dhash FROM images"
+         " WHERE tenant_id = :t AND id <> ALL(CAST(:ex AS bigint[]))")
+
+# bit_count(a # b) is the Hamming distance but not the <~> operator, so no HNSW index can serve it.
+_NEAR_EXACT = text(
+    f"SELECT id, storage_uri, {_DIST} AS dist FROM (("
+    f"  {_ROWS} ORDER BY bit_count(phash # CAST(:p AS bit(64))), id LIMIT :k"
+    f") UNION ("
+    f"  {_ROWS} ORDER BY bit_count(dhash # CAST(:d AS bit(64))), id LIMIT :k"
+    f")) c ORDER BY dist, id")
+
+_NEAR_INDEX = text(
+    f"SELECT id, storage_uri, {_DIST} AS dist FROM (("
+    f"  {_ROWS} ORDER BY phash <~> CAST(:p AS bit(64)) LIMIT :k"
+    f") UNION ("
+    f"  {_ROWS} ORDER BY dhash <~> CAST(:d AS bit(64)) LIMIT :k"
+    f")) c ORDER BY dist, id")
+
+_ITERATIVE_SCAN = text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
+                       "set_config('hnsw.max_scan_tuples', :tuples, true)")
 
 
 def near_candidates(session: Session, tenant_id: str, image_id: int, *, phash: str, dhash: str, k: int,
-                    max_hamming: int) -> list[NearCandidate]:
-    """The tenant's images closest to these hashes (HNSW Hamming search on both), nearest first."""
-    rows = session.execute(_NEAR, {"p": phash, "d": dhash, "t": tenant_id, "id": image_id, "k": k}).all()
+                    max_hamming: int, exclude: tuple[int, ...] = (),
+                    exact_up_to: int = EXACT_SCAN_MAX_IMAGES) -> list[NearCandidate]:
+    """The tenant's images closest to these hashes (the ``k`` nearest on pHash and on dHash), within
+    ``max_hamming`` on either, nearest first; never ``image_id`` or an id in ``exclude``.
+
+    Exact over the tenant's rows while it has at most ``exact_up_to`` images, whatever other
+    tenants hold; above that an HNSW iterative scan (approximate)."""
+    params = {"p": phash, "d": dhash, "t": tenant_id, "ex": [image_id, *exclude], "k": k}
+    size = session.execute(_TENANT_SIZE, {"t": tenant_id, "cap": exact_up_to + 1}).scalar_one()
+    if size <= exact_up_to:
+        rows = session.execute(_NEAR_EXACT, params).all()
+    else:
+        # SET LOCAL inside a savepoint that is rolled back: the settings end with the search, as
+        # a function's SET clause ends with the call (the catalog search functions use those).
+        savepoint = session.begin_nested()
+        try:
+            session.execute(_ITERATIVE_SCAN, {"tuples": str(HNSW_MAX_SCAN_TUPLES)})
+            rows = session.execute(_NEAR_INDEX, params).all()
+        finally:
+            savepoint.rollback()
     return [NearCandidate(r.id, r.storage_uri, r.dist) for r in rows if r.dist <= max_hamming]
+
+
+def _group_of(session: Session, tenant_id: str, representative_id: int, method: str) -> int:
+    """The group ``representative_id`` is a member of, or a new one it represents (a member itself,
+    with ``method`` and distance 0)."""
+    group_id = session.scalar(select(DuplicateMember.group_id)
+                              .where(DuplicateMember.image_id == representative_id))
+    if group_id is not None:
+        return group_id
+    group_id = session.execute(
+        insert(DuplicateGroup).values(tenant_id=tenant_id, representative_image_id=representative_id)
+        .on_conflict_do_nothing(index_elements=["representative_image_id"]).returning(DuplicateGroup.id)
+    ).scalar_one_or_none() or session.scalar(
+        select(DuplicateGroup.id).where(DuplicateGroup.representative_image_id == representative_id))
+    assert group_id is not None
+    session.execute(insert(DuplicateMember).values(group_id=group_id, image_id=representative_id,
+                                                   tenant_id=tenant_id, method=method, hamming_distance=0,
+                                                   inliers=None).on_conflict_do_nothing())
+    return group_id
 
 
 def record_near_duplicate(session: Session, tenant_id: str, image_id: int, match_id: int,
                           hamming: int, inliers: int) -> None:
     """Put ``image_id`` in ``match_id``'s duplicate group (created with the match as representative)."""
-    group_id = session.scalar(select(DuplicateMember.group_id).where(DuplicateMember.image_id == match_id))
-    if group_id is None:
-        group_id = session.execute(
-            insert(DuplicateGroup).values(tenant_id=tenant_id, representative_image_id=match_id)
-            .on_conflict_do_nothing(index_elements=["representative_image_id"]).returning(DuplicateGroup.id)
-        ).scalar_one_or_none() or session.scalar(
-            select(DuplicateGroup.id).where(DuplicateGroup.representative_image_id == match_id))
-        session.execute(insert(DuplicateMember).values(group_id=group_id, image_id=match_id, tenant_id=tenant_id,
-                                                       method="near", hamming_distance=0, inliers=None)
-                        .on_conflict_do_nothing())
+    group_id = _group_of(session, tenant_id, match_id, "near")
     session.execute(insert(DuplicateMember).values(group_id=group_id, image_id=image_id, tenant_id=tenant_id,
                                                    method="near", hamming_distance=hamming, inliers=inliers)
                     .on_conflict_do_nothing())
+
+
+def record_exact_duplicate(session: Session, tenant_id: str, image_id: int) -> None:
+    """Record that several products use the same bytes (one content-addressed image row): the image
+    is a member with method ``exact`` of the group it represents, and ``catalog.duplicate_groups``
+    lists those products under it. Idempotent, and the same whichever of an exact and a near copy
+    came first: a near group the image already represents gets its own row marked ``exact``; an image
+    that is a near member of another image's group stays that (its near evidence is kept, and the
+    view lists every product using it there)."""
+    _group_of(session, tenant_id, image_id, "exact")
+    session.execute(
+        update(DuplicateMember)
+        .where(DuplicateMember.image_id == image_id, DuplicateMember.tenant_id == tenant_id,
+               DuplicateMember.method == "near",
+               DuplicateMember.group_id == select(DuplicateGroup.id)
+               .where(DuplicateGroup.representative_image_id == image_id).scalar_subquery())
+        .values(method="exact"))
+
+
+def linked_elsewhere(session: Session, tenant_id: str, image_id: int, *, product_id: int,
+                     product_version: int) -> bool:
+    """Whether anything but this product version uses the image (another product or an older
+    version): False means this version brought it in, also when a redelivery finds it stored."""
+    return session.scalar(select(
+        select(ProductImage.image_id)
+        .where(ProductImage.image_id == image_id, ProductImage.tenant_id == tenant_id,
+               or_(ProductImage.product_id != product_id, ProductImage.product_version != product_version))
+        .exists())) or False
 
 
 def product_using(session: Session, tenant_id: str, image_id: int, *, exclude_product: int) -> str | None:

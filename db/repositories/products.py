@@ -28,3 +28,10 @@ def add(session: Session, product: Product) -> Product:
 
 def get(session: Session, product_id: int) -> Product | None:
     return session.get(Product, product_id)
+
+
+def lock_shared(session: Session, product_id: int) -> Product | None:
+    """The product row under ``FOR SHARE`` for the rest of the transaction: a stage compares its
+    job's version with the row's ``version`` and reads the text it runs on, and intake's update of
+    the row (``lock_by_external_id``, ``FOR UPDATE``) waits until that transaction has ended."""
+    return session.get(Product, product_id, with_for_update={"read": True})

@@ -1,8 +1,13 @@
 """Fetch + dedup (CPU): download each image, decode safely, store it content-addressed, record
 exact and near duplicates, and decide whether model work is needed at all.
 
-No transaction is held open across the network: the job is claimed, the images are fetched,
-then everything learned is written in one short transaction.
+No transaction is open across the network or while candidates are verified (ORB features of
+stored images come from blob storage): the job is claimed; the images are fetched; one short
+transaction stores and links them and finds near-duplicate candidates; the candidates are verified
+with no transaction open; a last short transaction re-locks the job, checks that this task still
+holds its fetch stage, records the duplicate groups and hands off. A redelivery that finds the
+images already stored by its own earlier attempt treats them as this version's own, so it reaches
+the same groups and the same hand-off.
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from db.engine import job_session
 from db.enums import Stage
 from db.repositories import images, listings, model_versions, products
 from db.repositories import jobs as job_rows
-from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateCandidate
+from db.tables import EnrichmentJob
+from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateMatch
 from models.errors import ImageRejected
 from models.hashing import perceptual_hashes, sha256_hex
 from models.images import decode_image
 from tasks import faults
 from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
-from tasks.pipeline.work import DuplicateFound, EnrichRequest, FetchedImages
+from tasks.pipeline.work import Claims, DuplicateFound, EnrichRequest, FetchedImages
 from tasks.runtime import Runtime
 from tasks.io.blobs import original_key
 
@@ -69,6 +75,48 @@ def _safe(url: str) -> str:
     return url.split("?", 1)[0][:200]
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """What the store transaction learned about one distinct image of this product version."""
+
+    img: StoredImage
+    image_id: int
+    exact_of: str | None = None  # another product of the tenant with the same bytes
+    near_check: bool = False  # this version brought the image in: look for near duplicates
+    candidates: tuple[images.NearCandidate, ...] = ()
+
+
+def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, product_version: int,
+           stored: list[StoredImage]) -> tuple[list[int], list[_Seen]]:
+    """Store and link the images, classify each one, and find near candidates (one transaction)."""
+    with job_session(runtime.session_factory, job_id) as session:
+        image_ids: list[int] = []
+        for position, img in enumerate(stored):
+            image_id, _ = images.upsert(session, tenant_id, img.row)
+            image_ids.append(image_id)
+            images.link_to_product(session, tenant_id=tenant_id, product_id=product_id,
+                                   product_version=product_version, position=position, image_id=image_id,
+                                   role=img.role, source_url=img.url)
+        first: dict[int, StoredImage] = {}  # each distinct image once, in the order of its first position
+        for image_id, img in zip(image_ids, stored):
+            first.setdefault(image_id, img)
+        brought = [i for i in first if not images.linked_elsewhere(
+            session, tenant_id, i, product_id=product_id, product_version=product_version)]
+        seen: list[_Seen] = []
+        for image_id, img in first.items():
+            if image_id not in brought:  # older version of this product (skip) or the same bytes elsewhere
+                seen.append(_Seen(img, image_id, exact_of=images.product_using(session, tenant_id, image_id,
+                                                                               exclude_product=product_id)))
+                continue
+            # Compared with what was stored before this version and with its own earlier images, not
+            # its later ones: what the first attempt saw, and what a redelivery sees again.
+            later = tuple(brought[brought.index(image_id) + 1:])
+            seen.append(_Seen(img, image_id, near_check=True, candidates=tuple(images.near_candidates(
+                session, tenant_id, image_id, phash=img.row.phash, dhash=img.row.dhash, k=CANDIDATE_K,
+                max_hamming=CANDIDATE_MAX_HAMMING, exclude=later))))
+    return image_ids, seen
+
+
 def _candidate_features(runtime: Runtime, image_id: int, uri: str) -> Any:
     """ORB features of a stored image, from the per-process cache or decoded once from storage."""
     cached = runtime.feature_cache.get(image_id)
@@ -78,25 +126,19 @@ def _candidate_features(runtime: Runtime, image_id: int, uri: str) -> Any:
     return cached
 
 
-def _verify_near(runtime: Runtime, session: Session, tenant_id: str, image_id: int,
-                 img: StoredImage) -> tuple[int, int, int] | None:
-    """(matched image id, hamming, inliers) of the best geometrically confirmed near duplicate."""
-    candidates = images.near_candidates(session, tenant_id, image_id, phash=img.row.phash, dhash=img.row.dhash,
-                                        k=CANDIDATE_K, max_hamming=CANDIDATE_MAX_HAMMING)
-    query_features = runtime.feature_cache.put(image_id, runtime.dedup_verifier.features(img.image))
-    if not candidates:
-        return None
-    loaded = [DuplicateCandidate(c.image_id, None, c.hamming, features=_candidate_features(runtime, c.image_id,
-                                                                                          c.storage_uri))
-              for c in candidates]
-    confirmed = [runtime.dedup_verifier.match_features(query_features, c.features, image_id=c.image_id,
-                                                       hamming=c.hamming) for c in loaded]
-    confirmed = [m for m in confirmed if m.confirmed]
-    if not confirmed:
-        return None
-    best = max(confirmed, key=lambda m: m.inliers)
-    images.record_near_duplicate(session, tenant_id, image_id, best.image_id, best.hamming, best.inliers)
-    return best.image_id, best.hamming, best.inliers
+def _verify_near(runtime: Runtime, seen: _Seen) -> DuplicateMatch | None:
+    """The geometrically confirmed candidate with most inliers; runs with no transaction open."""
+    verifier = runtime.dedup_verifier
+    query = runtime.feature_cache.put(seen.image_id, verifier.features(seen.img.image))
+    matches = [verifier.match_features(query, _candidate_features(runtime, c.image_id, c.storage_uri),
+                                       image_id=c.image_id, hamming=c.hamming) for c in seen.candidates]
+    confirmed = [m for m in matches if m.confirmed]
+    return max(confirmed, key=lambda m: m.inliers) if confirmed else None
+
+
+def _still_ours(job: EnrichmentJob | None, task_id: str) -> bool:
+    return (job is not None and job.status not in jobs.FINAL and job.stage == Stage.fetch.value
+            and Claims.of(job.work).holder(Stage.fetch.value) == task_id)
 
 
 def _reusable(session: Session, tenant_id: str, image_id: int) -> int | None:
@@ -114,7 +156,8 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
         job = jobs.claim(session, job_id, Stage.fetch, task_id, runtime.retry.max_stage_attempts)
         if job is None:
             return FetchOutcome(None)
-        tenant_id, product_id, request = job.tenant_id, job.product_id, EnrichRequest.of(job.work)
+        tenant_id, product_id, version = job.tenant_id, job.product_id, job.product_version
+        request = EnrichRequest.of(job.work)
         product = products.get(session, product_id)
         assert product is not None
         merchant_id, external_id = product.merchant_id, product.external_id
@@ -122,29 +165,25 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
 
     stored = _fetch_all(runtime, request, tenant_id, merchant_id)
     fetched_ms = (time.perf_counter() - started) * 1000
+    image_ids, seen = _store(runtime, job_id, tenant_id, product_id, version, stored)
+    near = {s.image_id: _verify_near(runtime, s) for s in seen if s.near_check}
 
     with job_session(runtime.session_factory, job_id) as session:
         job = job_rows.lock(session, job_id)
-        if job is None or job.status in jobs.FINAL:
-            return FetchOutcome(None)
+        if not _still_ours(job, task_id):
+            return FetchOutcome(None)  # ended, or handed off or re-claimed by another task meanwhile
+        assert job is not None
         duplicates: list[DuplicateFound] = []
-        image_ids: list[int] = []
-        for position, img in enumerate(stored):
-            image_id, is_new = images.upsert(session, tenant_id, img.row)
-            image_ids.append(image_id)
-            images.link_to_product(session, tenant_id=tenant_id, product_id=product_id,
-                                   product_version=job.product_version, position=position, image_id=image_id,
-                                   role=img.role, source_url=img.url)
-            if not is_new:
-                other = images.product_using(session, tenant_id, image_id, exclude_product=product_id)
-                if other is not None:  # the same bytes under another product (not an older version of this one)
-                    duplicates.append(DuplicateFound(img.url, "exact", other, 0, None))
-                continue
-            near = _verify_near(runtime, session, tenant_id, image_id, img)
-            if near is not None:
-                match_id, hamming, inliers = near
-                other = images.product_using(session, tenant_id, match_id, exclude_product=product_id)
-                duplicates.append(DuplicateFound(img.url, "near", other, hamming, inliers))
+        for s in seen:
+            match = near.get(s.image_id)
+            if s.exact_of is not None:
+                images.record_exact_duplicate(session, tenant_id, s.image_id)
+                duplicates.append(DuplicateFound(s.img.url, "exact", s.exact_of, 0, None))
+            elif match is not None:
+                images.record_near_duplicate(session, tenant_id, s.image_id, match.image_id, match.hamming,
+                                             match.inliers)
+                other = images.product_using(session, tenant_id, match.image_id, exclude_product=product_id)
+                duplicates.append(DuplicateFound(s.img.url, "near", other, match.hamming, match.inliers))
         primary = next((i for i, s in enumerate(stored) if s.role == "primary"), 0)
         reuse = _reusable(session, tenant_id, image_ids[primary])
         nxt = Stage.persist if reuse is not None else jobs.STAGES[Stage.fetch].next

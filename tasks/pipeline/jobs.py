@@ -4,9 +4,15 @@
 are written; the Celery tasks, the hand-offs, the reconciler's redispatch and the claims all read
 it. A stage is claimed under a row lock by the task id that runs it. A redelivery of the same task
 (same id) re-claims; a concurrent duplicate (another id) backs off; a stage already passed, a
-stage not reached yet, or a job already done/failed, is a no-op. That turns at-least-once delivery
-into one model run. While a task runs it keeps its claim fresh (``heartbeat``), so the reconciler
-can tell a live claim from one whose worker died.
+stage not reached yet, or a job already done/failed/superseded, is a no-op. That turns
+at-least-once delivery into one model run. While a task runs it keeps its claim fresh
+(``heartbeat``), so the reconciler can tell a live claim from one whose worker died.
+
+A job runs for one product version, but intake updates the product row in place, so a job whose
+version is no longer the product's stops at its next claim as ``superseded``: final, no retry, no
+event (neither ``listing.enriched`` nor ``listing.failed``); the newer version's own job carries
+on. The claim holds the product row ``FOR SHARE`` for the stage's first transaction (for persist:
+the one that writes the listing), so what a claimed stage reads is its own version's text.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ STAGES: dict[Stage, StageSpec] = {
 }
 STAGE_ORDER = list(STAGES)
 FIRST = STAGE_ORDER[0]
-FINAL = {JobStatus.done.value, JobStatus.failed.value}
+FINAL = {JobStatus.done.value, JobStatus.failed.value, JobStatus.superseded.value}
 
 Handoff = FetchedImages | ModelOutput
 
@@ -79,6 +85,8 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
     job = job_rows.lock(session, job_id)
     if job is None or job.status in FINAL:
         return None
+    if _supersede_if_stale(session, job, stage):
+        return None
     current = Stage(job.stage) if job.stage else FIRST
     if STAGE_ORDER.index(stage) < STAGE_ORDER.index(current):
         return None  # already past this stage: a late duplicate
@@ -102,6 +110,19 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
     job.updated_at = datetime.now(UTC)
     session.flush()
     return job
+
+
+def _supersede_if_stale(session: Session, job: EnrichmentJob, stage: Stage) -> bool:
+    """End a live job whose product has moved to a newer version since it was created."""
+    product = products.lock_shared(session, job.product_id)
+    if product is None or product.version <= job.product_version:
+        return False
+    job.status = JobStatus.superseded.value
+    job.updated_at = job.finished_at = datetime.now(UTC)
+    session.flush()
+    log.info("job.superseded", job_id=job.id, stage=stage.value, version=job.product_version,
+             current_version=product.version)
+    return True
 
 
 def heartbeat(session: Session, job_id: int, stage: Stage, task_id: str) -> bool:

@@ -33,7 +33,7 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
         job = jobs.claim(session, job_id, Stage.model, task_id, runtime.retry.max_stage_attempts)
         if job is None:
             return False
-        product = products.get(session, job.product_id)
+        product = products.get(session, job.product_id)  # as claim locked it: this job's version
         assert product is not None
         uri = FetchedImages.of(job.work).primary_uri
         item_fields = dict(category=product.category, title=product.title, description=product.description,

@@ -111,7 +111,7 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
         job = jobs.claim(session, job_id, Stage.persist, task_id, runtime.retry.max_stage_attempts)
         if job is None:
             return None
-        product = products.get(session, job.product_id)
+        product = products.get(session, job.product_id)  # as claim locked it: this job's version
         assert product is not None
         reuse = FetchedImages.of(job.work).reuse_listing_id
         if reuse:

@@ -137,7 +137,7 @@ class Deployment:
                     "       j.timings_ms, j.listing_id, j.work FROM inbox_events i"
                     "  LEFT JOIN enrichment_jobs j ON j.event_id = i.event_id WHERE i.event_id = ANY(:ids)"),
                     {"ids": ids}).all()
-            done = {r.event_id: r for r in rows if r.inbox != "accepted" or r.status in ("done", "failed")}
+            done = {r.event_id: r for r in rows if r.inbox != "accepted" or r.status in ("done", "failed", "superseded")}
             if len(done) == len(ids):
                 return done
             dead = [p for p in self.procs if p.poll() is not None]

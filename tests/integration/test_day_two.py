@@ -105,7 +105,7 @@ def invariants(sql: Any, events: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     t = list(TENANTS)
     # every accepted product event is final once: one job, done or failed
-    for r in sql("SELECT i.event_id, count(j.id) AS jobs, bool_and(j.status IN ('done', 'failed')) AS final "
+    for r in sql("SELECT i.event_id, count(j.id) AS jobs, bool_and(j.status IN ('done', 'failed', 'superseded')) AS final "
                  "FROM inbox_events i LEFT JOIN enrichment_jobs j ON j.event_id = i.event_id "
                  "WHERE i.tenant_id = ANY(:t) AND i.status = 'accepted' AND i.event_type <> 'listing.reviewed' "
                  "GROUP BY i.event_id", t=t):
@@ -257,7 +257,7 @@ def test_day_two(scenario: Scenario, sample_photos: list[tuple[Path, str]], tmp_
     s.wait("every product enriched by the candidate", lambda: s.sql(
         "SELECT count(DISTINCT l.product_id) FROM listings l WHERE l.tenant_id = ANY(:t) AND l.model_version_id = :v",
         t=list(TENANTS), v=candidate)[0][0] == total and s.sql(
-        "SELECT count(*) FROM enrichment_jobs WHERE tenant_id = ANY(:t) AND status NOT IN ('done', 'failed')",
+        "SELECT count(*) FROM enrichment_jobs WHERE tenant_id = ANY(:t) AND status NOT IN ('done', 'failed', 'superseded')",
         t=list(TENANTS))[0][0] == 0, timeout=300)
     assert "models.switched" in (s.dep.data_dir / "worker-gpu.log").read_text()
     per_product = s.sql("SELECT product_id, count(*) AS n FROM listings WHERE tenant_id = ANY(:t) "

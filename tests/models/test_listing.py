@@ -8,6 +8,7 @@ Outputs here are noise by construction; only their *shape* is asserted.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def _requests(photos: list[tuple[Image.Image, str]], n: int, offset: int = 0) ->
 def _assert_valid(listing: GeneratedListing, request: ListingRequest) -> None:
     Draft202012Validator(dict(request.schema.json_schema)).validate(listing.output)
     assert json.loads(listing.raw_text) == listing.output
+    assert re.fullmatch(r'(?:[^\\]|\\["\\/])*', listing.raw_text)  # escape policy: only \" \\ \/
+    for text in (listing.output["title"], listing.output["description"]):
+        assert not any(c < "\x20" or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in text), ascii(text)
     assert listing.schema_id == request.schema.schema_id and listing.random_weights
     assert listing.tokens >= listing.forced_tokens >= 0
 

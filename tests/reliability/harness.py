@@ -182,7 +182,7 @@ class FaultDeployment(Deployment):
         done: dict[uuid.UUID, Any] = {}
         while time.monotonic() < deadline:
             done = {r.event_id: r for r in self.job_rows(ids)
-                    if r.inbox != "accepted" or r.status in ("done", "failed")}
+                    if r.inbox != "accepted" or r.status in ("done", "failed", "superseded")}
             if len(done) == len(ids):
                 return done
             self.supervise()

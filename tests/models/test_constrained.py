@@ -1,0 +1,227 @@
+"""The listing grammar: which characters and escapes a listing string may contain, how its length
+bounds count, and that whatever the constrained decoder emits round-trips through ``json.loads``
+and is accepted by PostgreSQL's JSONB.
+
+The grammar is driven directly (``GrammarMatcher.accept_string`` on bytes, as byte-level tokens
+reach it) and by random logits over the tiny model's real vocabulary, biased towards the tokens
+that spell escapes and multi-byte characters, through the generator's own ``_finish``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+
+from models.categories import CATEGORIES, CategorySchema
+from models.constrained import SchemaLogitsProcessor, finish_row
+from models.listing import GeneratedListing, ListingGenerator, ListingRequest
+from models.prompting import build_listing_prompt
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TITLE = b'{"title": "'  # every schema starts here; the title is 10..80 characters
+ALLOWED_ESCAPES = [b'\\"', b"\\\\", b"\\/"]
+REFUSED = {
+    "NUL escape": b"\\u0000", "control escape": b"\\u001f", "any \\u escape": b"\\u0041",
+    "lone high surrogate": b"\\ud800", "lone low surrogate": b"\\udfff", "surrogate pair": b"\\ud83d\\ude00",
+    "backspace": b"\\b", "form feed": b"\\f", "newline": b"\\n", "carriage return": b"\\r", "tab": b"\\t",
+    "raw NUL": b"\x00", "raw tab": b"\t", "raw unit separator": b"\x1f", "raw DEL": b"\x7f", "raw C1 NEL": b"\xc2\x85",
+    "UTF-8 of U+D800": b"\xed\xa0\x80", "UTF-8 of U+DFFF": b"\xed\xbf\xbf", "invalid escape": b"\\x",
+}
+ACCEPTED = {"e acute": "é".encode(), "emoji": "😀".encode(), "U+D7FF": b"\xed\x9f\xbf", "U+E000": b"\xee\x80\x80",
+            "no-break space": b"\xc2\xa0", **{e.decode(): e for e in ALLOWED_ESCAPES}}
+UNBOUNDED = CategorySchema(
+    name="note", version=1, schema_id="note@1", visual_attributes={},
+    json_schema={"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"],
+                 "additionalProperties": False})
+
+
+def _accepts(generator: ListingGenerator, schema: CategorySchema, data: bytes) -> bool:
+    assert generator._grammars is not None
+    return generator._grammars.matcher(schema).accept_string(data)
+
+
+def _completes(generator: ListingGenerator, schema: CategorySchema, data: bytes) -> bool:
+    assert generator._grammars is not None
+    matcher = generator._grammars.matcher(schema)
+    return matcher.accept_string(data) and matcher.is_completed()
+
+
+def _forbidden(value: str) -> bool:
+    return any(c < "\x20" or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in value)
+
+
+def _escapes(raw: str) -> list[str]:
+    found, i = [], 0
+    while i < len(raw):
+        if raw[i] == "\\":
+            found.append(raw[i:i + 2])
+            i += 2
+        else:
+            i += 1
+    return found
+
+
+# --- what a string may contain ------------------------------------------------------------------
+
+
+def test_the_grammar_refuses_escapes_and_characters_outside_the_policy(generator: ListingGenerator) -> None:
+    """Every \\u escape (NUL, controls, surrogates, even a valid pair), the control escapes, raw
+    control characters, and the UTF-8 spelling of a surrogate, in every schema's title."""
+    admitted = [(schema.schema_id, name) for schema in CATEGORIES.values() for name, probe in REFUSED.items()
+                if _accepts(generator, schema, TITLE + b"ab" + probe)]
+    assert admitted == []
+    assert all(_accepts(generator, schema, TITLE + b"ab") for schema in CATEGORIES.values())
+
+
+def test_the_grammar_admits_the_policys_escapes_and_any_other_character(generator: ListingGenerator) -> None:
+    refused = [(schema.schema_id, name) for schema in CATEGORIES.values() for name, probe in ACCEPTED.items()
+               if not _accepts(generator, schema, TITLE + b"ab" + probe)]
+    assert refused == []
+
+
+def test_length_bounds_count_characters_as_json_loads_does(generator: ListingGenerator) -> None:
+    """An escape is one character, an emoji (4 bytes, 2 UTF-16 units) is one character: exactly
+    80 of either fit a title and 81 do not, and 9 are too few."""
+    schema = CATEGORIES["dress"]
+    for char in (b'\\"', b"\\\\", b"\\/", "😀".encode(), "é".encode(), b"a"):
+        for n, fits in ((9, False), (10, True), (80, True), (81, False)):
+            title = b'"' + char * n + b'"'
+            assert len(json.loads(title)) == n
+            assert _accepts(generator, schema, b'{"title": ' + title + b', "description": "') is fits, (char, n)
+
+
+def test_schema_objects_with_escaped_titles_are_exactly_what_the_grammar_accepts(
+        generator: ListingGenerator) -> None:
+    """Required attributes only, every attribute, an unknown one, a missing one: each schema's
+    objects, serialised as the decoder writes them, with a title that needs the allowed escapes."""
+    title = 'A 34" "wide" jeans \\ slash/ 😀'
+    for schema in CATEGORIES.values():
+        attrs = schema.visual_attributes
+        required = {k: attrs[k][0] for k in attrs if k in schema.required_attributes}
+        every = {k: values[-1] for k, values in attrs.items()}
+
+        def doc(attributes: dict[str, str]) -> bytes:
+            return json.dumps({"title": title, "description": "d" * 20, "attributes": attributes},
+                              separators=(", ", ": "), ensure_ascii=False).encode()
+
+        assert _completes(generator, schema, doc(required)), schema.schema_id
+        assert _completes(generator, schema, doc(every)), schema.schema_id
+        assert not _accepts(generator, schema, doc({**required, "material": "cotton"}))
+        if required:
+            assert not _completes(generator, schema, doc(dict(list(required.items())[1:])))
+
+
+@pytest.mark.parametrize("json_schema", [
+    UNBOUNDED.json_schema,
+    {"type": "object", "properties": {"n": {"type": "integer"}}, "additionalProperties": False},
+    {"type": "object", "properties": {"s": {"type": "string", "maxLength": 5, "pattern": "^a"}},
+     "additionalProperties": False},
+    {"type": "object", "properties": {"s": {"type": "string", "maxLength": 5}}},  # additional properties open
+    {"type": "object", "properties": {"s": {"enum": ["ok", "nul\u0000"]}}, "additionalProperties": False},
+])
+def test_a_schema_outside_what_listings_support_is_refused_not_loosened(generator: ListingGenerator,
+                                                                          json_schema: dict) -> None:
+    """Unbounded strings (xgrammar's rule admits \\u0000 and lone surrogates), other types, patterns,
+    open objects, enum values that need a forbidden character: refused when compiled."""
+    schema = CategorySchema(name="x", version=1, schema_id=f"x@{id(json_schema)}", json_schema=json_schema,
+                            visual_attributes={})
+    assert generator._grammars is not None
+    with pytest.raises(ValueError):
+        generator._grammars.get(schema)
+
+
+# --- what the decoder emits -----------------------------------------------------------------------
+
+
+def _random_logit_listing(generator: ListingGenerator, schema: CategorySchema, seed: int,
+                          steps: int) -> tuple[GeneratedListing, list[int]]:
+    """Decode ``steps`` tokens from seeded random logits under the schema's mask, favouring tokens
+    with a backslash, a quote or a non-ASCII byte, then finish as ``generate()``'s output is
+    finished (replay, force-completion, text, json.loads, validation)."""
+    grammars = generator._grammars
+    assert grammars is not None
+    vocab = grammars.vocab
+    decoded = vocab.info.decoded_vocab
+    bias = torch.tensor([3.0 if i < len(decoded) and (b"\\" in decoded[i] or b'"' in decoded[i]
+                                                      or any(b >= 0x80 for b in decoded[i])) else 0.0
+                         for i in range(vocab.vocab_size)])
+    rng = torch.Generator().manual_seed(seed)
+    processor = SchemaLogitsProcessor([grammars.matcher(schema)], vocab)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    new: list[int] = []
+    for _ in range(steps):
+        token = int(processor(ids, torch.randn(1, vocab.vocab_size, generator=rng) * 2 + bias).argmax())
+        new.append(token)
+        if token in vocab.stop_token_ids:
+            break
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    request = ListingRequest(image=Image.new("RGB", (8, 8)), schema=schema, image_ref=f"walk:{seed}")
+    prompt = build_listing_prompt(schema, merchant_title="", merchant_description="", merchant_attributes={},
+                                  locale="en")
+    listing = generator._finish(request, prompt, "", new, steps)
+    return listing, finish_row(grammars.matcher(schema), new, vocab).token_ids
+
+
+def _walks(generator: ListingGenerator, seeds: range) -> list[tuple[GeneratedListing, list[int]]]:
+    names = sorted(CATEGORIES)
+    return [_random_logit_listing(generator, CATEGORIES[names[seed % len(names)]], seed, 20 + seed * 7 % 140)
+            for seed in seeds]
+
+
+def test_random_logit_listings_over_many_seeds_hold_the_policy_and_the_bounds(generator: ListingGenerator) -> None:
+    decoded = generator._grammars.vocab.info.decoded_vocab  # type: ignore[union-attr]
+    seen_escape = seen_multibyte = False
+    for listing, tokens in _walks(generator, range(66)):
+        schema = CATEGORIES[listing.schema_id.split("@")[0]]
+        raw = listing.raw_text
+        assert raw.encode("utf-8") == b"".join(decoded[t] for t in tokens)  # the text is what the grammar read
+        assert json.loads(raw) == listing.output
+        assert set(_escapes(raw)) <= {'\\"', "\\\\", "\\/"}, raw
+        for field in ("title", "description"):
+            value, bounds = listing.output[field], schema.json_schema["properties"][field]
+            assert bounds["minLength"] <= len(value) <= bounds["maxLength"], (field, value)
+            assert not _forbidden(value), ascii(value)
+        seen_escape |= bool(_escapes(raw))
+        seen_multibyte |= any(len(c.encode()) >= 3 for c in raw)
+    assert seen_escape and seen_multibyte  # the walks did reach the interesting corners
+
+
+def test_listings_and_every_admitted_escape_are_accepted_by_postgres_jsonb(
+        db_session, generator: ListingGenerator, sample_photos: list[tuple[Path, str]]) -> None:  # noqa: ANN001
+    """Whatever the decoder can emit goes into a JSONB column as its raw text (PostgreSQL parses
+    it) and as the parsed object (as SQLAlchemy's JSONB type sends it), and comes back equal."""
+    assert generator._grammars is not None
+    names = sorted(CATEGORIES)
+    requests = [ListingRequest(image=Image.open(path).convert("RGB"), schema=CATEGORIES[names[i % len(names)]],
+                               merchant_title=f"{category} 34\" \\ /", image_ref=f"sha256:{i}")
+                for i, (path, category) in enumerate(sample_photos[:4])]
+    docs = [listing.raw_text for listing in generator.predict(requests)]
+    docs += [listing.raw_text for listing, _ in _walks(generator, range(100, 122))]
+    probes = [b"\\" + bytes([c]) for c in b'"\\/bfnrt'] + [b"\\u" + u for u in
+                                                           (b"0000", b"001f", b"0041", b"d800", b"dfff", b"fffe")]
+    for schema in (CATEGORIES["dress"], UNBOUNDED):
+        try:
+            generator._grammars.get(schema)
+        except ValueError:
+            continue  # refused: the decoder never runs it
+        prefix = TITLE if schema is not UNBOUNDED else b'{"note": "'
+        for probe in probes:
+            string = prefix + b"0123456789" + probe + b'"'
+            if _accepts(generator, schema, string):
+                docs.append(string.decode() + "}")
+    db_session.execute(text("CREATE TEMP TABLE listing_docs (n int, raw jsonb, obj jsonb) ON COMMIT DROP"))
+    insert = text("INSERT INTO listing_docs VALUES (:n, CAST(:raw AS jsonb), :obj)").bindparams(
+        bindparam("obj", type_=JSONB))
+    for n, raw in enumerate(docs):
+        with db_session.begin_nested():
+            db_session.execute(insert, {"n": n, "raw": raw, "obj": json.loads(raw)})
+    back = db_session.execute(text("SELECT n, raw, obj FROM listing_docs ORDER BY n")).all()
+    assert [(r.raw, r.obj) for r in back] == [(json.loads(d), json.loads(d)) for d in docs]
+    assert any("\\" in d for d in docs)
