@@ -21,6 +21,7 @@ from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
 from tasks.pipeline.work import FetchedImages
 from tests.conftest import WORKER_ROLE, as_role, in_scope, in_tenant
+from tests.tasks.pipeline.rows import commit_job_at
 
 
 @pytest.fixture
@@ -184,21 +185,7 @@ def test_a_heartbeat_never_waits_behind_the_stage_transaction_that_holds_the_row
 
     from db.repositories import jobs as job_rows
 
-    tenant = f"hb-{uuid.uuid4().hex[:8]}"
-    with Session(engine) as s, s.begin():
-        s.add(Tenant(id=tenant))
-        s.flush()
-        s.add(Merchant(tenant_id=tenant, id="m"))
-        s.flush()
-        product = Product(tenant_id=tenant, merchant_id="m", external_id="p", version=1, category="dress")
-        event = InboxEvent(event_id=uuid.uuid4(), tenant_id=tenant, event_type="product.created", status="accepted")
-        s.add_all([product, event])
-        s.flush()
-        job = EnrichmentJob(tenant_id=tenant, event_id=event.event_id, product_id=product.id, product_version=1,
-                            stage="persist")
-        s.add(job)
-        s.flush()
-        job_id = job.id
+    tenant, job_id = commit_job_at(engine, "hb", "persist")
     factory = sessionmaker(worker_engine, expire_on_commit=False)
     try:
         with job_session(factory, job_id) as s:

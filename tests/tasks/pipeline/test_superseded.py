@@ -36,6 +36,7 @@ from tasks.pipeline.persist import persist
 from tasks.runtime import Runtime
 from tests.conftest import WORKER_ROLE, as_role
 from tests.db.catalog_rows import add_model_version, add_tenant
+from tests.tasks.pipeline.rows import commit_job_at
 
 TENANT = "acme"
 V1_URL, V2_URL = "https://img.example/v1.jpg", "https://img.example/v2.jpg"
@@ -239,21 +240,7 @@ def test_a_claimed_stage_holds_its_version_until_it_commits(engine, worker_engin
     from db.repositories import products
     from db.tables import InboxEvent, Merchant, Product, Tenant
 
-    tenant = f"sup-{uuid.uuid4().hex[:8]}"
-    with Session(engine) as s, s.begin():
-        s.add(Tenant(id=tenant))
-        s.flush()
-        s.add(Merchant(tenant_id=tenant, id="m"))
-        s.flush()
-        product = Product(tenant_id=tenant, merchant_id="m", external_id="p", version=1, category="dress")
-        event = InboxEvent(event_id=uuid.uuid4(), tenant_id=tenant, event_type="product.created", status="accepted")
-        s.add_all([product, event])
-        s.flush()
-        job = EnrichmentJob(tenant_id=tenant, event_id=event.event_id, product_id=product.id, product_version=1,
-                            stage="persist")
-        s.add(job)
-        s.flush()
-        job_id = job.id
+    tenant, job_id = commit_job_at(engine, "sup", "persist")
     factory = sessionmaker(worker_engine, expire_on_commit=False)
     try:
         with job_session(factory, job_id) as stage:
