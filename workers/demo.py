@@ -75,7 +75,9 @@ def select_photos(source: Path, *, limit: int, per_category: int | None = None) 
 
 
 def publish_photos(photos: list[Photo], *, tenant: str, merchant: str, version: int | None = None,
-                   external_ids: list[str] | None = None) -> list[uuid.UUID]:
+                   external_ids: list[str] | None = None, titled_as: list[str] | None = None) -> list[uuid.UUID]:
+    """``titled_as``: the SKU whose title each event repeats (a re-listing repeats the original's
+    text, so it is a true re-listing and reuses its listing)."""
     from workers.publisher import KombuEventPublisher
     from tasks.events import product_event_payload
 
@@ -85,9 +87,10 @@ def publish_photos(photos: list[Photo], *, tenant: str, merchant: str, version: 
     try:
         for n, photo in enumerate(photos):
             ext = external_ids[n] if external_ids else photo.path.stem
+            named = titled_as[n] if titled_as else ext
             payload = product_event_payload(
                 tenant_id=tenant, merchant_id=merchant, external_id=ext, version=version, category=photo.category,
-                image_urls=[photo.path.as_uri()], title=f"{photo.category} {ext[:8]}",
+                image_urls=[photo.path.as_uri()], title=f"{photo.category} {named[:8]}",
                 description="Merchant photo from the sample catalogue.", attributes={"brand": "Sample Co"})
             publisher.publish("product.created", payload, message_id=payload["event_id"])
             ids.append(uuid.UUID(payload["event_id"]))
@@ -186,7 +189,8 @@ def run_demo(*, source: Path | None, limit: int, profile: str, timeout_s: int) -
         skus = _skus(photos)
         ids = publish_photos(photos, tenant="demo", merchant="demo-merchant", version=version, external_ids=skus)
         ids += publish_photos(extra, tenant="demo", merchant="demo-merchant", version=version,
-                              external_ids=[f"{skus[0]}-relisted", f"{skus[min(1, len(skus) - 1)]}-reupload"])
+                              external_ids=[f"{skus[0]}-relisted", f"{skus[min(1, len(skus) - 1)]}-reupload"],
+                              titled_as=[skus[0], skus[min(1, len(skus) - 1)]])
         done = _wait(console, engine, ids, timeout_s, procs)
     finally:
         _stop_workers(procs)

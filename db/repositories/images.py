@@ -172,8 +172,8 @@ def linked_elsewhere(session: Session, tenant_id: str, image_id: int, *, product
 
 
 def product_using(session: Session, tenant_id: str, image_id: int, *, exclude_product: int) -> str | None:
-    """The external id of another product of the tenant that uses this image, if any."""
+    """The external id of the first other product of the tenant that used this image, if any."""
     return session.scalar(
         select(Product.external_id).join(ProductImage, ProductImage.product_id == Product.id)
         .where(ProductImage.image_id == image_id, ProductImage.tenant_id == tenant_id,
-               Product.id != exclude_product).limit(1))
+               Product.id != exclude_product).order_by(Product.id).limit(1))

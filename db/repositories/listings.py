@@ -11,13 +11,16 @@ from sqlalchemy.orm import Session
 from db.tables import Embedding, Grounding, Listing
 
 
-def reusable(session: Session, tenant_id: str, image_id: int, model_ids: dict[str, int]) -> int | None:
-    """A listing of the same image by these model versions, with its embedding: reuse, no model work."""
+def reusable(session: Session, tenant_id: str, image_id: int, model_ids: dict[str, int], *,
+             reuse_key: str) -> int | None:
+    """A listing of the same image from the same other inputs (``reuse_key``, kept in its
+    ``model_input``) by these model versions, with its embedding, that the merchant did not reject."""
     return session.scalar(
         select(Listing.id).join(Embedding, Embedding.listing_id == Listing.id)
         .where(Listing.tenant_id == tenant_id, Listing.image_id == image_id,
                Listing.model_version_id == model_ids["vlm"], Embedding.model_version_id == model_ids["clip"],
-               Listing.model_versions["detector"].astext == str(model_ids["detector"]))
+               Listing.model_versions["detector"].astext == str(model_ids["detector"]),
+               Listing.model_input["reuse_key"].astext == reuse_key, Listing.status != "rejected")
         .order_by(Listing.id).limit(1))
 
 

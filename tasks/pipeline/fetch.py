@@ -31,6 +31,7 @@ from models.images import decode_image
 from tasks import faults
 from tasks.pipeline import jobs
 from tasks.errors import ErrorCode, PipelineError
+from tasks.pipeline.reuse import reuse_key
 from tasks.pipeline.work import Claims, DuplicateFound, EnrichRequest, FetchedImages
 from tasks.runtime import Runtime
 from tasks.io.blobs import original_key
@@ -141,13 +142,14 @@ def _still_ours(job: EnrichmentJob | None, task_id: str) -> bool:
             and Claims.of(job.work).holder(Stage.fetch.value) == task_id)
 
 
-def _reusable(session: Session, tenant_id: str, image_id: int) -> int | None:
-    """A listing of this image by the versions the registry serves now (the CPU worker needs no
-    model identity of its own): reuse it, no model work. None until every kind has an active version."""
+def _reusable(session: Session, tenant_id: str, image_id: int, key: str | None) -> int | None:
+    """A listing of this image, from the same inputs (``tasks.pipeline.reuse``), by the versions the
+    registry serves now (the CPU worker needs no model identity of its own): reuse it, no model
+    work. None until every kind has an active version."""
     active = {kind: row.id for kind, row in model_versions.active(session).items()}
-    if set(active) != {"detector", "vlm", "clip"}:
+    if key is None or set(active) != {"detector", "vlm", "clip"}:
         return None
-    return listings.reusable(session, tenant_id, image_id, active)
+    return listings.reusable(session, tenant_id, image_id, active, reuse_key=key)
 
 
 def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome:
@@ -161,6 +163,9 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
         product = products.get(session, product_id)
         assert product is not None
         merchant_id, external_id = product.merchant_id, product.external_id
+        key = reuse_key(category=product.category, title=product.title, description=product.description,
+                        attributes=dict(product.attributes), locale=product.locale,
+                        unknown_category=runtime.unknown_category)
     faults.hit("fetch.claimed", external_id=external_id, job_id=job_id)
 
     stored = _fetch_all(runtime, request, tenant_id, merchant_id)
@@ -185,12 +190,12 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
                 other = images.product_using(session, tenant_id, match.image_id, exclude_product=product_id)
                 duplicates.append(DuplicateFound(s.img.url, "near", other, match.hamming, match.inliers))
         primary = next((i for i, s in enumerate(stored) if s.role == "primary"), 0)
-        reuse = _reusable(session, tenant_id, image_ids[primary])
+        reuse = _reusable(session, tenant_id, image_ids[primary], key)
         nxt = Stage.persist if reuse is not None else jobs.STAGES[Stage.fetch].next
         assert nxt is not None
         handoff = FetchedImages(image_ids=tuple(image_ids), primary_image_id=image_ids[primary],
                                 primary_uri=stored[primary].row.storage_uri, duplicates=tuple(duplicates),
-                                reuse_listing_id=reuse)
+                                reuse_listing_id=reuse, reuse_key=key)
         jobs.hand_off(session, job, nxt, handoff, timings={
             "fetch": fetched_ms, "dedup": (time.perf_counter() - started) * 1000 - fetched_ms})
     log.info("fetch.done", job_id=job_id, images=len(stored), duplicates=len(duplicates), reuse=reuse is not None)

@@ -44,7 +44,8 @@ def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob,
         tenant_id=job.tenant_id, product_id=product.id, product_version=job.product_version,
         model_version_id=model_ids["vlm"], image_id=image_id, grounding_id=grounding_id, category=product.category,
         schema_id=doc["schema_id"], content=doc["content"], dropped_attributes=doc["dropped"],
-        model_output=doc["model_output"], model_input=doc["model_input"], model_versions=model_ids,
+        model_output=doc["model_output"], model_versions=model_ids,
+        model_input={**doc["model_input"], "reuse_key": FetchedImages.of(job.work).reuse_key},
         random_weights=random_weights))
     vec = doc["image_embedding"]
     listings.insert_embedding(session, dict(

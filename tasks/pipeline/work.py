@@ -75,11 +75,12 @@ class FetchedImages:
     primary_uri: str
     duplicates: tuple[DuplicateFound, ...] = ()
     reuse_listing_id: int | None = None
+    reuse_key: str | None = None  # the inputs besides image and models (tasks.pipeline.reuse), kept on the listing
 
     def to_work(self) -> dict[str, Any]:
         return {"image_ids": list(self.image_ids), "primary_image_id": self.primary_image_id,
                 "primary_uri": self.primary_uri, "duplicates": [d.as_event() for d in self.duplicates],
-                "reuse_listing_id": self.reuse_listing_id}
+                "reuse_listing_id": self.reuse_listing_id, "reuse_key": self.reuse_key}
 
     @classmethod
     def of(cls, work: dict[str, Any]) -> FetchedImages:
@@ -87,7 +88,7 @@ class FetchedImages:
                    primary_image_id=int(_need(work, "primary_image_id", "the fetch hand-off")),
                    primary_uri=str(_need(work, "primary_uri", "the fetch hand-off")),
                    duplicates=tuple(DuplicateFound(**d) for d in work.get("duplicates", [])),
-                   reuse_listing_id=work.get("reuse_listing_id"))
+                   reuse_listing_id=work.get("reuse_listing_id"), reuse_key=work.get("reuse_key"))
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from tests.integration.harness import Deployment
 pytestmark = pytest.mark.integration
 
 
-def event(t: str, ext: str, photo: Path, category: str, *, version: int = 1, **kw) -> dict:  # noqa: ANN003
+def event(t: str, ext: str, photo: Path, category: str, *, version: int = 1, title: str | None = None,  # noqa: ANN003
+          **kw) -> dict:
     return product_event_payload(tenant_id=t, merchant_id="m1", external_id=ext, version=version,
-                                 category=category, image_urls=[photo.as_uri()], title=f"{category} {ext}",
+                                 category=category, image_urls=[photo.as_uri()], title=title or f"{category} {ext}",
                                  description="Photographed on a hanger.", attributes={"brand": "Acme"}, **kw)
 
 
@@ -81,11 +82,17 @@ def test_older_version_after_newer_is_ignored(deployment: Deployment, sample_pho
 
 
 def test_identical_image_in_second_product_does_no_model_work(deployment: Deployment, sample_photos, engine) -> None:  # noqa: ANN001
+    """A true re-listing (same photo, same merchant text and attributes) is copied; the same photo
+    with other merchant text is generated afresh (its listing must not carry the first one's text)."""
     t = tenant()
     path, cat = sample_photos[3]
-    first = deployment.publish(event(t, "orig", path, cat))
+    first = deployment.publish(event(t, "orig", path, cat, title="Same listing twice"))
     deployment.wait_finished([first])
-    second = deployment.publish(event(t, "copy", path, cat))
+    other = deployment.publish(event(t, "other-text", path, cat, title="Another merchant's wording"))
+    other_job = deployment.wait_finished([other])[other]
+    assert other_job.status == "done" and "model" in other_job.attempts  # other inputs: the model ran
+    assert other_job.work["reuse_listing_id"] is None
+    second = deployment.publish(event(t, "copy", path, cat, title="Same listing twice"))
     rows = deployment.wait_finished([second])
     job = rows[second]
     assert job.status == "done"
@@ -95,7 +102,7 @@ def test_identical_image_in_second_product_does_no_model_work(deployment: Deploy
     with engine.connect() as conn:
         n_images = conn.execute(text("SELECT count(*) FROM images WHERE tenant_id=:t"), {"t": t}).scalar()
         contents = conn.execute(text("SELECT content FROM listings WHERE tenant_id=:t ORDER BY id"), {"t": t}).scalars().all()
-    assert n_images == 1 and contents[0] == contents[1]
+    assert n_images == 1 and contents[0] == contents[2] and len(contents) == 3
     msgs = {m["product"]["external_id"]: m for m in deployment.drain_listing_events() if m.get("tenant_id") == t}
     assert msgs["copy"]["listing"]["reused_from_listing_id"] == msgs["orig"]["listing"]["listing_id"]
     assert msgs["copy"]["duplicates"][0]["duplicate_of_product"] == "orig"
