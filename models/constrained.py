@@ -43,8 +43,8 @@ FORCE_COMPLETION_CAP = 4096
 # What a listing string may contain, as JSON text. Characters: anything but the quote, the
 # backslash, control characters (C0 U+0000-U+001F, DEL, C1 U+0080-U+009F) and surrogate code points
 # (U+D800-U+DFFF: the grammar would otherwise take their UTF-8 spelling ED A0 80 as one character).
-# Escapes: only \" \\ and \/ (a quote, a backslash, a slash). No \uXXXX at all: the tokenizer can
-# spell any other character directly, and \u0000 or a lone surrogate is valid JSON that JSONB
+# Escapes: only \" \\ and \/ (a quote, a backslash, a slash). No four-hex-digit \u escape at all:
+# the tokenizer can spell any other character directly, and \u0000 or a lone surrogate is valid JSON that JSONB
 # refuses; no \b \f \n \r \t: titles and descriptions are single-line text without control
 # characters. Each escape is one character, as json.loads and the schema's length bounds count it.
 STRING_ESCAPES = ('\\"', "\\\\", "\\/")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import system_session
@@ -147,7 +148,15 @@ class ModelServer:
 
     def _wanted(self) -> dict[str, VersionRef]:
         """The active version of each kind, or the configured one for pinned kinds (registered, and
-        activated where a kind has no active version yet)."""
+        activated where a kind has no active version yet). Two GPU workers of a first deployment
+        may both try to activate: the one-active index refuses the second, which reads again."""
+        try:
+            return self._read_wanted()
+        except IntegrityError:
+            log.info("models.registration_raced")
+            return self._read_wanted()
+
+    def _read_wanted(self) -> dict[str, VersionRef]:
         with system_session(self._factory) as session:
             active = model_versions.active(session)
             need = [k for k in KINDS if k in self._pinned or k not in active]
