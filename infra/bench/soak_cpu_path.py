@@ -51,10 +51,11 @@ def main() -> int:
     header = (DATASET_DIR / "manifest.csv").read_text().splitlines()[0].split(",")
     photos = [(DATASET_DIR / r[header.index("path")], r[header.index("category")]) for r in rows][: args.photos]
 
-    def make_event(tenant: str, external_id: str, n: int) -> dict:
+    def make_event(tenant: str, external_id: str, n: int, *, title: str | None = None) -> dict:
         path, category = photos[n % len(photos)]
         return product_event_payload(tenant_id=tenant, merchant_id="m1", external_id=external_id, version=1,
-                                     category=category, image_urls=[path.as_uri()], title=f"{category} {external_id}",
+                                     category=category, image_urls=[path.as_uri()],
+                                     title=title or f"{category} {external_id}",
                                      description="Photographed on a hanger.", attributes={"brand": "Acme"})
 
     work = Path(tempfile.mkdtemp(prefix="soak-"))

@@ -60,11 +60,12 @@ def new_tenant() -> Callable[[], str]:
 def product_event(sample_photos) -> Callable[..., dict[str, Any]]:  # noqa: ANN001
     """``product_event(tenant, external_id, n)`` → a valid product event on the n-th real photo."""
 
-    def make(tenant: str, external_id: str, n: int = 0, *, image_url: str | None = None, version: int = 1) -> dict[str, Any]:
+    def make(tenant: str, external_id: str, n: int = 0, *, image_url: str | None = None, version: int = 1,
+             title: str | None = None) -> dict[str, Any]:
         path, category = sample_photos[n % len(sample_photos)]
         return product_event_payload(tenant_id=tenant, merchant_id="m1", external_id=external_id, version=version,
                                      category=category, image_urls=[image_url or path.as_uri()],
-                                     title=f"{category} {external_id}", description="Photographed on a hanger.",
+                                     title=title or f"{category} {external_id}", description="Photographed on a hanger.",
                                      attributes={"brand": "Acme"})
 
     return make

@@ -73,10 +73,12 @@ def run_soak(dep: FaultDeployment, make_event: Callable[..., dict[str, Any]], *,
              progress: Callable[[Sample], None] | None = None) -> SoakResult:
     """Seed ``photos`` products per tenant (model work), then ``events`` CPU-path events spread
     over the tenants, published in chunks; returns RSS samples of the CPU worker."""
-    seeds = [make_event(t, f"seed-{n}", n) for t in tenants for n in range(photos)]
+    # Re-listings of the seeded photos with the seeds' own text: true re-listings, copied without model work.
+    seeds = [make_event(t, f"seed-{n}", n, title=f"Listing of photo {n}") for t in tenants for n in range(photos)]
     dep.wait_finished(dep.publish_many(seeds), timeout=300)
     batches_before = dep.count(r"point=model\.batch")
-    payloads = [make_event(tenants[i % len(tenants)], f"soak-{i}", i % photos) for i in range(events)]
+    payloads = [make_event(tenants[i % len(tenants)], f"soak-{i}", i % photos, title=f"Listing of photo {i % photos}")
+                for i in range(events)]
     base = _finished(dep, tenants)
     result = SoakResult(events=events, seconds=0.0)
     stop = threading.Event()

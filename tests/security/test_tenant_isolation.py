@@ -308,15 +308,16 @@ def test_pipeline_as_enrich_worker_keeps_tenants_apart(secure_deployment, sample
     tenants = [f"rlsp-a-{suffix}", f"rlsp-b-{suffix}"]
     (shared, shared_cat), (other, other_cat) = sample_photos[0], sample_photos[3]
 
-    def event(t: str, ext: str, photo: Path, cat: str, version: int = 2) -> dict:
+    def event(t: str, ext: str, photo: Path, cat: str, version: int = 2, title: str | None = None) -> dict:
         return product_event_payload(tenant_id=t, merchant_id="m1", external_id=ext, version=version, category=cat,
-                                     image_urls=[photo.as_uri()], title=f"{cat} {ext}", attributes={"brand": "Acme"})
+                                     image_urls=[photo.as_uri()], title=title or f"{cat} {ext}",
+                                     attributes={"brand": "Acme"})
 
     first = [dep.publish(event(t, "p1", shared, shared_cat)) for t in tenants]
     first += [dep.publish(event(tenants[0], "p2", other, other_cat))]
     rows = dep.wait_finished(first, timeout=240)
     assert {r.status for r in rows.values()} == {"done"}, [(r.status, r.error_code) for r in rows.values()]
-    second = [dep.publish(event(tenants[1], "p3", shared, shared_cat)),  # exact duplicate within tenant B
+    second = [dep.publish(event(tenants[1], "p3", shared, shared_cat, title=f"{shared_cat} p1")),  # a re-listing in B
               dep.publish(event(tenants[0], "p1", shared, shared_cat, version=1))]  # stale
     rows.update(dep.wait_finished(second, timeout=240))
     msgs = wait_messages(dep, [str(i) for i in [*first, *second]])
