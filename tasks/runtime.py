@@ -101,12 +101,6 @@ class Runtime:
     on_batcher_hung: Callable[[], None] | None = None
 
     @property
-    def model_server(self) -> ModelServer:
-        """What this GPU worker serves: the registry's active versions (``tasks.pipeline.serving``)."""
-        with self._lock:
-            return self._server_unlocked()
-
-    @property
     def dedup_verifier(self) -> NearDuplicateVerifier:
         with self._lock:
             if self._verifier is None:
@@ -116,6 +110,7 @@ class Runtime:
             return self._verifier
 
     def _server_unlocked(self) -> ModelServer:
+        """What this GPU worker serves (``tasks.pipeline.serving``); the caller holds ``_lock``."""
         if self._server is None:
             from models.config import ModelConfig
             from tasks.pipeline.serving import ModelServer
