@@ -219,6 +219,11 @@ class InboxEvent(Base):
 
     __tablename__ = "inbox_events"
     __table_args__ = (CheckConstraint(check_in("status", InboxStatus), name="status"),)
+    # Migration 0008: fields finished past the token budget, merchant/image conflicts, truth check.
+    forced_fields: Mapped[list[str]] = mapped_column(JSONB, nullable=False, server_default="[]")
+    forced_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    conflicts: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default="[]")
+    text_checks: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     tenant_id: Mapped[str | None] = mapped_column(String(128))  # unknown when the event was invalid
     event_type: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -64,6 +64,13 @@ class ModelResult:
     text_embedding: list[float] = field(default_factory=list)
     text_input: str = ""
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # What a consumer must know to trust the words: fields completed past the token budget
+    # ("title", "description", "attributes.<name>"; forced attributes are dropped, never kept),
+    # merchant values the image contradicts, and what the truth check did to the text.
+    forced_fields: list[str] = field(default_factory=list)
+    forced_tokens: int = 0
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    text_checks: dict[str, Any] = field(default_factory=dict)
     # Stamped by whoever ran the batch: the registry ids of the versions that produced this result
     # ({"detector": …, "vlm": …, "clip": …}) and whether any of them has random weights.
     model_versions: dict[str, int] = field(default_factory=dict)
@@ -82,7 +89,7 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
     from models.categories import resolve_schema
     from models.embeddings import visual_description
     from models.errors import ModelLayerError
-    from models.listing import ListingRequest
+    from models.listing import ListingRequest, combine
 
     if before is not None:
         before(items)
@@ -98,42 +105,123 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
     if not live:
         return results
     imgs = [items[i].image for i in live]
-    timer = time.perf_counter()
+    clock = _Clock()
     groundings = models.grounder.predict(imgs, categories=[schemas[n].name for n in range(len(live))])
-    t_ground = (time.perf_counter() - timer) * 1000
+    clock.lap("ground")
     crops = [g.crop for g in groundings]
-    timer = time.perf_counter()
-    generated = models.generator.predict([
-        ListingRequest(image=crops[n], schema=schemas[n], merchant_title=items[i].title,
-                       merchant_description=items[i].description, merchant_attributes=items[i].attributes,
-                       locale=items[i].locale) for n, i in enumerate(live)])
-    t_describe = (time.perf_counter() - timer) * 1000
-    timer = time.perf_counter()
-    verified = models.verifier.verify(crops, [g.output for g in generated], schemas,
-                                      [items[i].attributes for i in live])
-    t_verify = (time.perf_counter() - timer) * 1000
-    timer = time.perf_counter()
+    requests = [ListingRequest(image=crops[n], schema=schemas[n], merchant_title=items[i].title,
+                               merchant_description=items[i].description, merchant_attributes=items[i].attributes,
+                               locale=items[i].locale) for n, i in enumerate(live)]
+    attributes = models.generator.describe_attributes(requests)
+    clock.lap("describe")
+    verified = models.verifier.verify(crops, [{"attributes": a.output} for a in attributes], schemas,
+                                      [items[i].attributes for i in live], forced=[a.forced_fields for a in attributes])
+    clock.lap("verify")
+    texts = write_checked_text(models.generator, requests, [v.facts(s) for v, s in zip(verified, schemas)])
+    clock.lap("describe")
     image_vecs = models.embedder.embed_images(crops)
-    texts = []
-    for n, v in enumerate(verified):
-        visual = {k: a["value"] for k, a in v.content["attributes"].items() if k in schemas[n].visual_attributes}
-        texts.append(visual_description(schemas[n].name, visual))
-    text_vecs = models.embedder.embed_texts(texts)
-    t_embed = (time.perf_counter() - timer) * 1000
-    share = 1 / len(live)
+    embed_texts = [visual_description(schemas[n].name, v.embedding_facts) for n, v in enumerate(verified)]
+    text_vecs = models.embedder.embed_texts(embed_texts)
+    clock.lap("embed")
+    random_weights = models.generator.identity().random_weights
+    timings = clock.shares(len(live))
     for n, i in enumerate(live):
-        g = groundings[n]
+        g, a, checked = groundings[n], attributes[n], texts[n]
+        listing = combine(requests[n], a, checked.phase,
+                          models.generator.model_input(requests[n], {"attributes": a, "text": checked.phase}),
+                          random_weights=random_weights)
+        content = {**verified[n].content, "title": checked.title, "description": checked.description}
         results[i] = ModelResult(
             job_id=items[i].job_id, schema_id=schemas[n].schema_id,
             grounding={"box": list(g.box) if g.box else None, "score": g.score, "fallback": g.fallback, "prompt": g.prompt},
-            model_output=generated[n].output, model_input=generated[n].model_input,
-            content=verified[n].content, dropped=verified[n].dropped,
+            model_output=listing.output, model_input=listing.model_input,
+            content=content, dropped=verified[n].dropped,
             image_embedding=[float(x) for x in image_vecs[n]], text_embedding=[float(x) for x in text_vecs[n]],
-            text_input=texts[n],
-            timings_ms={"ground": t_ground * share, "describe": t_describe * share, "verify": t_verify * share,
-                        "embed": t_embed * share},
+            text_input=embed_texts[n], timings_ms=timings, forced_fields=list(listing.forced_fields),
+            forced_tokens=listing.forced_tokens, conflicts=verified[n].conflicts, text_checks=checked.report,
         )
     return results
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self._last) * 1000
+        self._last = now
+
+    def shares(self, n: int) -> dict[str, float]:
+        return {k: v / n for k, v in self.ms.items()}
+
+
+@dataclass
+class CheckedText:
+    """Phase two's result after the truth check (``models.truth``): the text to publish, the phase
+    output the model produced (its last attempt), and what the check found and did."""
+
+    title: str
+    description: str
+    phase: Any  # models.listing.PhaseOutput
+    report: dict[str, Any]
+
+
+def write_checked_text(generator: Any, requests: Sequence[Any], facts: Sequence[dict[str, str]]) -> list[CheckedText]:
+    """Title and description from the verified facts, checked: a text naming a value that is not a
+    fact, a merchant-only fact the merchant did not state, or a link is written once more with
+    those phrases banned from decoding; what still breaks the rules is cut out of the text, and a
+    text left too short is rebuilt from the facts alone. The report says which of these happened."""
+    from models.listing import TextRequest
+    from models.truth import merchant_text, text_rules
+
+    rules = [text_rules(r.schema, f, merchant_text(r.merchant_title, r.merchant_description, r.merchant_attributes))
+             for r, f in zip(requests, facts, strict=True)]
+    first = generator.write_text([TextRequest(r, f) for r, f in zip(requests, facts, strict=True)])
+    found = [_violations(rule, p.output) for rule, p in zip(rules, first, strict=True)]
+    retry = [n for n, v in enumerate(found) if v]
+    phases = list(first)
+    if retry:
+        again = generator.write_text([TextRequest(requests[n], facts[n], avoid=tuple(sorted(
+            {x.phrase.lower() for x in found[n]}))) for n in retry])
+        for n, phase in zip(retry, again, strict=True):
+            phases[n] = phase
+    return [_settle_text(requests[n], facts[n], rules[n], phases[n], found[n], retried=n in retry)
+            for n in range(len(requests))]
+
+
+def _violations(rules: Any, output: dict[str, Any]) -> list[Any]:
+    return [v for name in ("title", "description") for v in rules.violations(output.get(name, ""))]
+
+
+def _settle_text(request: Any, facts: dict[str, str], rules: Any, phase: Any, first_found: list[Any], *,
+                 retried: bool) -> CheckedText:
+    from models.categories import part_schema
+    from models.truth import fallback_text, scrub
+
+    bounds = part_schema(request.schema, "text")["properties"]
+    text: dict[str, str] = {}
+    repaired: list[str] = []
+    remaining: list[dict[str, str]] = []
+    for name in ("title", "description"):
+        value = phase.output.get(name, "")
+        found = rules.violations(value)
+        if found:
+            remaining += [{"field": name, "kind": v.kind, "phrase": v.phrase} for v in found]
+            value = scrub(value, found)
+            repaired.append(name)
+        text[name] = value
+    if repaired and any(not bounds[k]["minLength"] <= len(text[k]) <= bounds[k]["maxLength"] or rules.violations(text[k])
+                        for k in text):
+        text = fallback_text(request.schema.name, facts, min_title=bounds["title"]["minLength"],
+                             max_title=bounds["title"]["maxLength"],
+                             min_description=bounds["description"]["minLength"],
+                             max_description=bounds["description"]["maxLength"])
+        repaired = ["title", "description"]
+    report = {"retried": retried, "repaired": repaired,
+              "found": [{"kind": v.kind, "phrase": v.phrase} for v in first_found], "remaining": remaining}
+    return CheckedText(text["title"], text["description"], phase, report)
 
 
 def run_model_batch(models: ModelBundle, items: list[ModelItem], *,

@@ -132,6 +132,25 @@ def resolve_schema(category: str, *, unknown: Literal["generic", "reject"] = "ge
     return CATEGORIES[GENERIC]
 
 
+ListingPart = Literal["listing", "attributes", "text"]
+
+
+@cache
+def part_schema(schema: CategorySchema, part: ListingPart) -> Mapping[str, Any]:
+    """The JSON Schema of one generation phase: the whole ``listing``, its ``attributes`` object
+    (phase one), or the ``text`` object of title and description (phase two). Both parts are
+    objects of the listing's own properties, so each phase's output is a piece of a valid listing."""
+    props = schema.json_schema["properties"]
+    if part == "listing":
+        return schema.json_schema
+    if part == "attributes":
+        return props["attributes"]
+    if part == "text":
+        return {"type": "object", "properties": {"title": props["title"], "description": props["description"]},
+                "required": ["title", "description"], "additionalProperties": False}
+    raise ValueError(f"unknown listing part {part!r}")
+
+
 @cache
 def _validator(schema: CategorySchema) -> Draft202012Validator:
     return Draft202012Validator(dict(schema.json_schema))

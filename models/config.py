@@ -30,7 +30,8 @@ class ModelConfig:
     detection_threshold: float = 0.2
     crop_padding: float = 0.05
     verify_margin: float = 0.05
-    max_new_tokens: int = 256
+    conflict_margin: float = 0.5
+    max_new_tokens: int = 1024
     seed: int = 0
     # Per-kind exceptions to ``profile``: a registry version names its own (e.g. a candidate tuned
     # from the tiny VLM is loaded from its directory, profile "pretrained", beside tiny detectors).

@@ -1,14 +1,18 @@
 """Schema-constrained decoding with xgrammar: the listing grammar built from a category's JSON
-Schema, a compiled-grammar cache, a per-row bitmask logits processor for batched ``generate()``, and
-deterministic force-completion when the budget runs out.
+Schema (whole, or one generation phase's part of it), a compiled-grammar cache, a per-row bitmask
+logits processor for batched ``generate()``, and the completion of an output whose budget ran out.
 
 Why the output is valid by construction: at every step the logits of tokens the category's grammar
 cannot accept are set to -inf, so greedy decoding can only pick grammar-legal tokens.
 Every schema has bounded strings, enumerated attributes and no recursion, so the grammar's language
-is finite. A row that exhausts ``max_new_tokens`` is completed without the model by repeatedly
-taking the grammar-allowed token that closes structure soonest (a quote, a brace, …); since every
-legal prefix of a finite language has a bounded legal completion, this terminates. Nothing invalid
-is ever returned: if a completion cannot be found within a hard cap, ModelError is raised.
+is finite. A row that exhausts its budget is finished by the model itself under a closing mask
+(``SchemaLogitsProcessor(closing=True)``: strings end as soon as they may, optional properties are
+skipped, enum values are the model's most probable allowed ones), and the values finished that way
+are reported (``forced_fields``) so that no consumer takes them for facts. Only if that still
+leaves the output open (a cap on the completion's length) is it finished without the model, by
+``force_complete``: the grammar-allowed token that closes structure soonest (a quote, a brace, …);
+since every legal prefix of a finite language has a bounded legal completion, this terminates.
+Nothing invalid is ever returned: if no completion is found within a hard cap, ModelError is raised.
 
 Why the grammar is built here (``listing_ebnf``) and not by xgrammar's JSON Schema converter:
 a listing's strings are narrower than JSON's. xgrammar's unbounded string rule admits every escape,
@@ -32,7 +36,7 @@ import torch
 import xgrammar as xgr
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from models.categories import CategorySchema
+from models.categories import CategorySchema, ListingPart, part_schema
 from models.errors import ModelError
 
 # Compact but conventional JSON ("a": 1, "b": 2): no free whitespace, so a model cannot spend its
@@ -70,6 +74,9 @@ class GrammarVocab:
     banned: torch.Tensor  # bool [vocab_size]: tokens with raw control bytes (invalid inside JSON strings)
     allow_bits: torch.Tensor  # int32 bitmask row that clears the banned tokens
     token_bytes: tuple[bytes, ...]  # each token's bytes as the grammar matches them
+    quote_ids: tuple[int, ...] = ()  # tokens that are exactly '"' (closing completion)
+    brace_ids: tuple[int, ...] = ()  # tokens that are exactly '}'
+    letter_ids: tuple[int, ...] = ()  # tokens that are exactly 'a': allowed only inside a string
 
     def mask(self, bitmask: torch.Tensor) -> None:
         """Apply the static ban on top of a grammar bitmask, in place."""
@@ -134,7 +141,8 @@ def grammar_vocab(
     banned[extra] = True
     return GrammarVocab(
         info, vocab_size, stops, ranks * vocab_size + torch.arange(vocab_size), banned, pack_bitmask(~banned),
-        tuple(decoded),
+        tuple(decoded), *(tuple(i for i, tok in enumerate(decoded[:vocab_size]) if tok == want and not banned[i])
+                          for want in (b'"', b"}", b"a")),
     )
 
 
@@ -220,37 +228,69 @@ def listing_ebnf(json_schema: Mapping[str, Any]) -> str:
     return "\n".join([*rules.lines, _CHAR_RULE]) + "\n"
 
 
+def worst_case_chars(json_schema: Mapping[str, Any]) -> int:
+    """The length of the longest JSON text of ``listing_ebnf(json_schema)``, in characters, every
+    string character counted as a two-character escape: an upper bound on the tokens a decoder can
+    spend on it when every token spells at least one character (ASCII text does; a non-ASCII
+    character spelled byte by byte can cost more, and then the completion of ``finish_row`` closes
+    the output). The budget of a generation phase is sized from it (``models.listing``)."""
+    if "enum" in json_schema:
+        return max(len(json.dumps(v, ensure_ascii=False)) for v in json_schema["enum"])
+    if json_schema.get("type") == "string":
+        return 2 + 2 * int(json_schema["maxLength"])
+    props = list(json_schema.get("properties", {}).items())
+    pairs = sum(len(json.dumps(k)) + len(SEPARATORS[1]) + worst_case_chars(v) for k, v in props)
+    return 2 + pairs + len(SEPARATORS[0]) * max(0, len(props) - 1)
+
+
 class GrammarCache:
-    """One compiled grammar per schema_id, shared by all rows and calls (compilation is the slow part)."""
+    """One compiled grammar per (schema_id, part), shared by all rows and calls (compilation is the
+    slow part). ``part``: the whole listing, or one generation phase (``categories.part_schema``)."""
 
     def __init__(self, vocab: GrammarVocab) -> None:
         self.vocab = vocab
         self._compiler = xgr.GrammarCompiler(vocab.info)
-        self._compiled: dict[str, xgr.CompiledGrammar] = {}
+        self._compiled: dict[tuple[str, str], xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
 
-    def get(self, schema: CategorySchema) -> xgr.CompiledGrammar:
+    def get(self, schema: CategorySchema, part: ListingPart = "listing") -> xgr.CompiledGrammar:
         with self._lock:
-            if schema.schema_id not in self._compiled:
-                self._compiled[schema.schema_id] = self._compiler.compile_grammar(listing_ebnf(schema.json_schema))
-            return self._compiled[schema.schema_id]
+            key = (schema.schema_id, part)
+            if key not in self._compiled:
+                self._compiled[key] = self._compiler.compile_grammar(listing_ebnf(part_schema(schema, part)))
+            return self._compiled[key]
 
-    def matcher(self, schema: CategorySchema) -> xgr.GrammarMatcher:
-        return xgr.GrammarMatcher(self.get(schema), override_stop_tokens=list(self.vocab.stop_token_ids))
+    def matcher(self, schema: CategorySchema, part: ListingPart = "listing") -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(self.get(schema, part), override_stop_tokens=list(self.vocab.stop_token_ids))
 
 
 class SchemaLogitsProcessor(LogitsProcessor):
     """Masks each row's logits to the tokens its own grammar matcher allows next.
 
     One matcher per row (rows may use different category schemas). Single-use: ``generate()`` does
-    not call processors after the last step, so a fresh instance is made per call.
+    not call processors after the last step, so a fresh instance is made per call; the first call
+    sees the input as given (a prompt, or a prompt plus tokens the matchers already accepted).
+
+    ``closing``: the budget is spent and the output is being finished by the model. Wherever the
+    grammar allows a structural closer (``"`` ends a string that is long enough, ``}`` skips the
+    remaining optional properties) only closers stay allowed; elsewhere (an enum value being
+    spelled, a string below its minimum length) the model's own choice among the allowed tokens
+    decides. So the completion is as short as the grammar permits and every value in it is the
+    model's most probable allowed one, never a fixed rank.
+
+    ``bans``: per row, token sequences that must not be produced (the phrases a constrained retry
+    of a listing's text may not repeat). A sequence's last token is masked where the row's output
+    ends with the rest of it, unless that would leave the row no allowed token.
     """
 
-    def __init__(self, matchers: list[xgr.GrammarMatcher], vocab: GrammarVocab) -> None:
+    def __init__(self, matchers: list[xgr.GrammarMatcher], vocab: GrammarVocab, *, closing: bool = False,
+                 bans: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
         self.matchers = matchers
         self.vocab = vocab
         self.vocab_size = vocab.vocab_size
         self.bitmask = xgr.allocate_token_bitmask(len(matchers), vocab.vocab_size)
+        self.closing = closing
+        self.bans = [list(b) for b in bans] if bans is not None else [[] for _ in matchers]
         self._prompt_len: int | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -268,9 +308,95 @@ class SchemaLogitsProcessor(LogitsProcessor):
             else:
                 matcher.fill_next_token_bitmask(self.bitmask, row)
         self.vocab.mask(self.bitmask)
+        for row in range(len(self.matchers)):
+            if self.closing:
+                _keep_only(self.bitmask[row], _closers(self.bitmask[row], self.vocab))
+            if self.bans[row]:
+                _ban_sequences(self.bitmask[row], self.bans[row], input_ids[row, -_BAN_TAIL:].tolist())
         masked = scores if scores.dtype in (torch.float32, torch.float16, torch.bfloat16) else scores.float()
         xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), vocab_size=self.vocab_size)
         return masked if masked is scores else masked.to(scores.dtype)
+
+
+_BAN_TAIL = 16  # banned phrases are a few tokens long
+
+
+def _closers(row: torch.Tensor, vocab: GrammarVocab) -> list[int]:
+    """The closing tokens allowed here: a quote (ends a string that may end, or opens a value);
+    else, outside a string (no letter allowed), a brace (skips the optional properties left)."""
+    quotes = [t for t in vocab.quote_ids if _bit(row, t)]
+    if quotes:
+        return quotes
+    in_string = any(_bit(row, t) for t in vocab.letter_ids)
+    return [] if in_string else [t for t in vocab.brace_ids if _bit(row, t)]
+
+
+def _bit(row: torch.Tensor, token: int) -> bool:
+    return bool((int(row[token // 32]) >> (token % 32)) & 1)
+
+
+def _clear(row: torch.Tensor, token: int) -> None:
+    word = int(row[token // 32]) & ~(1 << (token % 32)) & 0xFFFFFFFF
+    row[token // 32] = word - 2**32 if word >= 2**31 else word
+
+
+def _keep_only(row: torch.Tensor, tokens: Sequence[int]) -> None:
+    """Restrict a bitmask row to ``tokens`` (no change when the list is empty)."""
+    if not tokens:
+        return
+    row.zero_()
+    for token in tokens:
+        word = int(row[token // 32]) | (1 << (token % 32))
+        row[token // 32] = word - 2**32 if word >= 2**31 else word
+
+
+def _ban_sequences(row: torch.Tensor, bans: Sequence[Sequence[int]], tail: Sequence[int]) -> None:
+    """Mask the last token of every banned sequence whose other tokens end ``tail``."""
+    last = []
+    for seq in bans:
+        head = list(seq[:-1])
+        if seq and len(head) <= len(tail) and list(tail[len(tail) - len(head):]) == head and _bit(row, seq[-1]):
+            last.append(seq[-1])
+    if not last:
+        return
+    saved = row.clone()
+    for token in last:
+        _clear(row, token)
+    if not bool(row.any()):
+        row.copy_(saved)  # nothing else is allowed: the post-generation check catches the phrase
+
+
+def leaf_spans(raw: str) -> list[tuple[str, int, int]]:
+    """(dotted key path, start, end) of every string value in ``raw``, a compact JSON object of
+    objects and strings as the listing grammars produce; character offsets into ``raw``."""
+    spans: list[tuple[str, int, int]] = []
+    decoder = json.JSONDecoder()
+
+    def obj(pos: int, prefix: str) -> int:
+        assert raw[pos] == "{"
+        pos += 1
+        while raw[pos] != "}":
+            if raw[pos] == ",":
+                pos += len(SEPARATORS[0])
+            key, pos = decoder.raw_decode(raw, pos)
+            pos += len(SEPARATORS[1])
+            path = f"{prefix}{key}"
+            if raw[pos] == "{":
+                pos = obj(pos, f"{path}.")
+            else:
+                start = pos
+                _, pos = decoder.raw_decode(raw, pos)
+                spans.append((path, start, pos))
+        return pos + 1
+
+    obj(0, "")
+    return spans
+
+
+def forced_fields(raw: str, cutoff_bytes: int) -> tuple[str, ...]:
+    """The values of ``raw`` not finished within its first ``cutoff_bytes`` bytes (the budget)."""
+    cutoff = len(raw.encode("utf-8")[:cutoff_bytes].decode("utf-8", errors="ignore"))
+    return tuple(path for path, _, end in leaf_spans(raw) if end > cutoff)
 
 
 def allowed_tokens(matcher: xgr.GrammarMatcher, vocab: GrammarVocab) -> torch.Tensor:

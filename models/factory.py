@@ -51,7 +51,8 @@ class ModelBundle:
         embedder = self.embedder  # outside the lock: the property takes it itself
         with self._lock:
             if self._verifier is None:
-                self._verifier = AttributeVerifier(embedder, margin=self.config.verify_margin)
+                self._verifier = AttributeVerifier(embedder, margin=self.config.verify_margin,
+                                                   conflict_margin=self.config.conflict_margin)
             return self._verifier
 
     @property

@@ -12,19 +12,19 @@ template, and decoding constraints work with any tokenizer xgrammar can read.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from jsonschema import ValidationError
+from jsonschema import Draft202012Validator, ValidationError
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessorList
 
 from models.config import DEFAULT_CACHE_DIR
 from models.base import ModelVersionInfo, ModelWrapper
-from models.categories import CategorySchema, validate_listing
+from models.categories import CategorySchema, ListingPart, part_schema, validate_listing
 from models.constrained import (
     LISTING_GRAMMAR,
     SEPARATORS,
@@ -32,16 +32,22 @@ from models.constrained import (
     GrammarVocab,
     SchemaLogitsProcessor,
     finish_row,
+    forced_fields,
     grammar_vocab,
+    worst_case_chars,
 )
 from models.devices import halve_on_oom, select_device
 from models.errors import ModelError
 from models.identity import ModelIdentity, model_identity
 from models.loading import resolve_model_ref, weights_missing
-from models.prompting import IMAGE_PLACEHOLDER, ListingPrompt, build_listing_prompt
+from models.prompting import IMAGE_PLACEHOLDER, ListingPrompt, build_attribute_prompt, build_text_prompt
 
 DEFAULT_VLM = "HuggingFaceTB/SmolVLM-256M-Instruct"
-DEFAULT_MAX_NEW_TOKENS = 512  # > longest schema-valid listing (80 + 400 chars + attributes) at ~3 chars/token
+# The ceiling of one phase's budget; each phase's own budget is its schema part's worst case
+# (``worst_case_chars``: ~990 tokens for the text of every schema, 140-330 for the attributes), so
+# by default no ASCII listing can run out.
+DEFAULT_MAX_NEW_TOKENS = 1024
+GENERATION = "two-phase-v1"  # recorded in model_input: attributes, verification, then text
 PROFILES = ("pretrained", "random-full", "tiny")
 
 
@@ -59,16 +65,44 @@ class ListingRequest:
 
 
 @dataclass(frozen=True)
+class TextRequest:
+    """Phase two for one product: its request, the verified facts (kept visual attribute values,
+    the verifier's and the merchant's) and, on a retry, the phrases the text must not contain."""
+
+    request: ListingRequest
+    facts: Mapping[str, str]
+    avoid: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PhaseOutput:
+    """One phase's schema-valid JSON and how it was produced.
+
+    ``forced_fields``: the values (dotted paths) that were not finished within the budget and were
+    completed under the closing mask: the model's most probable allowed tokens, but not what it
+    would have written with room; never to be published as facts."""
+
+    part: str
+    output: dict[str, Any]
+    raw_text: str
+    record: dict[str, Any]  # the exact prompt and decoding of this phase
+    tokens: int
+    forced_tokens: int = 0
+    forced_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GeneratedListing:
     """A schema-valid listing plus what is needed to reproduce the model input (DPO pairs)."""
 
     output: dict[str, Any]
     raw_text: str
     model_input: dict[str, Any]
-    tokens: int  # output tokens, force-completed ones included
-    forced_tokens: int = 0  # > 0: the budget ran out and the JSON was closed without the model
+    tokens: int  # output tokens of both phases, completed ones included
+    forced_tokens: int = 0  # > 0: a budget ran out and the model finished under the closing mask
     schema_id: str = ""
     random_weights: bool = False
+    forced_fields: tuple[str, ...] = ()  # "title", "description", "attributes.<name>"
 
 
 def _config_value(config: Any, name: str, default: Any) -> Any:
@@ -173,10 +207,45 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         return self.identity()
 
     # ---- inference -----------------------------------------------------------------------------
+    #
+    # Two phases, each one batched ``generate()`` under its own grammar: the attributes
+    # (``describe_attributes``), then, once the caller has verified them, the title and description
+    # written from the verified facts (``write_text``). ``predict`` runs both back to back without
+    # verification (benchmarks, DPO evaluation); the pipeline (``models.batch``) verifies between.
 
     def _predict(self, batch: list[ListingRequest], **kwargs: Any) -> list[GeneratedListing]:
-        max_new = int(kwargs.get("max_new_tokens") or self.max_new_tokens)
-        return halve_on_oom(lambda start, stop: self._generate(batch[start:stop], max_new), len(batch))
+        cap = int(kwargs.get("max_new_tokens") or self.max_new_tokens)
+        attributes = self.describe_attributes(batch, max_new_tokens=cap)
+        texts = self.write_text([TextRequest(r, {k: v for k, v in a.output.items() if isinstance(v, str)})
+                                 for r, a in zip(batch, attributes, strict=True)], max_new_tokens=cap)
+        random = self.identity().random_weights
+        return [combine(r, a, t, self.model_input(r, {"attributes": a, "text": t}), random_weights=random)
+                for r, a, t in zip(batch, attributes, texts, strict=True)]
+
+    def describe_attributes(self, batch: list[ListingRequest], *, max_new_tokens: int | None = None) -> list[PhaseOutput]:
+        """Phase one: each product's visual attributes, valid under its schema's attribute grammar."""
+        self.load()
+        prompts = [build_attribute_prompt(r.schema, merchant_title=r.merchant_title,
+                                          merchant_description=r.merchant_description,
+                                          merchant_attributes=r.merchant_attributes, locale=r.locale) for r in batch]
+        return self._phase("attributes", batch, prompts, [()] * len(batch), max_new_tokens)
+
+    def write_text(self, batch: list[TextRequest], *, max_new_tokens: int | None = None) -> list[PhaseOutput]:
+        """Phase two: title and description from the verified facts; ``avoid`` phrases are banned
+        from decoding (a retry after the truth check, ``models.truth``) and named in the prompt."""
+        self.load()
+        prompts = [build_text_prompt(t.request.schema, facts=t.facts, merchant_title=t.request.merchant_title,
+                                     merchant_description=t.request.merchant_description,
+                                     merchant_attributes=t.request.merchant_attributes, locale=t.request.locale,
+                                     avoid=t.avoid) for t in batch]
+        return self._phase("text", [t.request for t in batch], prompts, [t.avoid for t in batch], max_new_tokens)
+
+    def _phase(self, part: ListingPart, batch: list[ListingRequest], prompts: list[ListingPrompt],
+               avoid: list[tuple[str, ...]], max_new_tokens: int | None) -> list[PhaseOutput]:
+        if not batch:
+            return []
+        cap = int(max_new_tokens or self.max_new_tokens)
+        return halve_on_oom(lambda a, b: self._generate(part, batch[a:b], prompts[a:b], avoid[a:b], cap), len(batch))
 
     def _render(self, prompt: ListingPrompt) -> str:
         return self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
@@ -188,17 +257,22 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         return {k: (v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in enc.items()}
 
-    def _generate(self, batch: list[ListingRequest], max_new: int) -> list[GeneratedListing]:
-        assert self._grammars is not None
-        prompts = [
-            build_listing_prompt(r.schema, merchant_title=r.merchant_title, merchant_description=r.merchant_description,
-                                 merchant_attributes=r.merchant_attributes, locale=r.locale)
-            for r in batch
-        ]
-        texts = [self._render(p) for p in prompts]
-        inputs = self._inputs(texts, [r.image.convert("RGB") for r in batch])
-        vocab = self._grammars.vocab
-        processor = SchemaLogitsProcessor([self._grammars.matcher(r.schema) for r in batch], vocab)
+    def budget(self, schema: CategorySchema, part: ListingPart, cap: int | None = None) -> int:
+        """The token budget of one phase: the schema part's worst case (``worst_case_chars``),
+        never above the configured ceiling ``max_new_tokens``."""
+        return min(int(cap or self.max_new_tokens), worst_case_chars(part_schema(schema, part)))
+
+    def _ban_ids(self, phrases: Sequence[str]) -> list[list[int]]:
+        tokenizer = self.processor.tokenizer
+        spellings = {v for p in phrases for v in (p, p.capitalize(), p.upper(), p.replace(" ", "-"))}
+        seqs = {tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+                for sp in spellings for text in (sp, f" {sp}")}
+        return [list(seq) for seq in seqs if seq]
+
+    def _decode(self, inputs: dict[str, torch.Tensor], matchers: list[Any], bans: list[list[list[int]]],
+                max_new: int, closing: bool) -> list[list[int]]:
+        vocab = self._grammars.vocab  # type: ignore[union-attr]
+        processor = SchemaLogitsProcessor(matchers, vocab, closing=closing, bans=bans)
         gen_config = GenerationConfig(
             max_new_tokens=max_new, do_sample=False, num_beams=1,
             eos_token_id=list(vocab.stop_token_ids), pad_token_id=self.processor.tokenizer.pad_token_id,
@@ -206,41 +280,100 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         with torch.inference_mode():
             sequences = self.model.generate(**inputs, generation_config=gen_config,
                                             logits_processor=LogitsProcessorList([processor]))
-        new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
-        return [self._finish(req, prompt, text, row, max_new)
-                for req, prompt, text, row in zip(batch, prompts, texts, new_tokens, strict=True)]
+        return sequences[:, inputs["input_ids"].shape[1]:].tolist()
 
-    def _finish(self, req: ListingRequest, prompt: ListingPrompt, text: str, new_tokens: list[int],
-                max_new: int) -> GeneratedListing:
+    def _generate(self, part: ListingPart, batch: list[ListingRequest], prompts: list[ListingPrompt],
+                  avoid: list[tuple[str, ...]], cap: int) -> list[PhaseOutput]:
+        grammars = self._grammars
+        assert grammars is not None
+        texts = [self._render(p) for p in prompts]
+        images = [r.image.convert("RGB") for r in batch]
+        budget = max(self.budget(r.schema, part, cap) for r in batch)
+        bans = [self._ban_ids(a) if a else [] for a in avoid]
+        first = self._decode(self._inputs(texts, images), [grammars.matcher(r.schema, part) for r in batch], bans,
+                             budget, closing=False)
+        rows = [_replay(grammars.matcher(r.schema, part), tokens, grammars.vocab) for r, tokens in zip(batch, first)]
+        open_rows = [i for i, (matcher, _) in enumerate(rows) if not matcher.is_terminated()]
+        if open_rows:  # the budget ran out: the model finishes these rows under the closing mask
+            inputs = self._inputs([texts[i] for i in open_rows], [images[i] for i in open_rows])
+            spent = torch.tensor([rows[i][1] for i in open_rows], device=self.device)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], spent], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(spent)], dim=1)
+            worst = max(worst_case_chars(part_schema(batch[i].schema, part)) for i in open_rows)
+            tails = self._decode(inputs, [rows[i][0] for i in open_rows], [bans[i] for i in open_rows], worst,
+                                 closing=True)
+            for i, tail in zip(open_rows, tails, strict=True):
+                first[i] = rows[i][1] + tail
+        return [self._finish(part, r, p, t, tokens, budget)
+                for r, p, t, tokens in zip(batch, prompts, texts, first, strict=True)]
+
+    def _finish(self, part: ListingPart, req: ListingRequest, prompt: ListingPrompt, text: str,
+                new_tokens: list[int], budget: int) -> PhaseOutput:
         assert self._grammars is not None
-        row = finish_row(self._grammars.matcher(req.schema), new_tokens, self._grammars.vocab)
-        raw = self._grammars.vocab.text(row.token_ids)  # the bytes the grammar counted, not decode()'s tidy-up
+        vocab = self._grammars.vocab
+        row = finish_row(self._grammars.matcher(req.schema, part), new_tokens, vocab)
+        raw = vocab.text(row.token_ids)  # the bytes the grammar counted, not decode()'s tidy-up
         try:
             output = json.loads(raw)
-            validate_listing(req.schema, output)
+            Draft202012Validator(dict(part_schema(req.schema, part))).validate(output)
         except (ValueError, ValidationError) as exc:  # unreachable unless the grammar and schema disagree
             raise ModelError(f"constrained output failed validation: {exc}") from exc
-        return GeneratedListing(
-            output=output,
-            raw_text=raw,
-            model_input=self._model_input(req, prompt, text, max_new),
-            tokens=len(row.token_ids),
-            forced_tokens=row.forced,
-            schema_id=req.schema.schema_id,
-            random_weights=self.identity().random_weights,
+        within = row.token_ids[:budget]
+        forced = max(0, len(row.token_ids) - budget)
+        cutoff = sum(len(vocab.token_bytes[t]) for t in within)
+        return PhaseOutput(
+            part=part, output=output, raw_text=raw, record=self._record(req, prompt, text, budget),
+            tokens=len(row.token_ids), forced_tokens=forced,
+            forced_fields=forced_fields(raw, cutoff) if forced else (),
         )
 
-    def _model_input(self, req: ListingRequest, prompt: ListingPrompt, text: str, max_new: int) -> dict[str, Any]:
+    def _record(self, req: ListingRequest, prompt: ListingPrompt, text: str, budget: int) -> dict[str, Any]:
         record = prompt.record()
         for message in record["messages"]:
             for part in message["content"]:
                 if part.get("type") == "image":
                     part["image_ref"] = req.image_ref or IMAGE_PLACEHOLDER
-        record.update(
-            prompt_text=text,
-            image={"ref": req.image_ref or IMAGE_PLACEHOLDER, "size": list(req.image.size)},
-            model=self.version().key,
-            decoding={"strategy": "greedy", "max_new_tokens": max_new, "grammar": LISTING_GRAMMAR,
-                      "separators": list(SEPARATORS)},
-        )
+        record.update(prompt_text=text, decoding={"strategy": "greedy", "max_new_tokens": budget,
+                                                  "grammar": LISTING_GRAMMAR, "separators": list(SEPARATORS)})
         return record
+
+    def model_input(self, req: ListingRequest, phases: Mapping[str, PhaseOutput]) -> dict[str, Any]:
+        """What reproduces a listing: each phase's exact prompt, decoding and output, the image
+        reference and the model (DPO pairs are built per phase from it)."""
+        return {"schema_id": req.schema.schema_id, "locale": phases["attributes"].record["locale"],
+                "merchant_data": phases["attributes"].record["merchant_data"],
+                "image": {"ref": req.image_ref or IMAGE_PLACEHOLDER, "size": list(req.image.size)},
+                "model": self.version().key, "generation": GENERATION,
+                "phases": {name: {**p.record, "output": p.output, "raw_text": p.raw_text}
+                           for name, p in phases.items()}}
+
+
+def _replay(matcher: Any, tokens: list[int], vocab: GrammarVocab) -> tuple[Any, list[int]]:
+    """Feed a first pass's tokens (stop and padding excluded) into a fresh matcher."""
+    kept: list[int] = []
+    stops = set(vocab.stop_token_ids)
+    for token in tokens:
+        if matcher.is_terminated():
+            break
+        if not matcher.accept_token(int(token)):
+            raise ModelError("generated token rejected by the listing grammar")
+        if int(token) not in stops:
+            kept.append(int(token))
+    return matcher, kept
+
+
+def combine(req: ListingRequest, attributes: PhaseOutput, text: PhaseOutput, model_input: dict[str, Any], *,
+            random_weights: bool) -> GeneratedListing:
+    """One listing from the two phases: the text's fields, then the attributes, in schema order."""
+    output = {**text.output, "attributes": attributes.output}
+    try:
+        validate_listing(req.schema, output)
+    except ValidationError as exc:  # unreachable: each part is valid under its part of the schema
+        raise ModelError(f"combined listing failed validation: {exc}") from exc
+    raw = f"{text.raw_text[:-1]}{SEPARATORS[0]}{json.dumps('attributes')}{SEPARATORS[1]}{attributes.raw_text}}}"
+    forced = (*text.forced_fields, *(f"attributes.{f}" for f in attributes.forced_fields))
+    return GeneratedListing(
+        output=output, raw_text=raw, model_input=model_input,
+        tokens=attributes.tokens + text.tokens, forced_tokens=attributes.forced_tokens + text.forced_tokens,
+        schema_id=req.schema.schema_id, random_weights=random_weights, forced_fields=forced,
+    )

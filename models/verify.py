@@ -7,12 +7,17 @@ attribute; it is kept only when the generated value's probability beats the best
 ``merchant_only_attributes``) are never taken from the model; they come from the merchant or not at
 all. Every kept attribute carries ``confidence`` and ``source``; every dropped one says why and which
 value CLIP preferred, so reviewers and the preference-pair builder can see the disagreement.
+
+The merchant's values of visual attributes are scored too, but never replaced: where the image
+contradicts one with high confidence (``conflict_margin``) the listing reports a conflict for the
+merchant to review, and only merchant values that pass the same margin test as generated ones
+(``embedding_facts``) enter the visual-only text embedding; free-text merchant values never do.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,10 +40,21 @@ class _Schema(Protocol):
 @dataclass(frozen=True)
 class VerifiedListing:
     """``content``: title, description and kept attributes ({name: {value, confidence, source}}).
-    ``dropped``: generated attributes not kept ({name: {value, reason, clip_value, confidence}})."""
+    ``dropped``: generated attributes not kept ({name: {value, reason, clip_value, confidence}}).
+    ``conflicts``: merchant values the image contradicts with high confidence ([{attribute,
+    merchant_value, image_value, confidence}]); the merchant's value stays, for them to review.
+    ``embedding_facts``: the visual values the text embedding may use: the image-verified ones and
+    the merchant's that passed the same margin test (never free text, never a contradicted one)."""
 
     content: dict[str, Any]
     dropped: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    embedding_facts: dict[str, str] = field(default_factory=dict)
+
+    def facts(self, schema: _Schema) -> dict[str, str]:
+        """The kept visual values the listing's text is written from (the merchant's included)."""
+        return {name: str(a["value"]) for name, a in self.content.get("attributes", {}).items()
+                if name in schema.visual_attributes}
 
 
 def _words(value: str) -> str:
@@ -67,11 +83,12 @@ def attribute_prompt(category: str, attribute: str, value: str) -> str:
 class AttributeVerifier:
     """Scores generated visual attributes with CLIP; keeps those with a clear margin."""
 
-    def __init__(self, embedder: ClipEmbedder, margin: float) -> None:
-        if not 0.0 <= margin <= 1.0:
-            raise ValueError(f"margin must be within [0, 1], got {margin}")
+    def __init__(self, embedder: ClipEmbedder, margin: float, conflict_margin: float = 0.5) -> None:
+        if not 0.0 <= margin <= 1.0 or not 0.0 <= conflict_margin <= 1.0:
+            raise ValueError(f"margins must be within [0, 1], got {margin} and {conflict_margin}")
         self.embedder = embedder
         self.margin = margin
+        self.conflict_margin = conflict_margin
         # Prompt embeddings depend only on (category, attribute, allowed values), never on the image.
         self._prompt_cache: dict[tuple[str, str, tuple[str, ...]], np.ndarray] = {}
         self._cache_lock = threading.Lock()
@@ -82,18 +99,24 @@ class AttributeVerifier:
         generated: Sequence[Mapping[str, Any]],
         schemas: Sequence[_Schema],
         merchant_attributes: Sequence[Mapping[str, Any] | None],
+        forced: Sequence[Collection[str]] | None = None,
     ) -> list[VerifiedListing]:
-        """One ``VerifiedListing`` per product; inputs are parallel lists (one entry per product)."""
+        """One ``VerifiedListing`` per product; inputs are parallel lists (one entry per product).
+
+        ``forced``: per product, the generated attributes that were completed past the token
+        budget (``models.listing``): dropped with reason ``forced``, never kept as facts."""
         n = len(crops)
-        if not (len(generated) == len(schemas) == len(merchant_attributes) == n):
-            raise ValueError("crops, generated, schemas and merchant_attributes must have the same length")
-        pending = [self._to_score(g, s, m or {}) for g, s, m in zip(generated, schemas, merchant_attributes)]
+        forced = forced if forced is not None else [()] * n
+        if not (len(generated) == len(schemas) == len(merchant_attributes) == len(forced) == n):
+            raise ValueError("crops, generated, schemas, merchant_attributes and forced must have the same length")
+        pending = [self._to_score(g, s, m or {}, set(f))
+                   for g, s, m, f in zip(generated, schemas, merchant_attributes, forced)]
         needs_image = [i for i in range(n) if pending[i]]
         image_vectors = dict(zip(needs_image, self.embedder.embed_images([crops[i] for i in needs_image])))
         self._warm_prompt_cache([(schemas[i], name) for i in needs_image for name in pending[i]])
         scale = self.embedder.logit_scale if needs_image else 1.0
         return [
-            self._listing(generated[i], schemas[i], merchant_attributes[i] or {}, pending[i],
+            self._listing(generated[i], schemas[i], merchant_attributes[i] or {}, pending[i], set(forced[i]),
                           image_vectors.get(i), scale)
             for i in range(n)
         ]
@@ -101,12 +124,19 @@ class AttributeVerifier:
     # --- steps ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _to_score(generated: Mapping[str, Any], schema: _Schema, merchant: Mapping[str, Any]) -> dict[str, str]:
-        """Generated visual attributes that need CLIP: allowed values the merchant did not already give."""
+    def _to_score(generated: Mapping[str, Any], schema: _Schema, merchant: Mapping[str, Any],
+                  forced: set[str]) -> dict[str, str]:
+        """Visual values CLIP scores: generated ones the merchant did not give (unless forced), and
+        the merchant's own values of visual attributes (for conflicts and the embedding facts)."""
         out: dict[str, str] = {}
         for name, value in (generated.get("attributes") or {}).items():
             allowed = schema.visual_attributes.get(name)
-            if allowed and isinstance(value, str) and value in allowed and not _given(merchant, name):
+            if (allowed and isinstance(value, str) and value in allowed and not _given(merchant, name)
+                    and name not in forced):
+                out[name] = value
+        for name, allowed in schema.visual_attributes.items():
+            value = merchant.get(name)
+            if isinstance(value, str) and value in allowed:
                 out[name] = value
         return out
 
@@ -132,15 +162,21 @@ class AttributeVerifier:
         schema: _Schema,
         merchant: Mapping[str, Any],
         to_score: dict[str, str],
+        forced: set[str],
         image_vector: np.ndarray | None,
         logit_scale: float,
     ) -> VerifiedListing:
         attributes: dict[str, dict[str, Any]] = {}
         dropped: dict[str, dict[str, Any]] = {}
+        conflicts: list[dict[str, Any]] = []
+        embedding_facts: dict[str, str] = {}
         for name, value in (generated.get("attributes") or {}).items():
             if name in to_score or _given(merchant, name):
                 continue
-            reason = "merchant_only" if name in schema.merchant_only_attributes else "not_in_schema"
+            if name in forced:
+                reason = "forced"
+            else:
+                reason = "merchant_only" if name in schema.merchant_only_attributes else "not_in_schema"
             dropped[name] = {"value": value, "reason": reason, "clip_value": None, "confidence": None}
         for name, value in to_score.items():
             values = schema.visual_attributes[name]
@@ -148,18 +184,26 @@ class AttributeVerifier:
             chosen = values.index(value)
             rival = float(np.delete(probs, chosen).max()) if len(values) > 1 else 0.0
             confidence = round(float(probs[chosen]), 4)
-            if probs[chosen] - rival >= self.margin:
+            best = int(probs.argmax())
+            passed = probs[chosen] - rival >= self.margin
+            if passed:
+                embedding_facts[name] = value
+            if _given(merchant, name):  # the merchant's value: kept as theirs; contradicted -> reported
+                if best != chosen and probs[best] - probs[chosen] >= self.conflict_margin:
+                    conflicts.append({"attribute": name, "merchant_value": value, "image_value": values[best],
+                                      "confidence": round(float(probs[best]), 4)})
+                    embedding_facts.pop(name, None)
+            elif passed:
                 attributes[name] = {"value": value, "confidence": confidence, "source": SOURCE_IMAGE}
             else:
-                clip_value = values[int(probs.argmax())]
-                reason = "clip_prefers_other" if clip_value != value else "below_margin"
-                dropped[name] = {"value": value, "reason": reason, "clip_value": clip_value, "confidence": confidence}
+                reason = "clip_prefers_other" if best != chosen else "below_margin"
+                dropped[name] = {"value": value, "reason": reason, "clip_value": values[best], "confidence": confidence}
         for name in [*schema.visual_attributes, *schema.merchant_only_attributes]:
             if _given(merchant, name):
                 attributes[name] = {"value": merchant[name], "confidence": 1.0, "source": SOURCE_MERCHANT}
         content = {"title": generated.get("title", ""), "description": generated.get("description", ""),
                    "attributes": attributes}
-        return VerifiedListing(content=content, dropped=dropped)
+        return VerifiedListing(content=content, dropped=dropped, conflicts=conflicts, embedding_facts=embedding_facts)
 
 
 def _given(merchant: Mapping[str, Any], name: str) -> bool:

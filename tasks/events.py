@@ -25,15 +25,26 @@ OUT_TYPES = ("listing.enriched", "listing.failed")
 ACCEPTED_CONTENT_TYPES = {"application/json", "application/json; charset=utf-8"}
 
 
+# Each event type's contract versions (``tasks/contracts/<type>.v<N>.schema.json``); the last is the
+# current one. listing.enriched v2 adds the truth flags (forced fields, conflicts, text checks).
+CONTRACT_VERSIONS: dict[str, tuple[int, ...]] = {"listing.enriched": (1, 2)}
+
+
+def contract_versions(event_type: str) -> tuple[int, ...]:
+    return CONTRACT_VERSIONS.get(event_type, (SCHEMA_VERSION,))
+
+
 @cache
-def contract(event_type: str) -> dict[str, Any]:
-    text = resources.files("tasks.contracts").joinpath(f"{event_type}.v{SCHEMA_VERSION}.schema.json").read_text()
+def contract(event_type: str, version: int | None = None) -> dict[str, Any]:
+    """The JSON Schema of ``event_type`` at ``version`` (default: its current version)."""
+    version = contract_versions(event_type)[-1] if version is None else version
+    text = resources.files("tasks.contracts").joinpath(f"{event_type}.v{version}.schema.json").read_text()
     return json.loads(text)
 
 
 @cache
-def _validator(event_type: str) -> Draft202012Validator:
-    return Draft202012Validator(contract(event_type), format_checker=FormatChecker())
+def _validator(event_type: str, version: int | None = None) -> Draft202012Validator:
+    return Draft202012Validator(contract(event_type, version), format_checker=FormatChecker())
 
 
 class InvalidEvent(PipelineError):
@@ -104,7 +115,10 @@ def _event_id_of(obj: dict[str, Any]) -> uuid.UUID | None:
 
 
 def validate(obj: dict[str, Any], event_type: str) -> None:
-    errors = sorted(_validator(event_type).iter_errors(obj), key=lambda e: list(e.absolute_path))
+    """Against the contract version the event names (``schema_version``), when there is one."""
+    named = obj.get("schema_version") if isinstance(obj, dict) else None
+    version = named if isinstance(named, int) and named in contract_versions(event_type) else None
+    errors = sorted(_validator(event_type, version).iter_errors(obj), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
         where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)

@@ -78,6 +78,7 @@ class Runtime:
     registry_poll_s: float = 30.0  # how often a GPU worker re-reads the active versions
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     unknown_category: str = "generic"
+    enriched_event_version: int = 2  # listing.enriched contract version published (1 for old consumers)
     batch_size: int = 8
     batch_max_wait_ms: int = 200
     feature_cache: LruCache = field(default_factory=lambda: LruCache(4096))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -131,7 +132,12 @@ class ModelSettings(BaseModel):
     detection_threshold: float = Field(0.2, ge=0, le=1, description="Best box below this score → full-image fallback.")
     crop_padding: float = Field(0.05, ge=0, le=0.5, description="Padding around the detected box, as a fraction of its size.")
     verify_margin: float = Field(0.05, ge=0, le=1, description="CLIP probability margin a visual attribute needs to be kept.")
-    max_new_tokens: int = Field(256, ge=16, description="Token budget of one generated listing.")
+    conflict_margin: float = Field(0.5, ge=0, le=1, description=(
+        "CLIP probability lead by which the image must contradict a merchant's visual value for the listing to "
+        "report a conflict."))
+    max_new_tokens: int = Field(1024, ge=16, description=(
+        "Ceiling of one generation phase's token budget (attributes, then text); each phase's budget is its "
+        "schema's worst case below it. Fields finished past the budget are flagged forced."))
     unknown_category: str = Field("generic", description="'generic' (use the generic schema) or 'reject' (unsupported_category).")
     pinned: list[str] = Field(default_factory=list, description=(
         "GPU workers: model kinds (detector, vlm, clip) served from this worker's own settings instead of the "
@@ -174,7 +180,8 @@ class WorkerSettings(BaseModel):
     time_limit_s: int = Field(900, ge=1, description="Hard time limit of one task (below the broker consumer timeout).")
     retrain_interval_s: int = Field(6 * 3600, ge=60, description="How often beat builds DPO preference pairs.")
     retrain_window_days: int = Field(30, ge=1, description="Oldest feedback a retrain run considers.")
-    retrain_merchant_cap: int = Field(200, ge=1, description="Most preference pairs one merchant contributes per dataset.")
+    retrain_merchant_cap: int = Field(200, ge=1, description=(
+        "Most reviews one merchant contributes per dataset (each gives a pair per generation phase it corrects)."))
     retrain_holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of products held out for evaluation.")
     retrain_settle_s: float = Field(60.0, ge=0, description=(
         "Feedback younger than this is left for the next pair-builder run (review transactions still committing "
@@ -191,6 +198,9 @@ class WorkerSettings(BaseModel):
     queued_stall_after_s: int = Field(24 * 3600, ge=60, description=(
         "A job whose current stage no task holds (never claimed, or handed on and waiting in the next queue) "
         "is stalled only after this long untouched: a long backlog is not a dead job."))
+    enriched_event_version: Literal[1, 2] = Field(2, description=(
+        "Contract version of listing.enriched: 2 adds forced_fields, forced_tokens, conflicts and text_checks; "
+        "1 publishes the version-1 shape for consumers that validate strictly against it."))
 
     @model_validator(mode="after")
     def _stall_after_several_beats(self) -> "WorkerSettings":

@@ -23,14 +23,21 @@ MANIFEST = "manifest.json"
 FORMAT = "trl-dpo-jsonl/1"
 
 
-def listing_json(schema: CategorySchema, listing: Mapping[str, Any]) -> str:
-    """The listing as the model writes it: properties in schema order (JSONB forgets key order)."""
-    order = list(schema.json_schema["properties"])
+def listing_json(schema: CategorySchema, listing: Mapping[str, Any], part: str = "listing") -> str:
+    """A listing (or one generation phase's part of it: ``attributes``, ``text``) as the model
+    writes it: properties in schema order (JSONB forgets key order)."""
     attr_order = list(schema.visual_attributes)
-    attributes = listing.get("attributes") or {}
-    ordered_attrs = {k: attributes[k] for k in sorted(attributes, key=lambda k: (
-        attr_order.index(k) if k in attr_order else len(attr_order), k))}
-    ordered = {k: (ordered_attrs if k == "attributes" else listing[k]) for k in order if k in listing}
+
+    def attributes_in_order(attributes: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: attributes[k] for k in sorted(attributes, key=lambda k: (
+            attr_order.index(k) if k in attr_order else len(attr_order), k))}
+
+    if part == "attributes":
+        ordered: dict[str, Any] = attributes_in_order(listing)
+    else:
+        order = ["title", "description"] if part == "text" else list(schema.json_schema["properties"])
+        ordered = {k: (attributes_in_order(listing.get("attributes") or {}) if k == "attributes" else listing[k])
+                   for k in order if k in listing}
     return json.dumps(ordered, ensure_ascii=False, separators=(", ", ": "))
 
 

@@ -81,6 +81,7 @@ class Pair:
     chosen: dict[str, Any]
     rejected: dict[str, Any]
     vlm_version_id: int | None
+    part: str = "listing"  # listing | attributes | text: which generation phase the pair teaches
 
     @property
     def pair_hash(self) -> str:
@@ -126,7 +127,7 @@ def verified_listing(schema: CategorySchema, content: dict[str, Any]) -> dict[st
     return {"title": content.get("title", ""), "description": content.get("description", ""), "attributes": attrs}
 
 
-def _pair_from_row(row: Any, drops: Counter[str]) -> Pair | None:
+def _pair_from_row(row: Any, drops: Counter[str]) -> list[Pair] | None:
     try:
         name, _, version = row.schema_id.partition("@")
         schema = load_schema(name, int(version) if version.isdigit() else None)
@@ -134,7 +135,7 @@ def _pair_from_row(row: Any, drops: Counter[str]) -> Pair | None:
         drops["unknown_schema"] += 1
         return None
     model_input = row.model_input or {}
-    if not model_input.get("prompt_text") or not row.model_output:
+    if not (model_input.get("prompt_text") or model_input.get("phases")) or not row.model_output:
         drops["no_model_input"] += 1
         return None
     corrected = row.corrected or {}
@@ -163,13 +164,37 @@ def _pair_from_row(row: Any, drops: Counter[str]) -> Pair | None:
     except ValidationError:
         drops["chosen_invalid"] += 1
         return None
-    prompt = {"text": model_input["prompt_text"], "schema_id": schema.schema_id, "image_uri": row.storage_uri,
-              "box": row.box, "locale": model_input.get("locale"), "merchant_data": model_input.get("merchant_data"),
-              "model": model_input.get("model")}
-    return Pair(feedback_id=row.feedback_id, tenant_id=row.tenant_id, merchant_id=row.merchant_id,
-                listing_id=row.listing_id, product_id=row.product_id, external_id=row.external_id,
-                category=row.category, source=source, schema=schema, prompt=prompt, chosen=chosen,
-                rejected=row.model_output, vlm_version_id=row.model_version_id)
+    pairs = []
+    for part, prompt_text, chosen_part, rejected_part in _parts(model_input, chosen, row.model_output):
+        prompt = {"text": prompt_text, "schema_id": schema.schema_id, "image_uri": row.storage_uri,
+                  "box": row.box, "locale": model_input.get("locale"),
+                  "merchant_data": model_input.get("merchant_data"), "model": model_input.get("model")}
+        pairs.append(Pair(feedback_id=row.feedback_id, tenant_id=row.tenant_id, merchant_id=row.merchant_id,
+                          listing_id=row.listing_id, product_id=row.product_id, external_id=row.external_id,
+                          category=row.category, source=source, schema=schema, prompt=prompt, chosen=chosen_part,
+                          rejected=rejected_part, vlm_version_id=row.model_version_id, part=part))
+    return pairs
+
+
+def _parts(model_input: dict[str, Any], chosen: dict[str, Any],
+           rejected: dict[str, Any]) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
+    """(part, prompt, chosen, rejected) per generation phase whose output the preference changes.
+
+    A two-phase listing (``model_input["phases"]``) gives an ``attributes`` pair (phase one's prompt)
+    and a ``text`` pair (phase two's prompt, which carries the verified facts it was written from),
+    each only where chosen and rejected differ; a listing from before the phases gives one pair of
+    whole listings."""
+    phases = model_input.get("phases")
+    if not phases:
+        return [("listing", model_input["prompt_text"], chosen, rejected)]
+    out = []
+    if chosen.get("attributes") != rejected.get("attributes"):
+        out.append(("attributes", phases["attributes"]["prompt_text"], chosen.get("attributes") or {},
+                    rejected.get("attributes") or {}))
+    text = {k: chosen.get(k) for k in ("title", "description")}
+    if text != {k: rejected.get(k) for k in ("title", "description")}:
+        out.append(("text", phases["text"]["prompt_text"], text, {k: rejected.get(k) for k in ("title", "description")}))
+    return out
 
 
 def _dedupe_and_cap(session: Session, pairs: list[Pair], cap: int, drops: Counter[str]) -> list[Pair]:
@@ -177,16 +202,19 @@ def _dedupe_and_cap(session: Session, pairs: list[Pair], cap: int, drops: Counte
     known = dataset_rows.known_pair_hashes(session, hashes)
     seen: set[str] = set()
     per_merchant: dict[tuple[str, str], list[Pair]] = defaultdict(list)
+    reviews: dict[tuple[str, str], set[int]] = defaultdict(set)
     for pair, h in sorted(zip(pairs, hashes, strict=True), key=lambda ph: -ph[0].feedback_id):
         if h in known or h in seen:
             drops["duplicate"] += 1
             continue
         seen.add(h)
-        bucket = per_merchant[(pair.tenant_id, pair.merchant_id)]
-        if len(bucket) >= cap:  # the newest feedback of each merchant is kept
-            drops["merchant_cap"] += 1
+        merchant = (pair.tenant_id, pair.merchant_id)
+        # The cap counts reviews, not pairs: one review gives a pair per generation phase it corrects.
+        if pair.feedback_id not in reviews[merchant] and len(reviews[merchant]) >= cap:
+            drops["merchant_cap"] += 1  # the newest reviews of each merchant are kept
             continue
-        bucket.append(pair)
+        reviews[merchant].add(pair.feedback_id)
+        per_merchant[merchant].append(pair)
     return sorted((p for b in per_merchant.values() for p in b), key=lambda p: p.feedback_id)
 
 
@@ -195,8 +223,9 @@ def _model_names(session: Session, ids: set[int]) -> list[str]:
 
 
 def _row(pair: Pair, split: DatasetSplit) -> dict[str, Any]:
-    return {"prompt": pair.prompt["text"], "chosen": listing_json(pair.schema, pair.chosen),
-            "rejected": listing_json(pair.schema, pair.rejected), "images": [pair.prompt["image_uri"]],
+    return {"prompt": pair.prompt["text"], "chosen": listing_json(pair.schema, pair.chosen, pair.part),
+            "rejected": listing_json(pair.schema, pair.rejected, pair.part), "part": pair.part,
+            "images": [pair.prompt["image_uri"]],
             "image_box": pair.prompt["box"], "schema_id": pair.schema.schema_id, "category": pair.category,
             "source": pair.source.value, "split": split.value, "listing_id": pair.listing_id,
             "merchant_data": pair.prompt["merchant_data"], "locale": pair.prompt["locale"],
@@ -220,7 +249,7 @@ def build_preference_pairs(session: Session, store: BlobStore, config: RetrainCo
     dataset_rows.advance_read_position(session, BUILDER, new_watermark)
     latest = {r.listing_id: r for r in rows}  # ordered by id: a listing's latest review wins
     drops: Counter[str] = Counter(superseded_review=len(rows) - len(latest))
-    pairs = [p for r in latest.values() if (p := _pair_from_row(r, drops)) is not None]
+    pairs = [p for r in latest.values() for p in (_pair_from_row(r, drops) or [])]
     pairs = _dedupe_and_cap(session, pairs, config.merchant_cap, drops) if pairs else []
     if not pairs:
         log.info("retrain.empty", feedback=len(rows), watermark=new_watermark, dropped=dict(drops))

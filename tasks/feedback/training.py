@@ -78,8 +78,13 @@ def _examples(rows: list[dict[str, Any]], images: list[Image.Image]) -> list[Pre
     return [PreferenceExample(r["prompt"], r["chosen"], r["rejected"], im) for r, im in zip(rows, images, strict=True)]
 
 
-def _fields(listing: dict[str, Any]) -> dict[str, Any]:
+def _fields(listing: dict[str, Any], part: str = "listing") -> dict[str, Any]:
+    """Field -> value of a listing, or of one phase's part of it (a pair's ``part``)."""
+    if part == "attributes":
+        return {f"attributes.{k}": v for k, v in listing.items()}
     out = {k: listing.get(k) for k in ("title", "description")}
+    if part == "text":
+        return out
     out.update({f"attributes.{k}": v for k, v in (listing.get("attributes") or {}).items()})
     return out
 
@@ -102,7 +107,9 @@ def evaluate(generator: ListingGenerator, rows: list[dict[str, Any]], images: li
             valid += 1
         except (ModelError, ValidationError):
             output = {}
-        chosen, rejected, got = _fields(json.loads(row["chosen"])), _fields(json.loads(row["rejected"])), _fields(output)
+        part = row.get("part", "listing")
+        chosen, rejected = _fields(json.loads(row["chosen"]), part), _fields(json.loads(row["rejected"]), part)
+        got = _fields(output)
         for name, value in chosen.items():
             fields += 1
             hits += got.get(name) == value

@@ -17,13 +17,15 @@ from db.repositories import listings, model_versions, products
 from db.tables import EnrichmentJob, Listing, Product
 from tasks import faults
 from tasks.errors import ErrorCode, PipelineError
-from tasks.events import SCHEMA_VERSION, now_iso
+from tasks.events import contract_versions, now_iso
 from tasks.pipeline import jobs
 from tasks.pipeline.outbox import enqueue
 from tasks.pipeline.work import FetchedImages, ModelOutput
 from tasks.runtime import Runtime
 
 log = structlog.get_logger(__name__)
+
+ENRICHED_VERSION = contract_versions("listing.enriched")[-1]
 
 
 def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob,
@@ -46,13 +48,20 @@ def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob,
         schema_id=doc["schema_id"], content=doc["content"], dropped_attributes=doc["dropped"],
         model_output=doc["model_output"], model_versions=model_ids,
         model_input={**doc["model_input"], "reuse_key": FetchedImages.of(job.work).reuse_key},
-        random_weights=random_weights))
+        random_weights=random_weights, **truth_flags(doc)))
     vec = doc["image_embedding"]
     listings.insert_embedding(session, dict(
         tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id, model_version_id=model_ids["clip"],
         category=product.category, dims=len(vec), image_embedding=vec, text_embedding=doc["text_embedding"],
         text_input=doc["text_input"]))
     return listing_id, created, doc["grounding"]
+
+
+def truth_flags(doc: dict[str, Any]) -> dict[str, Any]:
+    """The listing's truth flags from a model result (``models.batch.ModelResult``); a result
+    written before the flags existed has none (empty ``text_checks`` says so)."""
+    return {"forced_fields": list(doc.get("forced_fields") or []), "forced_tokens": int(doc.get("forced_tokens") or 0),
+            "conflicts": list(doc.get("conflicts") or []), "text_checks": dict(doc.get("text_checks") or {})}
 
 
 def _from_reuse(session: Session, job: EnrichmentJob, product: Product,
@@ -65,7 +74,9 @@ def _from_reuse(session: Session, job: EnrichmentJob, product: Product,
         model_version_id=src.model_version_id, image_id=src.image_id, grounding_id=src.grounding_id,
         category=product.category, schema_id=src.schema_id, content=src.generated_content or src.content,
         dropped_attributes=src.dropped_attributes, model_output=src.model_output, model_input=src.model_input,
-        model_versions={**src.model_versions, "reused_from_listing_id": src.id}, random_weights=src.random_weights))
+        model_versions={**src.model_versions, "reused_from_listing_id": src.id}, random_weights=src.random_weights,
+        forced_fields=src.forced_fields, forced_tokens=src.forced_tokens, conflicts=src.conflicts,
+        text_checks=src.text_checks))
     for emb in listings.embeddings_of(session, src.id):
         listings.insert_embedding(session, dict(
             tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id,
@@ -83,10 +94,12 @@ def _model_names(session: Session, model_ids: dict[str, int]) -> dict[str, str]:
 
 
 def enriched_event(job: EnrichmentJob, product: Product, listing: Listing, grounding: dict[str, Any],
-                   names: dict[str, str]) -> dict[str, Any]:
+                   names: dict[str, str], version: int = ENRICHED_VERSION) -> dict[str, Any]:
+    """``listing.enriched`` at contract ``version``: 2 (current) adds the truth flags; 1 is the
+    same event without them, for consumers that validate strictly against version 1."""
     content = listing.content
-    return {
-        "schema_version": SCHEMA_VERSION, "event_id": str(uuid.uuid4()), "event_type": "listing.enriched",
+    event = {
+        "schema_version": version, "event_id": str(uuid.uuid4()), "event_type": "listing.enriched",
         "causation_id": str(job.event_id), "occurred_at": now_iso(), "tenant_id": job.tenant_id,
         "merchant_id": product.merchant_id,
         "product": {"external_id": product.external_id, "version": job.product_version},
@@ -99,6 +112,13 @@ def enriched_event(job: EnrichmentJob, product: Product, listing: Listing, groun
         "models": {"detector": names["detector"], "vlm": names["vlm"], "clip": names["clip"],
                    "random_weights": listing.random_weights},
     }
+    if version >= 2:
+        checks = listing.text_checks or {}
+        event["listing"].update(
+            forced_fields=list(listing.forced_fields or []), forced_tokens=int(listing.forced_tokens or 0),
+            conflicts=list(listing.conflicts or []),
+            text_checks={"retried": bool(checks.get("retried")), "repaired": list(checks.get("repaired") or [])})
+    return event
 
 
 def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
@@ -123,7 +143,8 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
         assert listing is not None
         if created:
             names = _model_names(session, {k: listing.model_versions[k] for k in ("detector", "vlm", "clip")})
-            enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names),
+            enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names,
+                                                                   runtime.enriched_event_version),
                     tenant_id=job.tenant_id)
         jobs.finish(session, job, listing_id=listing_id, timings={"persist": (time.perf_counter() - started) * 1000})
         faults.hit("persist.before_commit", job_id=job_id)

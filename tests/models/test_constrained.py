@@ -20,8 +20,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from models.categories import CATEGORIES, CategorySchema
 from models.constrained import SchemaLogitsProcessor, finish_row
-from models.listing import GeneratedListing, ListingGenerator, ListingRequest
-from models.prompting import build_listing_prompt
+from models.listing import ListingGenerator, ListingRequest, PhaseOutput
+from models.prompting import build_attribute_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,7 +141,7 @@ def test_a_schema_outside_what_listings_support_is_refused_not_loosened(generato
 
 
 def _random_logit_listing(generator: ListingGenerator, schema: CategorySchema, seed: int,
-                          steps: int) -> tuple[GeneratedListing, list[int]]:
+                          steps: int) -> tuple[PhaseOutput, list[int]]:
     """Decode ``steps`` tokens from seeded random logits under the schema's mask, favouring tokens
     with a backslash, a quote or a non-ASCII byte, then finish as ``generate()``'s output is
     finished (replay, force-completion, text, json.loads, validation)."""
@@ -163,13 +163,13 @@ def _random_logit_listing(generator: ListingGenerator, schema: CategorySchema, s
             break
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     request = ListingRequest(image=Image.new("RGB", (8, 8)), schema=schema, image_ref=f"walk:{seed}")
-    prompt = build_listing_prompt(schema, merchant_title="", merchant_description="", merchant_attributes={},
-                                  locale="en")
-    listing = generator._finish(request, prompt, "", new, steps)
+    prompt = build_attribute_prompt(schema, merchant_title="", merchant_description="", merchant_attributes={},
+                                    locale="en")
+    listing = generator._finish("listing", request, prompt, "", new, steps)
     return listing, finish_row(grammars.matcher(schema), new, vocab).token_ids
 
 
-def _walks(generator: ListingGenerator, seeds: range) -> list[tuple[GeneratedListing, list[int]]]:
+def _walks(generator: ListingGenerator, seeds: range) -> list[tuple[PhaseOutput, list[int]]]:
     names = sorted(CATEGORIES)
     return [_random_logit_listing(generator, CATEGORIES[names[seed % len(names)]], seed, 20 + seed * 7 % 140)
             for seed in seeds]
@@ -179,7 +179,7 @@ def test_random_logit_listings_over_many_seeds_hold_the_policy_and_the_bounds(ge
     decoded = generator._grammars.vocab.info.decoded_vocab  # type: ignore[union-attr]
     seen_escape = seen_multibyte = False
     for listing, tokens in _walks(generator, range(66)):
-        schema = CATEGORIES[listing.schema_id.split("@")[0]]
+        schema = CATEGORIES[listing.record["schema_id"].split("@")[0]]
         raw = listing.raw_text
         assert raw.encode("utf-8") == b"".join(decoded[t] for t in tokens)  # the text is what the grammar read
         assert json.loads(raw) == listing.output

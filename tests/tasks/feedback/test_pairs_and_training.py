@@ -66,8 +66,8 @@ def edit(session: Session, tenant: str, listing_id: int, merchant: str = "m1", t
         apply_review(session, parse_review_event(json.dumps(payload).encode(), "application/json"))
 
 
-def accept(session: Session, tenant: str, listing_id: int) -> None:
-    payload = review_event_payload(tenant_id=tenant, merchant_id="m1", listing_id=listing_id, decision="accepted")
+def accept(session: Session, tenant: str, listing_id: int, merchant: str = "m1") -> None:
+    payload = review_event_payload(tenant_id=tenant, merchant_id=merchant, listing_id=listing_id, decision="accepted")
     with in_tenant(session, tenant):
         apply_review(session, parse_review_event(json.dumps(payload).encode(), "application/json"))
 
@@ -85,15 +85,24 @@ def test_pairs_are_incremental_and_valid(db_session: Session, generated: list[An
     for lid in first:
         edit(s, "rt-inc", lid)
     built = build(s, store)
-    assert built.status is BuildStatus.built and built.pairs == 2
+    # The edit corrects both phases (a title and a colour): one pair per phase, each with that phase's prompt.
+    assert built.status is BuildStatus.built and built.pairs == 4
     rows = read_split(store, built.uri, "train")
-    assert {r["listing_id"] for r in rows} == set(first)
+    assert {r["listing_id"] for r in rows} == set(first) and sorted(r["part"] for r in rows) == ["attributes",
+                                                                                                 "attributes",
+                                                                                                 "text", "text"]
     for r in rows:
+        gen = generated[first.index(r["listing_id"])]
         chosen, rejected = json.loads(r["chosen"]), json.loads(r["rejected"])
-        assert chosen["title"] == "A red summer dress" and chosen["attributes"]["color"] == "red"
-        assert "material" not in chosen["attributes"]  # merchant-only attributes are never model output
-        assert rejected == generated[first.index(r["listing_id"])].output
-        assert r["prompt"] == generated[first.index(r["listing_id"])].model_input["prompt_text"]
+        phase = gen.model_input["phases"][r["part"]]
+        if r["part"] == "text":
+            assert chosen["title"] == "A red summer dress" and set(chosen) == {"title", "description"}
+            assert rejected == {k: gen.output[k] for k in ("title", "description")}
+        else:
+            assert chosen["color"] == "red"
+            assert "material" not in chosen  # merchant-only attributes are never model output
+            assert rejected == gen.output["attributes"]
+        assert r["prompt"] == phase["prompt_text"]
         assert r["images"] == [uris[first.index(r["listing_id"])]]
 
     assert build(s, store).status is BuildStatus.empty  # nothing new
@@ -101,7 +110,7 @@ def test_pairs_are_incremental_and_valid(db_session: Session, generated: list[An
     edit(s, "rt-inc", later)
     again = build(s, store)
     assert again.status is BuildStatus.built and again.watermark > built.watermark
-    assert [r["listing_id"] for r in read_split(store, again.uri, "train")] == [later]
+    assert [r["listing_id"] for r in read_split(store, again.uri, "train")] == [later, later]
 
 
 def test_verification_drops_dedupe_and_merchant_caps(db_session: Session, generated: list[Any], originals,  # noqa: ANN001
@@ -113,8 +122,8 @@ def test_verification_drops_dedupe_and_merchant_caps(db_session: Session, genera
     # Accepted with a dropped optional attribute → pair; with a dropped required one → invalid, no pair.
     if gen is not None:
         drop = next(a for a in gen.output["attributes"] if a in optional)
-        accepted = listing(s, "rt-cap", "drop-ok", gen, uris[0], dropped={drop})
-        accept(s, "rt-cap", accepted)
+        accepted = listing(s, "rt-cap", "drop-ok", gen, uris[0], merchant="m3", dropped={drop})  # not capped
+        accept(s, "rt-cap", accepted, merchant="m3")
     broken = listing(s, "rt-cap", "drop-bad", generated[1], uris[1], dropped={"color"})
     accept(s, "rt-cap", broken)
     # Same prompt, image and correction twice → one pair; merchant m1 edits 4 listings, cap 2.
@@ -129,11 +138,16 @@ def test_verification_drops_dedupe_and_merchant_caps(db_session: Session, genera
     rows = read_split(store, result.uri, "train") + read_split(store, result.uri, "holdout")
     by_listing = {r["listing_id"]: r for r in rows}
     assert result.dropped["chosen_invalid"] == 1 and broken not in by_listing
-    assert result.dropped["duplicate"] == 1 and len(set(twins) & set(by_listing)) == 1
-    assert result.dropped["merchant_cap"] == 2 and set(capped[2:]) <= set(by_listing)  # newest kept
+    # Duplicates: both phases' pairs of the second twin, and c0's attribute pair, which is c3's (same
+    # prompt, image and colour correction; only their titles differ).
+    assert result.dropped["duplicate"] == 3 and len(set(twins) & set(by_listing)) == 1
+    # The cap counts reviews: m1's two newest are kept with every pair, the older ones lose theirs.
+    assert result.dropped["merchant_cap"] >= 3 and set(capped[2:]) <= set(by_listing)
+    assert not set(capped[:2]) & set(by_listing)
     if gen is not None:
         assert by_listing[accepted]["source"] == "verification_drop"
-        assert drop not in json.loads(by_listing[accepted]["chosen"])["attributes"]
+        assert by_listing[accepted]["part"] == "attributes"  # only the attributes changed
+        assert drop not in json.loads(by_listing[accepted]["chosen"])
     manifest = read_manifest(store, result.uri)
     assert manifest["counts"]["pairs"] == len(rows) and manifest["counts"]["by_category"] == {"dress": len(rows)}
     assert manifest["schema_versions"] == ["dress@1"] and manifest["model_versions"]
@@ -212,7 +226,7 @@ def test_dataset_on_s3_loads_as_a_trl_dpo_dataset(db_session: Session, generated
         moto_s3.download_file("datasets", f"dpo/{result.name}/{split}.jsonl", str(files[split]))
     loaded = datasets.load_dataset("json", data_files={"train": str(files["train"])}, split="train")
     assert {"prompt", "chosen", "rejected", "images"} <= set(loaded.column_names)
-    assert len(loaded) == 3
+    assert len(loaded) == 6  # three edits, each correcting both phases
     row = loaded[0]
     assert all(isinstance(row[k], str) and row[k] for k in ("prompt", "chosen", "rejected"))
     assert row["prompt"].count("<image>") == 1 and row["images"][0].startswith("file://")
@@ -232,7 +246,9 @@ def test_tiny_dpo_step_registers_a_candidate_and_promotion_is_explicit(  # noqa:
         edit(s, "rt-dpo", listing(s, "rt-dpo", ext, generated[n % 4], uris[n % 4]), title=f"A red dress, take {n}")
     store = LocalBlobStore(tmp_path / "datasets")
     built = build(s, store, RetrainConfig(settle=timedelta(0), holdout_fraction=fraction), role=ADMIN_ROLE)
-    assert read_manifest(store, built.uri)["counts"]["by_split"] == {"train": 3, "holdout": 2}
+    # A pair per phase, except the fifth listing's attribute pair, which is the first's (same generated
+    # listing and colour correction): the newest copy is kept (holdout), the train one is a duplicate.
+    assert read_manifest(store, built.uri)["counts"]["by_split"] == {"train": 5, "holdout": 4}
     active = s.execute(text("SELECT id FROM model_versions WHERE kind = 'vlm' AND status = 'active'")).scalar()
 
     # enrich retrain train / promote: the maintenance role's sessions (model_versions and
@@ -249,7 +265,7 @@ def test_tiny_dpo_step_registers_a_candidate_and_promotion_is_explicit(  # noqa:
         assert row is not None and row.kind == "vlm" and row.status == "candidate" and row.random_weights
         assert (result.weights_dir / "config.json").exists() and row.params["dataset"] == built.name
         holdout = row.metrics["holdout"]
-        assert holdout["pairs"] == 2 and holdout["schema_valid_rate"] == 1.0
+        assert holdout["pairs"] == 4 and holdout["schema_valid_rate"] == 1.0
         assert 0.0 <= holdout["field_accuracy"] <= 1.0
         dpo = row.metrics["dpo"]
         assert dpo["steps"] == 3 and dpo["last_loss"] < dpo["first_loss"]
