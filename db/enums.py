@@ -40,6 +40,13 @@ class InboxStatus(StrEnum):
     stale = "stale"  # older product version than the one stored: no job
 
 
+class PairDecision(StrEnum):
+    """A merchant's verdict on a pair of images (``duplicate.reviewed``), honoured by every later dedup."""
+
+    not_duplicate = "not_duplicate"  # never in one duplicate group again
+    confirmed = "confirmed"  # in one group, whatever verification says
+
+
 class ModelKind(StrEnum):
     detector = "detector"
     vlm = "vlm"

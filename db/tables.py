@@ -39,6 +39,7 @@ from db.enums import (
     ListingStatus,
     ModelKind,
     ModelStatus,
+    PairDecision,
     PairSource,
     ReviewDecision,
     check_in,
@@ -90,6 +91,10 @@ class Image(CreatedAt, Base):
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     phash: Mapped[str] = mapped_column(BIT(64), nullable=False)
     dhash: Mapped[str] = mapped_column(BIT(64), nullable=False)
+    # Hashes of the image with uniform borders trimmed (letterboxing); NULL for rows stored before
+    # migration 0009, which candidate search then compares by their plain hashes.
+    phash_trimmed: Mapped[str | None] = mapped_column(BIT(64))
+    dhash_trimmed: Mapped[str | None] = mapped_column(BIT(64))
     width: Mapped[int] = mapped_column(Integer, nullable=False)
     height: Mapped[int] = mapped_column(Integer, nullable=False)
     byte_size: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -119,13 +124,38 @@ class DuplicateMember(CreatedAt, Base):
     """An image's membership in a near/exact duplicate group, with the evidence that confirmed it."""
 
     __tablename__ = "duplicate_members"
-    __table_args__ = (CheckConstraint("method IN ('exact', 'near')", name="method"),)
+    __table_args__ = (CheckConstraint("method IN ('exact', 'near', 'confirmed')", name="method"),)
     group_id: Mapped[int] = mapped_column(ForeignKey("duplicate_groups.id", ondelete="CASCADE"), primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), primary_key=True, unique=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), nullable=False)
     method: Mapped[str] = mapped_column(String(16), nullable=False)
     hamming_distance: Mapped[int | None] = mapped_column(SmallInteger)
     inliers: Mapped[int | None] = mapped_column(Integer)
+
+
+class DuplicateDecision(CreatedAt, Base):
+    """A merchant's current verdict on one pair of the tenant's images, keyed by their SHA-256 (the
+    pair in sorted order), so it holds before, while and after the images are stored. The latest
+    ``occurred_at`` wins; ``event_id`` is the ``duplicate.reviewed`` event that set it."""
+
+    __tablename__ = "duplicate_decisions"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "image_a_sha256", "image_b_sha256"),
+        CheckConstraint('image_a_sha256 COLLATE "C" < image_b_sha256 COLLATE "C"', name="pair_ordered"),
+        CheckConstraint(check_in("decision", PairDecision), name="decision"),
+        Index("ix_duplicate_decisions_tenant_id_image_b_sha256", "tenant_id", "image_b_sha256"),
+    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    image_a_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    image_b_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    decision: Mapped[str] = mapped_column(String(16), nullable=False)
+    event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    occurred_at: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    merchant_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    reviewer: Mapped[str] = mapped_column(String(256), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
 
 
 class ModelVersion(CreatedAt, Base):
@@ -189,6 +219,11 @@ class Listing(CreatedAt, Base):
     model_input: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # exact prompt, for DPO
     model_versions: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     random_weights: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    # Migration 0008: fields finished past the token budget, merchant/image conflicts, truth check.
+    forced_fields: Mapped[list[str]] = mapped_column(JSONB, nullable=False, server_default="[]")
+    forced_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    conflicts: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default="[]")
+    text_checks: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     status: Mapped[str] = mapped_column(String(16), nullable=False, server_default=ListingStatus.proposed.value)
     reviewed_at: Mapped[datetime | None] = mapped_column(TZ)
 
@@ -214,16 +249,35 @@ class Embedding(CreatedAt, Base):
     text_input: Mapped[str] = mapped_column(Text, nullable=False)
 
 
+class PhotoEmbedding(CreatedAt, Base):
+    """One photo of a listing's product under one clip version (migration 0011): its own vector, and
+    whether it shows the product (only those enter the product vector in ``embeddings``)."""
+
+    __tablename__ = "photo_embeddings"
+    __table_args__ = (UniqueConstraint("listing_id", "image_id", "model_version_id"),
+                      Index("ix_photo_embeddings_tenant_id_image_id", "tenant_id", "image_id"))
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"), nullable=False)
+    listing_id: Mapped[int] = mapped_column(ForeignKey("listings.id", ondelete="CASCADE"), nullable=False)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), nullable=False)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), nullable=False)
+    position: Mapped[int] = mapped_column(SmallInteger, nullable=False)  # 0 = the primary photo
+    on_product: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    product_probability: Mapped[float | None] = mapped_column(Float)
+    grounding_id: Mapped[int | None] = mapped_column(ForeignKey("groundings.id"))
+    dims: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    embedding: Mapped[Any] = mapped_column(VECTOR(), nullable=False)
+
+
 class InboxEvent(Base):
     """Every event id ever received: a redelivered or re-published event is a no-op."""
 
     __tablename__ = "inbox_events"
-    __table_args__ = (CheckConstraint(check_in("status", InboxStatus), name="status"),)
-    # Migration 0008: fields finished past the token budget, merchant/image conflicts, truth check.
-    forced_fields: Mapped[list[str]] = mapped_column(JSONB, nullable=False, server_default="[]")
-    forced_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
-    conflicts: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, nullable=False, server_default="[]")
-    text_checks: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    __table_args__ = (
+        CheckConstraint(check_in("status", InboxStatus), name="status"),
+        Index("ix_inbox_events_received_at_event_id", "received_at", "event_id"),
+    )
     event_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     tenant_id: Mapped[str | None] = mapped_column(String(128))  # unknown when the event was invalid
     event_type: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -240,6 +294,7 @@ class EnrichmentJob(CreatedAt, Base):
         CheckConstraint(check_in("status", JobStatus), name="status"),
         CheckConstraint("status <> 'failed' OR error_code IS NOT NULL", name="failed_has_code"),
         Index("ix_enrichment_jobs_status", "status"),
+        Index("ix_enrichment_jobs_finished_at_id", "finished_at", "id", postgresql_where=text("finished_at IS NOT NULL")),
     )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), nullable=False)
@@ -263,7 +318,10 @@ class OutboxMessage(CreatedAt, Base):
     """Domain events written in the same transaction as their cause, published after commit."""
 
     __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),)
+    __table_args__ = (
+        Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+        Index("ix_outbox_published_at", "published_at", postgresql_where=text("published_at IS NOT NULL")),
+    )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str | None] = mapped_column(String(128))
     message_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False, unique=True)
@@ -278,6 +336,12 @@ class DeadLetter(CreatedAt, Base):
     and a record beside the broker's dead-letter queue on RabbitMQ)."""
 
     __tablename__ = "dead_letters"
+    __table_args__ = (
+        CheckConstraint("resolution IS NULL OR resolution IN ('replayed', 'discarded')", name="resolution"),
+        CheckConstraint("(resolution IS NULL) = (resolved_at IS NULL)", name="resolved_together"),
+        Index("ix_dead_letters_resolved_at", "resolved_at", postgresql_where=text("resolved_at IS NOT NULL")),
+        Index("ix_dead_letters_unresolved", "id", postgresql_where=text("resolved_at IS NULL")),
+    )
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str | None] = mapped_column(String(128))
     queue: Mapped[str] = mapped_column(String(128), nullable=False)
@@ -286,6 +350,9 @@ class DeadLetter(CreatedAt, Base):
     detail: Mapped[str | None] = mapped_column(Text)
     headers: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     body: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    # Kept until resolved (enrich dead-letters replay|discard), then pruned after a grace period.
+    resolved_at: Mapped[datetime | None] = mapped_column(TZ)
+    resolution: Mapped[str | None] = mapped_column(String(16))  # 'replayed' | 'discarded'
 
 
 class ReviewFeedback(CreatedAt, Base):
@@ -360,6 +427,50 @@ class PreferencePair(CreatedAt, Base):
     prompt: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     chosen: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     rejected: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+
+
+class JobSummary(Base):
+    """Finished jobs folded into hourly counts when the pruner deletes them (migration 0010).
+    Platform-level: ``enrich status`` adds these to the live rows."""
+
+    __tablename__ = "job_summaries"
+    hour: Mapped[datetime] = mapped_column(TZ, primary_key=True)  # the hour (UTC) the jobs finished in
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    error_code: Mapped[str] = mapped_column(String(64), primary_key=True, server_default="")
+    jobs: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class JobStageTiming(Base):
+    """One bucket of an hourly stage-timing histogram of pruned jobs: how many timings of ``stage``
+    fell at or below ``le_ms`` (and above the next lower bound), and their sum."""
+
+    __tablename__ = "job_stage_timings"
+    hour: Mapped[datetime] = mapped_column(TZ, primary_key=True)
+    stage: Mapped[str] = mapped_column(String(32), primary_key=True)
+    le_ms: Mapped[float] = mapped_column(Float, primary_key=True)  # 'Infinity' for the overflow bucket
+    jobs: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sum_ms: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+class InboxSummary(Base):
+    """Pruned inbox rows as hourly counts by event type and outcome."""
+
+    __tablename__ = "inbox_summaries"
+    hour: Mapped[datetime] = mapped_column(TZ, primary_key=True)
+    event_type: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    events: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class RetentionCursor(Base):
+    """How far a pruning pass has read an ordered input: finished jobs by (finished_at, id), inbox
+    events by (received_at, event_id)."""
+
+    __tablename__ = "retention_cursors"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position_at: Mapped[datetime] = mapped_column(TZ, nullable=False)
+    position_key: Mapped[str] = mapped_column(String(64), nullable=False)  # the tie-breaking key, as text
+    updated_at: Mapped[datetime] = mapped_column(TZ, nullable=False, server_default=text("now()"))
 
 
 TENANT_SCOPED_TABLES = [

@@ -3,43 +3,62 @@
 Hash distance alone cannot decide. In the clothing photos, different garments shot on the same bed
 or floor can be 0-6 bits apart, while an 8% crop or a price sticker on a true copy moves the hash
 10-24 bits. So the database proposes candidates generously (nearest ``CANDIDATE_K`` by Hamming on
-phash and on dhash, within ``CANDIDATE_MAX_HAMMING``) and each one is confirmed here by an
+phash and on dhash, each the nearest of a plain, a trimmed and a mirrored comparison:
+``models.hashing``), within ``CANDIDATE_MAX_HAMMING``, and each one is confirmed here by an
 independent signal: ORB keypoints matched with Lowe's ratio test, then a RANSAC similarity
-transform (rotation, uniform scale, translation: what resizing, cropping and re-encoding produce).
+transform (rotation, uniform scale, translation: what resizing, cropping, letterboxing, a small
+turn and re-encoding produce), tried on the image and on its mirror (a flipped re-upload has no
+ORB matches otherwise). A fit that turns more than ``max_rotation_deg`` is no re-upload.
+
 Inliers alone still overlap on this data (a textured bedspread behind two different shirts can
-give 40-60 inliers), so the fitted transform is then checked photometrically: the stored image is
-warped onto the query and compared cell by cell on a 4x4 grid with normalised cross-correlation,
-which ignores brightness and contrast changes. A copy agrees almost everywhere except under a
-sticker; a different garment on the same background disagrees wherever the garment is. The
-decision takes a low order statistic of the cells, so a few disagreeing cells (an overlay) are
-tolerated while a garment-sized disagreement is not.
+give 40-60 inliers), so the fitted transform is then checked photometrically, in *both* images'
+frames: each image in turn is the grid, the other is warped onto it, and every cell of a 4x4
+grid gets the best of three brightness- and contrast-invariant agreements (``cell_agreement``:
+whole-cell NCC of grey levels and of gradient magnitude, and a local, polarity-free NCC that also
+survives a background re-coloured around an unchanged garment). A copy agrees almost everywhere
+except under a sticker; a different garment on the same background disagrees wherever the garment
+is. Two order statistics decide: the cell at rank ``tolerated_cells`` from the worst (a sticker, a
+re-coloured edge may disagree) and the worst of the four *central* cells, which must agree without
+tolerance: the garment is what a product photo centres on, so a garment-sized disagreement there
+is never outvoted by agreeing background, however much of it there is.
+
+The decision is symmetric by construction: the pair is put in a canonical order (a digest of each
+image's thumbnail) before matching, so RANSAC's sampling cannot depend on which image is the
+query, and the photometric check already measures both frames.
 
 Everything here is a pure function of pixels: no database, no environment.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image
 
-# Candidate generation runs in Postgres (pgvector Hamming on bit(64)), once per hash kind:
-#   SELECT id, phash <~> :q AS d FROM images WHERE tenant_id = :t AND phash <~> :q <= :max
-#   ORDER BY phash <~> :q LIMIT :k        -- and the same on dhash; union, keep the smaller d
-# On the clothing photos (infra/bench/eval_near_duplicates.py) every transformed copy stayed
-# within 19 bits on at least one hash kind (a 10% crop is the worst case; resize/JPEG stay <= 3),
-# while unrelated photos sit around 29 bits. 22 leaves a margin; about 12% of random pairs also
-# fall within it, which is harmless because precision comes from verification, not from the hash.
+# Candidate generation runs in Postgres (pgvector Hamming on bit(64)), in
+# db/repositories/images.py: near_candidates. On the clothing photos
+# (infra/bench/eval_near_duplicates.py) every transformed copy stayed within 19 bits on at least
+# one hash kind (a 10% crop is the worst case; resize/JPEG stay <= 3; letterboxing and mirroring
+# are far on the plain hashes and within 4 on the trimmed and mirrored ones), while unrelated
+# photos sit around 29 bits. 22 leaves a margin; about 12% of random pairs also fall within it,
+# which is harmless because precision comes from verification, not from the hash.
 CANDIDATE_MAX_HAMMING = 22
 # Neighbours fetched per hash kind: photos shot by one merchant on one background crowd the top
-# of the list, so k leaves room past them. Cost is bounded at 2 * k verifications of ~8 ms CPU.
+# of the list, so k leaves room past them. Cost is bounded at 2 * k verifications.
 CANDIDATE_K = 16
 
 WORK_SIDE = 512  # longest side of the working greyscale image (up- or down-scaled to it)
 _THUMB_FACTOR = 4  # the photometric check runs at WORK_SIDE / 4: detail beyond that is JPEG noise
 _GRID = 4
+_CENTRAL = 0.25  # cells whose centre is within this of the image centre (the middle 2x2 of 4x4)
+_BLUR_SIGMA = 1.0  # thumbnail pixels: resampling two thumbnails never aligns finer than this
+_LOCAL_WINDOW = 5  # thumbnail pixels: small enough that a window rarely spans more than two regions
+_LOCAL_TEXTURE = 3.0  # grey-level std below which a window carries no local evidence
+_MIN_LOCAL_PIXELS = 10  # textured windows a cell needs before their local agreement counts
 _FLAT_STD = 2.0  # grey-level std of a cell with no texture (studio white, a saturated wall)
 _FAINT_STD = 8.0  # texture this faint can vanish under a brightness change or JPEG smoothing
 
@@ -48,13 +67,18 @@ _FAINT_STD = 8.0  # texture this faint can vanish under a brightness change or J
 class LocalFeatures:
     """What verification needs of one image; a pure function of its pixels, so cache it by image id.
 
-    ``points`` are ORB keypoint positions in the working image (longest side ``WORK_SIDE``),
-    ``thumb`` is the greyscale image at 1/_THUMB_FACTOR of that, for the photometric check.
+    ``points`` are ORB keypoint positions in the working image (longest side ``WORK_SIDE``, shape
+    ``work_shape``), ``thumb`` is the greyscale image at about 1/_THUMB_FACTOR of that, for the
+    photometric check; ``mirrored`` the same of the image flipped left-right; ``key`` orders a
+    pair canonically.
     """
 
     points: np.ndarray  # (n, 2) float32
     descriptors: np.ndarray  # (n, 32) uint8
     thumb: np.ndarray  # (h, w) uint8
+    work_shape: tuple[int, int] = (0, 0)
+    key: bytes = b""
+    mirrored: LocalFeatures | None = None
 
     @property
     def count(self) -> int:
@@ -73,13 +97,17 @@ class DuplicateCandidate:
 
 @dataclass(frozen=True)
 class DuplicateMatch:
-    """Verification outcome for one candidate; ``agreement`` is the photometric score (-1..1)."""
+    """Verification outcome for one candidate. ``agreement`` is the photometric score (-1..1) at
+    rank ``tolerated_cells``, ``central`` the worst central cell's, both the lower of the two
+    frames; ``mirrored``: confirmed on the mirror image."""
 
     image_id: int
     hamming: int
     inliers: int
     confirmed: bool
     agreement: float = 0.0
+    central: float = 0.0
+    mirrored: bool = False
 
 
 def _working_gray(img: Image.Image) -> np.ndarray:
@@ -104,43 +132,120 @@ def _stretch_contrast(gray: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Normalised cross-correlation, or None when a cell carries no evidence either way.
-
-    A flat cell against a faint one (a wall brightened into saturation) is no evidence; a flat
-    cell against real texture (a garment where the other image has bare background) disagrees.
-    """
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     sa, sb = float(a.std()), float(b.std())
-    if min(sa, sb) < _FLAT_STD:
-        return None if max(sa, sb) < _FAINT_STD else 0.0
+    if sa < 1e-6 or sb < 1e-6:
+        return 0.0
     return float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb))
 
 
-def cell_agreement(query: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> list[float]:
-    """NCC per grid cell over the pixels both images cover; cells mostly outside are skipped."""
+def _gradient_magnitude(img: np.ndarray) -> np.ndarray:
+    gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(img, cv2.CV_32F, 0, 1, ksize=3)
+    return cv2.magnitude(gx, gy)
+
+
+@dataclass(frozen=True)
+class CellScore:
+    score: float
+    central: bool
+
+
+def _local_agreement(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: |NCC| of the two images over a ``_LOCAL_WINDOW`` square (there a region whose
+    brightness changed on its own, or a step edge whose contrast flipped, still correlates), 0
+    where one side is flat; and the window's texture (the larger of the two grey-level stds)."""
+    v = valid.astype(np.float32)
+    window = (_LOCAL_WINDOW, _LOCAL_WINDOW)
+    n = cv2.boxFilter(v, -1, window, normalize=False) + 1e-6
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x * v, -1, window, normalize=False) / n
+
+    ma, mb = mean(a), mean(b)
+    sa = np.sqrt(np.maximum(mean(a * a) - ma * ma, 0.0))
+    sb = np.sqrt(np.maximum(mean(b * b) - mb * mb, 0.0))
+    r = np.minimum(np.abs(mean(a * b) - ma * mb) / np.maximum(sa * sb, 1e-3), 1.0)
+    return np.where(np.minimum(sa, sb) < 1.0, 0.0, r), np.maximum(sa, sb)
+
+
+def cell_agreement(query: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> list[CellScore]:
+    """Per grid cell over the pixels both images cover (cells mostly outside are skipped), the
+    highest of three agreements on the lightly blurred images: NCC of the grey levels, NCC of
+    their gradient magnitude, and the texture-weighted mean of the local (5x5) |NCC| map.
+
+    The first two see a copy under a brightness or contrast change; the local one also sees a
+    cell where garment and background changed differently (a re-coloured backdrop brightens or
+    darkens the background alone, and may flip the contrast at the garment's edge), which no
+    single linear map of the whole cell explains. A different garment disagrees in all three.
+
+    A flat cell against a faint one (a wall brightened into saturation) is no evidence and is
+    skipped; a flat cell against real texture (a garment where the other image has bare
+    background) disagrees (0.0)."""
     h, w = query.shape
-    scores: list[float] = []
+    a = cv2.GaussianBlur(query.astype(np.float32), (0, 0), _BLUR_SIGMA)
+    b = cv2.GaussianBlur(warped.astype(np.float32), (0, 0), _BLUR_SIGMA)
+    ga, gb = _gradient_magnitude(a), _gradient_magnitude(b)
+    local, texture = _local_agreement(a, b, valid)
+    scores: list[CellScore] = []
     for i in range(_GRID):
         for j in range(_GRID):
             rows = slice(i * h // _GRID, (i + 1) * h // _GRID)
             cols = slice(j * w // _GRID, (j + 1) * w // _GRID)
             mask = valid[rows, cols]
-            if mask.mean() < 0.5:
+            if mask.size == 0 or mask.mean() < 0.5:
                 continue
-            a = query[rows, cols][mask].astype(np.float32)
-            score = _ncc(a, warped[rows, cols][mask].astype(np.float32))
-            if score is not None:
-                scores.append(score)
+            central = abs((i + 0.5) / _GRID - 0.5) <= _CENTRAL and abs((j + 0.5) / _GRID - 0.5) <= _CENTRAL
+            raw_a, raw_b = query[rows, cols][mask], warped[rows, cols][mask]
+            sa, sb = float(raw_a.std()), float(raw_b.std())
+            if min(sa, sb) < _FLAT_STD:
+                if max(sa, sb) >= _FAINT_STD:
+                    scores.append(CellScore(0.0, central))
+                continue
+            score = max(_ncc(a[rows, cols][mask], b[rows, cols][mask]),
+                        _ncc(ga[rows, cols][mask], gb[rows, cols][mask]))
+            textured = texture[rows, cols][mask]
+            weight = np.where(textured >= _LOCAL_TEXTURE, textured, 0.0)
+            if np.count_nonzero(weight) >= _MIN_LOCAL_PIXELS:
+                score = max(score, float((local[rows, cols][mask] * weight).sum() / weight.sum()))
+            scores.append(CellScore(score, central))
     return scores
 
 
-class NearDuplicateVerifier:
-    """Confirms hash candidates: ORB matches -> RANSAC similarity -> per-cell photometric agreement.
+def _thumb_map(transform: np.ndarray, src: LocalFeatures, dst: LocalFeatures) -> np.ndarray:
+    """The working-pixel similarity src -> dst as a map between their thumbnails, with each
+    thumbnail's exact scale and pixel centres (a floor in the thumbnail size would otherwise
+    misalign the far edge by a pixel)."""
+    def to_thumb(f: LocalFeatures) -> np.ndarray:
+        (th, tw), (wh, ww) = f.thumb.shape, f.work_shape
+        sx, sy = tw / ww, th / wh
+        return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
 
-    Defaults were tuned on the clothing photos with infra/bench/eval_near_duplicates.py:
-    ``min_inliers`` RANSAC inliers are needed before the photometric check is even meaningful;
-    ``min_agreement`` is the NCC the cell at rank ``tolerated_cells`` (from the worst) must reach,
-    so up to ``tolerated_cells`` of the 16 cells may disagree (a price sticker); ``min_cells`` is
+    full = np.vstack([transform, [0.0, 0.0, 1.0]])
+    return (to_thumb(dst) @ full @ np.linalg.inv(to_thumb(src)))[:2]
+
+
+def _warp_onto(grid: np.ndarray, other: np.ndarray,
+               grid_to_other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``other`` resampled on ``grid``'s pixels, and where it covers them (eroded: the edge pixel
+    mixes with the border)."""
+    h, w = grid.shape
+    inverse = cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(other, grid_to_other, (w, h), flags=cv2.INTER_LINEAR | inverse)
+    covered = cv2.warpAffine(np.ones_like(other), grid_to_other, (w, h), flags=cv2.INTER_NEAREST | inverse)
+    return warped, cv2.erode(covered, np.ones((3, 3), np.uint8)).astype(bool)
+
+
+class NearDuplicateVerifier:
+    """Confirms hash candidates: ORB matches -> RANSAC similarity (image or mirror) -> per-cell
+    photometric agreement in both frames.
+
+    Defaults were tuned on the train split of the clothing photos with
+    infra/bench/eval_near_duplicates.py: ``min_inliers`` RANSAC inliers are needed before the
+    photometric check is even meaningful; ``min_agreement`` is the score the cell at rank
+    ``tolerated_cells`` (from the worst) must reach, so up to ``tolerated_cells`` of the 16 cells
+    may disagree (a price sticker, a re-coloured background at the garment's edge);
+    ``min_central_agreement`` is what every informative central cell must reach; ``min_cells`` is
     the fewest informative overlapping cells that can support a decision.
     """
 
@@ -148,25 +253,27 @@ class NearDuplicateVerifier:
         self,
         *,
         min_inliers: int = 25,
-        min_agreement: float = 0.7,
+        min_agreement: float = 0.6,
+        min_central_agreement: float = 0.8,
         tolerated_cells: int = 3,
         min_cells: int = 8,
+        max_rotation_deg: float = 10.0,
         ratio_test: float = 0.8,
         ransac_threshold_px: float = 4.0,
         max_features: int = 1000,
     ) -> None:
         self.min_inliers = min_inliers
         self.min_agreement = min_agreement
+        self.min_central_agreement = min_central_agreement
         self.tolerated_cells = tolerated_cells
         self.min_cells = min_cells
+        self.max_rotation_deg = max_rotation_deg
         self.ratio_test = ratio_test
         self.ransac_threshold_px = ransac_threshold_px
         self._orb = cv2.ORB_create(nfeatures=max_features)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
 
-    def features(self, img: Image.Image) -> LocalFeatures:
-        """Keypoints, descriptors and thumbnail of one image (cache them for stored images)."""
-        gray = _working_gray(img)
+    def _one_orientation(self, gray: np.ndarray) -> LocalFeatures:
         keypoints, descriptors = self._orb.detectAndCompute(_stretch_contrast(gray), None)
         if descriptors is None or not keypoints:
             points = np.empty((0, 2), np.float32)
@@ -177,10 +284,20 @@ class NearDuplicateVerifier:
         thumb = cv2.resize(
             gray, (max(1, w // _THUMB_FACTOR), max(1, h // _THUMB_FACTOR)), interpolation=cv2.INTER_AREA
         )
-        return LocalFeatures(points, descriptors, thumb)
+        key = hashlib.blake2b(thumb.tobytes(), digest_size=16).digest()
+        return LocalFeatures(points, descriptors, thumb, (h, w), key)
+
+    def features(self, img: Image.Image) -> LocalFeatures:
+        """Keypoints, descriptors and thumbnail of one image and of its mirror (cache them)."""
+        gray = _working_gray(img)
+        mirrored = self._one_orientation(np.ascontiguousarray(gray[:, ::-1]))
+        plain = self._one_orientation(gray)
+        return LocalFeatures(plain.points, plain.descriptors, plain.thumb, plain.work_shape, plain.key,
+                             mirrored)
 
     def _fit(self, query: LocalFeatures, other: LocalFeatures) -> tuple[np.ndarray | None, int]:
-        """Similarity transform query->other fitted by RANSAC on ratio-test matches, and inliers."""
+        """Similarity transform query->other fitted by RANSAC on ratio-test matches, and inliers;
+        None for a fit that is no re-upload (degenerate, turned too far)."""
         if query.count < 2 or other.count < 2:
             return None, 0
         pairs = self._matcher.knnMatch(query.descriptors, other.descriptors, k=2)
@@ -194,33 +311,55 @@ class NearDuplicateVerifier:
         )
         if transform is None or mask is None:
             return None, 0
-        return transform, int(mask.sum())
+        inliers = int(mask.sum())
+        scale = math.sqrt(abs(float(np.linalg.det(transform[:, :2]))))
+        turn = abs(math.degrees(math.atan2(transform[1, 0], transform[0, 0])))
+        if not 0.2 <= scale <= 5.0 or turn > self.max_rotation_deg:
+            return None, inliers
+        return transform, inliers
 
-    def _agreement(self, query: LocalFeatures, other: LocalFeatures, transform: np.ndarray) -> float:
-        # The transform maps query -> other in working pixels; the same linear part with the
-        # translation rescaled maps between thumbnails. Pull ``other`` back onto the query grid.
-        thumb_map = transform.copy()
-        thumb_map[:, 2] /= _THUMB_FACTOR
-        h, w = query.thumb.shape
-        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        warped = cv2.warpAffine(other.thumb, thumb_map, (w, h), flags=flags)
-        valid = cv2.warpAffine(
-            np.ones_like(other.thumb), thumb_map, (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP
-        ).astype(bool)
-        scores = sorted(cell_agreement(query.thumb, warped, valid))
-        if len(scores) < self.min_cells:
-            return -1.0
-        return scores[min(self.tolerated_cells, len(scores) - 1)]
+    def _agreement(self, first: LocalFeatures, second: LocalFeatures,
+                   transform: np.ndarray) -> tuple[float, float]:
+        """(rank-``tolerated_cells`` score, worst central cell) of the lower of the two frames;
+        (-1, -1) when a frame has too few informative cells."""
+        forward = _thumb_map(transform, first, second)
+        backward = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
+        overall, central = 1.0, 1.0
+        frames = ((first.thumb, second.thumb, forward), (second.thumb, first.thumb, backward))
+        for grid, other, grid_to_other in frames:
+            warped, valid = _warp_onto(grid, other, grid_to_other)
+            cells = cell_agreement(grid, warped, valid)
+            if len(cells) < self.min_cells:
+                return -1.0, -1.0
+            ranked = sorted(c.score for c in cells)
+            overall = min(overall, ranked[min(self.tolerated_cells, len(ranked) - 1)])
+            central = min([central, *(c.score for c in cells if c.central)])
+        return overall, central
 
     def match_features(
         self, query: LocalFeatures, other: LocalFeatures, *, image_id: int, hamming: int
     ) -> DuplicateMatch:
-        """Decision on precomputed features (the unit of work ``verify`` repeats per candidate)."""
-        transform, inliers = self._fit(query, other)
-        if transform is None or inliers < self.min_inliers:
-            return DuplicateMatch(image_id, hamming, inliers, confirmed=False)
-        agreement = self._agreement(query, other, transform)
-        return DuplicateMatch(image_id, hamming, inliers, agreement >= self.min_agreement, agreement)
+        """Decision on precomputed features (the unit of work ``verify`` repeats per candidate);
+        the same whichever of the two is the query."""
+        first, second = (query, other) if query.key <= other.key else (other, query)
+        refused = DuplicateMatch(image_id, hamming, 0, confirmed=False)
+        for mirrored, view in ((False, first), (True, first.mirrored)):
+            if view is None:
+                continue
+            transform, inliers = self._fit(view, second)
+            if transform is None or inliers < self.min_inliers:
+                if inliers > refused.inliers:
+                    refused = DuplicateMatch(image_id, hamming, inliers, confirmed=False)
+                continue
+            agreement, central = self._agreement(view, second, transform)
+            confirmed = agreement >= self.min_agreement and central >= self.min_central_agreement
+            match = DuplicateMatch(image_id, hamming, inliers, confirmed, agreement, central,
+                                   mirrored and confirmed)
+            if confirmed:
+                return match
+            if (inliers, agreement) > (refused.inliers, refused.agreement):
+                refused = match
+        return refused
 
     def verify(self, query: Image.Image, candidates: list[DuplicateCandidate]) -> list[DuplicateMatch]:
         """One match per candidate, in input order; query features are extracted once."""

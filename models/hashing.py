@@ -4,6 +4,13 @@ SHA-256 of the raw bytes is the exact-duplicate key (images are content-addresse
 hashes only *propose* near-duplicate candidates: they are stored as Postgres ``bit(64)`` and searched
 with Hamming distance, so they are rendered as 64-character '0'/'1' strings, the text form that
 ``bit(64)`` accepts and returns.
+
+Two re-uploads move a plain hash far: letterboxing to a square (the content shrinks and shifts:
+16-29 bits on the clothing photos) and a left-right mirror (22-34 bits). So each image also gets
+the hashes of its *trimmed* form (uniform borders cut, ``trim_box``), stored beside the plain ones,
+and a query is compared three ways (``CandidateHashes``, ``candidate_distances``): plain against
+plain, trimmed against trimmed, and its mirrored trimmed form against trimmed. A photo without a
+border trims to itself, so for it the trimmed hashes are the plain ones.
 """
 
 from __future__ import annotations
@@ -55,6 +62,68 @@ def perceptual_hashes(img: Image.Image) -> ImageHashes:
         phash=_bits(imagehash.phash(img, hash_size=_HASH_SIZE)),
         dhash=_bits(imagehash.dhash(img, hash_size=_HASH_SIZE)),
     )
+
+
+# A border line is uniform when 98% of its pixels are within this many grey levels (per channel) of
+# its outermost line's median colour: JPEG ringing beside the content stays below it, texture does not.
+_BORDER_TOLERANCE = 10
+_BORDER_PERCENTILE = 98
+_MIN_KEPT = 0.25  # never trim an image to less than this share of a side (a mostly flat picture)
+
+
+def _uniform_run(lines: np.ndarray) -> int:
+    """How many of ``lines`` (outermost first, shape (n, length, 3)) are uniform border."""
+    deviation = np.abs(lines - np.median(lines[0], axis=0)).max(axis=2)
+    uniform = np.percentile(deviation, _BORDER_PERCENTILE, axis=1) <= _BORDER_TOLERANCE
+    return int(np.argmin(uniform)) if not uniform.all() else len(uniform)
+
+
+def trim_box(img: Image.Image) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the image without its uniform borders (each side on its own:
+    letterboxing pads one or two sides, with any colour); the whole image when nothing is trimmed
+    or trimming would leave too little."""
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    h, w, _ = rgb.shape
+    top = _uniform_run(rgb[: h // 2])
+    bottom = _uniform_run(rgb[::-1][: h // 2])
+    left = _uniform_run(rgb[:, : w // 2].transpose(1, 0, 2))
+    right = _uniform_run(rgb[:, ::-1][:, : w // 2].transpose(1, 0, 2))
+    box = (left, top, w - right, h - bottom)
+    if box[2] - box[0] < max(8, w * _MIN_KEPT) or box[3] - box[1] < max(8, h * _MIN_KEPT):
+        return (0, 0, w, h)
+    return box
+
+
+@dataclass(frozen=True)
+class CandidateHashes:
+    """What candidate search compares for one image: its plain hashes, those of its trimmed form
+    (stored beside the plain ones), and those of the trimmed form mirrored left-right (query only)."""
+
+    plain: ImageHashes
+    trimmed: ImageHashes
+    mirrored: ImageHashes
+
+
+def candidate_hashes(img: Image.Image) -> CandidateHashes:
+    box = trim_box(img)
+    trimmed_img = img if box == (0, 0, *img.size) else img.crop(box)
+    trimmed = perceptual_hashes(trimmed_img)
+    plain = perceptual_hashes(img) if trimmed_img is not img else trimmed
+    return CandidateHashes(plain=plain, trimmed=trimmed,
+                           mirrored=perceptual_hashes(trimmed_img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+
+
+def candidate_distances(query: CandidateHashes, plain: ImageHashes,
+                        trimmed: ImageHashes | None) -> tuple[int, int]:
+    """(pHash, dHash) distance from a query to a stored image as candidate search measures it: the
+    nearest of the three comparisons, per hash kind (``trimmed`` None: a row stored before the
+    trimmed hashes existed, compared by its plain ones). db/repositories/images.py runs the same
+    rule in SQL."""
+    stored = trimmed or plain
+    return (min(hamming(query.plain.phash, plain.phash), hamming(query.trimmed.phash, stored.phash),
+                hamming(query.mirrored.phash, stored.phash)),
+            min(hamming(query.plain.dhash, plain.dhash), hamming(query.trimmed.dhash, stored.dhash),
+                hamming(query.mirrored.dhash, stored.dhash)))
 
 
 def hamming(a: str, b: str) -> int:

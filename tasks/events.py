@@ -20,7 +20,7 @@ from tasks.errors import ErrorCode, PipelineError
 
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 1_000_000
-IN_TYPES = ("product.created", "product.updated", "listing.reviewed")
+IN_TYPES = ("product.created", "product.updated", "listing.reviewed", "duplicate.reviewed")
 OUT_TYPES = ("listing.enriched", "listing.failed")
 ACCEPTED_CONTENT_TYPES = {"application/json", "application/json; charset=utf-8"}
 

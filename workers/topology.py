@@ -78,7 +78,9 @@ def build_topology(settings: Settings, *, rabbitmq: bool) -> Topology:
         namespace=ns, events=events, tasks=tasks, dead_letter=dlx,
         product_events=q("product-events", [binding(events, routing_key="product.created"),
                                             binding(events, routing_key="product.updated")], args),
-        review_events=q("review-events", [binding(events, routing_key="listing.reviewed")], args),
+        # Merchant reviews: of listings, and of duplicate pairs (the intake dispatches on the key).
+        review_events=q("review-events", [binding(events, routing_key="listing.reviewed"),
+                                          binding(events, routing_key="duplicate.reviewed")], args),
         listing_events=q("listing-events", [binding(events, routing_key="listing.enriched"),
                                             binding(events, routing_key="listing.failed")], plain),
         cpu=task_q(TaskQueue.cpu),

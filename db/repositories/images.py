@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select, text, update
+from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -22,6 +22,8 @@ class NewImage:
     byte_size: int
     format: str
     storage_uri: str
+    phash_trimmed: str | None = None  # hashes of the image with uniform borders cut (models.hashing)
+    dhash_trimmed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,14 @@ class NearCandidate:
     image_id: int
     storage_uri: str
     hamming: int  # the smaller of the pHash and dHash distances
+    sha256: str = ""
 
 
 def upsert(session: Session, tenant_id: str, image: NewImage) -> tuple[int, bool]:
     """(image id, is_new). The same bytes are one row per tenant."""
     new_id = session.execute(
         insert(Image).values(tenant_id=tenant_id, sha256=image.sha256, phash=image.phash, dhash=image.dhash,
+                             phash_trimmed=image.phash_trimmed, dhash_trimmed=image.dhash_trimmed,
                              width=image.width, height=image.height, byte_size=image.byte_size,
                              format=image.format, storage_uri=image.storage_uri)
         .on_conflict_do_nothing(index_elements=["tenant_id", "sha256"]).returning(Image.id)
@@ -59,8 +63,9 @@ def link_to_product(session: Session, *, tenant_id: str, product_id: int, produc
 # ef_search rows before the filter, and on 64-bit hashes with many ties even an iterative scan
 # can stop early because the crowd's graph never links out to the copy (README "Safe decoding and
 # dedup" has the measurements). So a tenant of up to EXACT_SCAN_MAX_IMAGES images is searched
-# exactly: its own rows (the (tenant_id, sha256) index or a sequential scan), both distances
-# computed, which is complete by construction and costs about 0.3-0.5 us per image and hash kind.
+# exactly: its own rows (the (tenant_id, sha256) index or a sequential scan), every distance
+# computed (three comparisons per hash kind), which is complete by construction and costs about
+# 0.3-0.5 us per image and comparison.
 # A bigger tenant goes through the index with a strict-order iterative scan, bounded by
 # HNSW_MAX_SCAN_TUPLES: approximate, never silently limited to ef_search rows.
 EXACT_SCAN_MAX_IMAGES = 250_000
@@ -68,38 +73,50 @@ HNSW_MAX_SCAN_TUPLES = 100_000
 
 _TENANT_SIZE = text("SELECT count(*) FROM (SELECT 1 FROM images WHERE tenant_id = :t LIMIT :cap) s")
 
-_DIST = "least(bit_count(phash # CAST(:p AS bit(64))), bit_count(dhash # CAST(:d AS bit(64))))"
-_ROWS = ("SELECT id, storage_uri, phash, dhash FROM images"
+# Per hash kind, the nearest of three comparisons (models.hashing.candidate_distances): the query's
+# plain hash against the stored plain one, its trimmed hash and its mirrored trimmed hash against
+# the stored trimmed one (the plain one for rows stored before migration 0009).
+_KIND_DIST = ("least(bit_count({k} # CAST(:{q} AS bit(64))),"
+              " bit_count(coalesce({k}_trimmed, {k}) # CAST(:{q}t AS bit(64))),"
+              " bit_count(coalesce({k}_trimmed, {k}) # CAST(:{q}m AS bit(64))))")
+_DP, _DD = _KIND_DIST.format(k="phash", q="p"), _KIND_DIST.format(k="dhash", q="d")
+_ROWS = ("SELECT id, storage_uri, sha256, phash, dhash, phash_trimmed, dhash_trimmed FROM images"
          " WHERE tenant_id = :t AND id <> ALL(CAST(:ex AS bigint[]))")
 
 # bit_count(a # b) is the Hamming distance but not the <~> operator, so no HNSW index can serve it.
-_NEAR_EXACT = text(
-    f"SELECT id, storage_uri, {_DIST} AS dist FROM (("
-    f"  {_ROWS} ORDER BY bit_count(phash # CAST(:p AS bit(64))), id LIMIT :k"
-    f") UNION ("
-    f"  {_ROWS} ORDER BY bit_count(dhash # CAST(:d AS bit(64))), id LIMIT :k"
-    f")) c ORDER BY dist, id")
+_SCORED = (f"SELECT id, storage_uri, sha256, {_DP} AS dp, {_DD} AS dd FROM images"
+           " WHERE tenant_id = :t AND id <> ALL(CAST(:ex AS bigint[]))")
+_NEAR_EXACT = text(f"({_SCORED} ORDER BY dp, id LIMIT :k) UNION ({_SCORED} ORDER BY dd, id LIMIT :k)")
 
+# One index scan per comparison (six HNSW walks); the k nearest per kind are picked afterwards.
+_INDEX_SCANS = [("phash", "p"), ("phash_trimmed", "pt"), ("phash_trimmed", "pm"),
+                ("dhash", "d"), ("dhash_trimmed", "dt"), ("dhash_trimmed", "dm")]
 _NEAR_INDEX = text(
-    f"SELECT id, storage_uri, {_DIST} AS dist FROM (("
-    f"  {_ROWS} ORDER BY phash <~> CAST(:p AS bit(64)) LIMIT :k"
-    f") UNION ("
-    f"  {_ROWS} ORDER BY dhash <~> CAST(:d AS bit(64)) LIMIT :k"
-    f")) c ORDER BY dist, id")
+    f"SELECT id, storage_uri, sha256, {_DP} AS dp, {_DD} AS dd FROM ("
+    + " UNION ".join(f"({_ROWS} ORDER BY {col} <~> CAST(:{q} AS bit(64)) LIMIT :k)"
+                     for col, q in _INDEX_SCANS)
+    + ") c")
 
 _ITERATIVE_SCAN = text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
                        "set_config('hnsw.max_scan_tuples', :tuples, true)")
 
 
 def near_candidates(session: Session, tenant_id: str, image_id: int, *, phash: str, dhash: str, k: int,
-                    max_hamming: int, exclude: tuple[int, ...] = (),
+                    max_hamming: int, exclude: tuple[int, ...] = (), trimmed: tuple[str, str] | None = None,
+                    mirrored: tuple[str, str] | None = None,
                     exact_up_to: int = EXACT_SCAN_MAX_IMAGES) -> list[NearCandidate]:
-    """The tenant's images closest to these hashes (the ``k`` nearest on pHash and on dHash), within
-    ``max_hamming`` on either, nearest first; never ``image_id`` or an id in ``exclude``.
+    """The tenant's images closest to the query (the ``k`` nearest by pHash distance and the ``k``
+    nearest by dHash distance), within ``max_hamming`` on either, nearest first; never
+    ``image_id`` or an id in ``exclude``. ``trimmed`` and ``mirrored`` are the query's (pHash,
+    dHash) of its trimmed form and of that mirrored (``models.hashing.CandidateHashes``; default:
+    the plain ones); each distance is the nearest of the three comparisons.
 
     Exact over the tenant's rows while it has at most ``exact_up_to`` images, whatever other
-    tenants hold; above that an HNSW iterative scan (approximate)."""
-    params = {"p": phash, "d": dhash, "t": tenant_id, "ex": [image_id, *exclude], "k": k}
+    tenants hold; above that HNSW iterative scans (approximate)."""
+    pt, dt = trimmed or (phash, dhash)
+    pm, dm = mirrored or (pt, dt)
+    params = {"p": phash, "d": dhash, "pt": pt, "dt": dt, "pm": pm, "dm": dm, "t": tenant_id,
+              "ex": [image_id, *exclude], "k": k}
     size = session.execute(_TENANT_SIZE, {"t": tenant_id, "cap": exact_up_to + 1}).scalar_one()
     if size <= exact_up_to:
         rows = session.execute(_NEAR_EXACT, params).all()
@@ -112,7 +129,10 @@ def near_candidates(session: Session, tenant_id: str, image_id: int, *, phash: s
             rows = session.execute(_NEAR_INDEX, params).all()
         finally:
             savepoint.rollback()
-    return [NearCandidate(r.id, r.storage_uri, r.dist) for r in rows if r.dist <= max_hamming]
+    nearest = {r.id: r for kind in ("dp", "dd")
+               for r in sorted(rows, key=lambda r: (getattr(r, kind), r.id))[:k]}
+    found = sorted(((min(r.dp, r.dd), r.id, r) for r in nearest.values()), key=lambda x: (x[0], x[1]))
+    return [NearCandidate(r.id, r.storage_uri, dist, r.sha256) for dist, _, r in found if dist <= max_hamming]
 
 
 def _group_of(session: Session, tenant_id: str, representative_id: int, method: str) -> int:
@@ -177,3 +197,114 @@ def product_using(session: Session, tenant_id: str, image_id: int, *, exclude_pr
         select(Product.external_id).join(ProductImage, ProductImage.product_id == Product.id)
         .where(ProductImage.image_id == image_id, ProductImage.tenant_id == tenant_id,
                Product.id != exclude_product).order_by(Product.id).limit(1))
+
+
+# ------------------------------------------------------------------ editing groups (merchant decisions)
+
+_GROUPS_LOCK_CLASS = 0x6475  # two-key advisory locks: (this class, hashtext(tenant)); its own key space
+
+
+def lock_groups(session: Session, tenant_id: str) -> None:
+    """Serialise edits of the tenant's duplicate groups for the rest of this transaction (fetch's
+    recording and decision handling), so a decision and a concurrent dedup pass cannot each miss
+    the other's rows."""
+    session.execute(text("SELECT pg_advisory_xact_lock(:c, hashtext(:t))"),
+                    {"c": _GROUPS_LOCK_CLASS, "t": tenant_id})
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    image_id: int
+    sha256: str
+    method: str
+    representative: bool
+
+
+def ids_by_sha256(session: Session, tenant_id: str, digests: list[str]) -> dict[str, int]:
+    rows = session.execute(select(Image.sha256, Image.id)
+                           .where(Image.tenant_id == tenant_id, Image.sha256.in_(digests))).all()
+    return {r.sha256: r.id for r in rows}
+
+
+def sha256_of(session: Session, tenant_id: str, image_id: int) -> str | None:
+    return session.scalar(select(Image.sha256).where(Image.tenant_id == tenant_id, Image.id == image_id))
+
+
+def group_id_of(session: Session, tenant_id: str, image_id: int) -> int | None:
+    return session.scalar(select(DuplicateMember.group_id)
+                          .where(DuplicateMember.tenant_id == tenant_id,
+                                 DuplicateMember.image_id == image_id))
+
+
+def group_members(session: Session, tenant_id: str, group_id: int) -> list[GroupMember]:
+    """The group's members in the order they joined (the representative first)."""
+    rows = session.execute(
+        select(DuplicateMember.image_id, Image.sha256, DuplicateMember.method,
+               (DuplicateGroup.representative_image_id == DuplicateMember.image_id).label("rep"))
+        .join(Image, Image.id == DuplicateMember.image_id)
+        .join(DuplicateGroup, DuplicateGroup.id == DuplicateMember.group_id)
+        .where(DuplicateMember.tenant_id == tenant_id, DuplicateMember.group_id == group_id)
+        .order_by(DuplicateGroup.representative_image_id != DuplicateMember.image_id,
+                  DuplicateMember.created_at, DuplicateMember.image_id)).all()
+    return [GroupMember(r.image_id, r.sha256, r.method, bool(r.rep)) for r in rows]
+
+
+def add_member(session: Session, tenant_id: str, group_id: int, image_id: int, *, method: str,
+               hamming: int | None = None, inliers: int | None = None) -> None:
+    session.execute(insert(DuplicateMember).values(group_id=group_id, image_id=image_id, tenant_id=tenant_id,
+                                                   method=method, hamming_distance=hamming, inliers=inliers)
+                    .on_conflict_do_nothing())
+
+
+def new_group(session: Session, tenant_id: str, representative_id: int, method: str) -> int:
+    """The group ``representative_id`` is in, or a new one it represents (a member with ``method``)."""
+    return _group_of(session, tenant_id, representative_id, method)
+
+
+def set_method(session: Session, tenant_id: str, image_id: int, method: str) -> None:
+    session.execute(update(DuplicateMember)
+                    .where(DuplicateMember.tenant_id == tenant_id, DuplicateMember.image_id == image_id)
+                    .values(method=method))
+
+
+def move_members(session: Session, tenant_id: str, image_ids: list[int], group_id: int) -> None:
+    session.execute(update(DuplicateMember)
+                    .where(DuplicateMember.tenant_id == tenant_id, DuplicateMember.image_id.in_(image_ids))
+                    .values(group_id=group_id))
+
+
+def evict(session: Session, tenant_id: str, image_ids: list[int]) -> None:
+    """Delete these images' member rows and nothing else (the caller tidies the groups)."""
+    session.execute(delete(DuplicateMember).where(DuplicateMember.tenant_id == tenant_id,
+                                                  DuplicateMember.image_id.in_(image_ids)))
+
+
+def delete_group(session: Session, tenant_id: str, group_id: int) -> None:
+    session.execute(delete(DuplicateGroup).where(DuplicateGroup.tenant_id == tenant_id,
+                                                 DuplicateGroup.id == group_id))
+
+
+def remove_member(session: Session, tenant_id: str, image_id: int) -> None:
+    """Take the image out of its group; a representative hands the group to the member that joined
+    next. A group left with its representative alone is dropped, unless that member records an
+    exact duplicate (one image used by several products)."""
+    group_id = group_id_of(session, tenant_id, image_id)
+    if group_id is None:
+        return
+    evict(session, tenant_id, [image_id])
+    rest = group_members(session, tenant_id, group_id)
+    if rest and not any(m.representative for m in rest):
+        session.execute(update(DuplicateGroup).where(DuplicateGroup.tenant_id == tenant_id,
+                                                     DuplicateGroup.id == group_id)
+                        .values(representative_image_id=rest[0].image_id))
+    drop_if_trivial(session, tenant_id, group_id)
+
+
+def drop_if_trivial(session: Session, tenant_id: str, group_id: int) -> None:
+    """Delete the group when nothing is left in it but, at most, a representative that is not an
+    exact duplicate (members cascade)."""
+    left = session.execute(select(func.count(), func.bool_or(DuplicateMember.method == "exact"))
+                           .where(DuplicateMember.tenant_id == tenant_id,
+                                  DuplicateMember.group_id == group_id)).one()
+    if left[0] == 0 or (left[0] == 1 and not left[1]):
+        delete_group(session, tenant_id, group_id)

@@ -26,12 +26,12 @@ from db.repositories import jobs as job_rows
 from db.tables import EnrichmentJob
 from models.dedup import CANDIDATE_K, CANDIDATE_MAX_HAMMING, DuplicateMatch
 from models.errors import ImageRejected
-from models.hashing import perceptual_hashes, sha256_hex
+from models.hashing import candidate_hashes, sha256_hex
 from models.images import decode_image
 from tasks import faults
-from tasks.pipeline import jobs
+from tasks.pipeline import decisions, jobs
 from tasks.errors import ErrorCode, PipelineError
-from tasks.pipeline.reuse import reuse_key
+from tasks.pipeline.reuse import reuse_key, with_photos
 from tasks.pipeline.work import Claims, DuplicateFound, EnrichRequest, FetchedImages
 from tasks.runtime import Runtime
 from tasks.io.blobs import original_key
@@ -45,6 +45,7 @@ class StoredImage:
     role: str
     row: images.NewImage  # what the images table records
     image: Any = field(default=None, repr=False)  # decoded RGB, kept for dedup: never decode twice
+    mirrored: tuple[str, str] | None = None  # (pHash, dHash) of the trimmed image mirrored: search only
 
 
 @dataclass
@@ -63,12 +64,14 @@ def _fetch_all(runtime: Runtime, request: EnrichRequest, tenant_id: str, merchan
         except ImageRejected as exc:
             raise PipelineError(ErrorCode.image_rejected, f"{_safe(url)}: {exc.detail}") from exc
         sha = sha256_hex(fetched.data)
-        hashes = perceptual_hashes(decoded.image)
+        hashes = candidate_hashes(decoded.image)
         uri = runtime.blobs.put(original_key(tenant_id, sha), fetched.data)
-        row = images.NewImage(sha256=sha, phash=hashes.phash, dhash=hashes.dhash, width=decoded.width,
-                              height=decoded.height, byte_size=len(fetched.data), format=decoded.format,
-                              storage_uri=uri)
-        stored.append(StoredImage(url, role, row, decoded.image))
+        row = images.NewImage(sha256=sha, phash=hashes.plain.phash, dhash=hashes.plain.dhash,
+                              phash_trimmed=hashes.trimmed.phash, dhash_trimmed=hashes.trimmed.dhash,
+                              width=decoded.width, height=decoded.height, byte_size=len(fetched.data),
+                              format=decoded.format, storage_uri=uri)
+        stored.append(StoredImage(url, role, row, decoded.image,
+                                  (hashes.mirrored.phash, hashes.mirrored.dhash)))
     return stored
 
 
@@ -112,9 +115,14 @@ def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, produ
             # Compared with what was stored before this version and with its own earlier images, not
             # its later ones: what the first attempt saw, and what a redelivery sees again.
             later = tuple(brought[brought.index(image_id) + 1:])
-            seen.append(_Seen(img, image_id, near_check=True, candidates=tuple(images.near_candidates(
-                session, tenant_id, image_id, phash=img.row.phash, dhash=img.row.dhash, k=CANDIDATE_K,
-                max_hamming=CANDIDATE_MAX_HAMMING, exclude=later))))
+            row = img.row
+            found = images.near_candidates(
+                session, tenant_id, image_id, phash=row.phash, dhash=row.dhash, k=CANDIDATE_K,
+                max_hamming=CANDIDATE_MAX_HAMMING, exclude=later, mirrored=img.mirrored,
+                trimmed=(row.phash_trimmed or row.phash, row.dhash_trimmed or row.dhash))
+            apart = decisions.decided_apart(session, tenant_id, row.sha256)  # merchant said: never these
+            seen.append(_Seen(img, image_id, near_check=True,
+                              candidates=tuple(c for c in found if c.sha256 not in apart)))
     return image_ids, seen
 
 
@@ -127,14 +135,13 @@ def _candidate_features(runtime: Runtime, image_id: int, uri: str) -> Any:
     return cached
 
 
-def _verify_near(runtime: Runtime, seen: _Seen) -> DuplicateMatch | None:
-    """The geometrically confirmed candidate with most inliers; runs with no transaction open."""
+def _verify_near(runtime: Runtime, seen: _Seen) -> list[DuplicateMatch]:
+    """The geometrically confirmed candidates, most inliers first; runs with no transaction open."""
     verifier = runtime.dedup_verifier
     query = runtime.feature_cache.put(seen.image_id, verifier.features(seen.img.image))
     matches = [verifier.match_features(query, _candidate_features(runtime, c.image_id, c.storage_uri),
                                        image_id=c.image_id, hamming=c.hamming) for c in seen.candidates]
-    confirmed = [m for m in matches if m.confirmed]
-    return max(confirmed, key=lambda m: m.inliers) if confirmed else None
+    return sorted((m for m in matches if m.confirmed), key=lambda m: (-m.inliers, m.hamming, m.image_id))
 
 
 def _still_ours(job: EnrichmentJob | None, task_id: str) -> bool:
@@ -178,9 +185,12 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
         if not _still_ours(job, task_id):
             return FetchOutcome(None)  # ended, or handed off or re-claimed by another task meanwhile
         assert job is not None
+        images.lock_groups(session, tenant_id)  # merchant decisions edit the groups too
         duplicates: list[DuplicateFound] = []
         for s in seen:
-            match = near.get(s.image_id)
+            # Decisions are read here, under the lock: one that arrived while verifying still counts.
+            match = (decisions.allowed_match(session, tenant_id, s.img.row.sha256, near[s.image_id])
+                     if s.near_check else None)
             if s.exact_of is not None:
                 images.record_exact_duplicate(session, tenant_id, s.image_id)
                 duplicates.append(DuplicateFound(s.img.url, "exact", s.exact_of, 0, None))
@@ -189,13 +199,19 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
                                              match.inliers)
                 other = images.product_using(session, tenant_id, match.image_id, exclude_product=product_id)
                 duplicates.append(DuplicateFound(s.img.url, "near", other, match.hamming, match.inliers))
+            if s.near_check:
+                decisions.honour_confirmed(session, tenant_id, s.image_id, s.img.row.sha256)
         primary = next((i for i, s in enumerate(stored) if s.role == "primary"), 0)
+        # Every photo the model stage reads decides the listing too: a listing of the same primary photo
+        # with other secondary photos is not a re-listing.
+        key = with_photos(key, [s.row.sha256 for i, s in enumerate(stored) if i != primary])
         reuse = _reusable(session, tenant_id, image_ids[primary], key)
         nxt = Stage.persist if reuse is not None else jobs.STAGES[Stage.fetch].next
         assert nxt is not None
         handoff = FetchedImages(image_ids=tuple(image_ids), primary_image_id=image_ids[primary],
                                 primary_uri=stored[primary].row.storage_uri, duplicates=tuple(duplicates),
-                                reuse_listing_id=reuse, reuse_key=key)
+                                reuse_listing_id=reuse, reuse_key=key,
+                                image_uris=tuple(s.row.storage_uri for s in stored))
         jobs.hand_off(session, job, nxt, handoff, timings={
             "fetch": fetched_ms, "dedup": (time.perf_counter() - started) * 1000 - fetched_ms})
     log.info("fetch.done", job_id=job_id, images=len(stored), duplicates=len(duplicates), reuse=reuse is not None)

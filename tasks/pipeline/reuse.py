@@ -33,3 +33,12 @@ def reuse_key(*, category: str, title: str, description: str, attributes: dict[s
            "locale": locale}
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     return f"{KEY_VERSION}:{digest}"
+
+
+def with_photos(key: str | None, other_photos: list[str]) -> str | None:
+    """The key extended by the SHA-256 of the product's other photos, in order (the primary is
+    matched by the reuse query): a product with one photo keeps the key as it was."""
+    if key is None or not other_photos:
+        return key
+    digest = hashlib.sha256("\x1f".join([key, *other_photos]).encode()).hexdigest()
+    return f"{KEY_VERSION}:{digest}"

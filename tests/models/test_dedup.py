@@ -16,7 +16,7 @@ from models.dedup import (
     DuplicateMatch,
     NearDuplicateVerifier,
 )
-from models.hashing import ImageHashes, hamming, perceptual_hashes
+from models.hashing import ImageHashes, candidate_distances, candidate_hashes, hamming, perceptual_hashes
 from models.images import decode_image, load_image_file
 
 
@@ -48,11 +48,37 @@ def half_size_darker(img: Image.Image) -> Image.Image:
     return _jpeg(ImageEnhance.Brightness(small).enhance(0.7))
 
 
-COPIES = [crop_8pct, price_sticker, jpeg_q25, half_size_darker]
+def letterboxed(img: Image.Image) -> Image.Image:
+    side = max(img.size)
+    canvas = Image.new("RGB", (side, side), (30, 60, 140))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return _jpeg(canvas)
+
+
+def mirrored(img: Image.Image) -> Image.Image:
+    return _jpeg(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+def turned_4deg(img: Image.Image) -> Image.Image:
+    return _jpeg(img.rotate(4, resample=Image.Resampling.BICUBIC, expand=True, fillcolor="white"))
+
+
+def mirrored_and_boxed(img: Image.Image) -> Image.Image:
+    return letterboxed(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+COPIES = [crop_8pct, price_sticker, jpeg_q25, half_size_darker, letterboxed, mirrored, turned_4deg,
+          mirrored_and_boxed]
 
 
 def _candidate_distance(a: ImageHashes, b: ImageHashes) -> int:
     return min(hamming(a.phash, b.phash), hamming(a.dhash, b.dhash))
+
+
+def _search_distance(query: Image.Image, stored: Image.Image) -> int:
+    """The distance candidate search measures (plain, trimmed and mirrored comparisons)."""
+    s = candidate_hashes(stored)
+    return min(candidate_distances(candidate_hashes(query), s.plain, s.trimmed))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +121,7 @@ def test_copies_pass_candidate_stage_and_are_confirmed(
 ) -> None:
     for i, original in enumerate(photos):
         copy = make_copy(original)
-        dist = _candidate_distance(perceptual_hashes(copy), perceptual_hashes(original))
+        dist = _search_distance(copy, original)
         assert dist <= CANDIDATE_MAX_HAMMING
         [match] = verifier.verify(copy, [DuplicateCandidate(image_id=i, image=original, hamming=dist)])
         assert match.confirmed, match
@@ -110,7 +136,7 @@ def test_different_photos_with_close_hashes_refused(
     assert dist <= 8, "expected a look-alike pair the hash alone would call a duplicate"
     [match] = verifier.verify(a, [DuplicateCandidate(image_id=7, image=b, hamming=dist)])
     assert not match.confirmed, match
-    assert match == DuplicateMatch(7, dist, match.inliers, False, match.agreement)
+    assert match == DuplicateMatch(7, dist, match.inliers, False, match.agreement, match.central)
 
 
 def test_same_background_pair_passes_geometry_but_fails_photometric_check(
@@ -124,7 +150,7 @@ def test_same_background_pair_passes_geometry_but_fails_photometric_check(
     assert dist <= CANDIDATE_MAX_HAMMING
     [match] = verifier.verify(a, [DuplicateCandidate(1, b, dist)])
     assert match.inliers >= verifier.min_inliers
-    assert match.agreement < verifier.min_agreement and not match.confirmed
+    assert match.central < verifier.min_central_agreement and not match.confirmed
 
 
 def test_best_match_picks_the_copy_among_lookalikes(
@@ -175,3 +201,71 @@ def test_candidate_constants_are_generous_but_bounded() -> None:
     # Unrelated 64-bit hashes sit ~32 bits apart; the threshold must stay clearly below that.
     assert 16 <= CANDIDATE_MAX_HAMMING < 28
     assert CANDIDATE_K >= 8
+
+
+def _transplant(base: Image.Image, donor: Image.Image, fraction: float) -> Image.Image:
+    """``base`` with a centred rectangle of ``fraction`` of its area taken from ``donor`` (another
+    garment), re-encoded: everything around it agrees pixel for pixel."""
+    w, h = base.size
+    side = fraction ** 0.5
+    box = (round(w * (1 - side) / 2), round(h * (1 - side) / 2), round(w * (1 + side) / 2), round(h * (1 + side) / 2))
+    out = base.copy()
+    out.paste(donor.resize(base.size, Image.Resampling.LANCZOS).crop(box), box[:2])
+    return _jpeg(out)
+
+
+@pytest.mark.parametrize("fraction", [0.12, 0.2, 0.3])
+def test_a_garment_sized_disagreement_is_refused_however_much_background_agrees(
+    verifier: NearDuplicateVerifier, photos: list[Image.Image], fraction: float
+) -> None:
+    """Up to 88% of the picture is the same pixels: the background, the shared composition. A
+    different garment in the middle (a hat-sized 12% to a shirt-sized 30%) is still no copy."""
+    refused = 0
+    for i, base in enumerate(photos):
+        donor = photos[(i + 3) % len(photos)]
+        [match] = verifier.verify(_transplant(base, donor, fraction), [DuplicateCandidate(i, base, 0)])
+        assert not match.confirmed, (i, match)
+        refused += match.inliers >= verifier.min_inliers  # geometry alone would have accepted these
+    assert refused >= len(photos) // 2, "the check must be exercised on pairs the geometry accepts"
+
+
+def test_swapping_query_and_candidate_never_changes_the_decision(
+    verifier: NearDuplicateVerifier, sample_photos: list[tuple[Path, str]], dataset_dir: Path, manifest: list[dict]
+) -> None:
+    """Over copies (every kind above), look-alikes (closest hashes in a category, the same
+    background) and unrelated photos: the decision and its evidence are the same either way round."""
+    originals = [load_image_file(path).image for path, _ in sample_photos]
+    pairs = [(make_copy(img), img) for img in originals[::3] for make_copy in COPIES]
+    pairs += [(a, _transplant(a, b, 0.2)) for a, b in zip(originals, originals[1:])]
+    for category in ("t-shirt", "pants", "shirt", "dress"):
+        _, a, b = closest_distinct_pair(dataset_dir, manifest, category, n=80)
+        pairs.append((a, b))
+    pairs += [(a, b) for a, b in zip(originals[::2], originals[1::2])]
+    decisions = set()
+    for x, y in pairs:
+        fx, fy = verifier.features(x), verifier.features(y)
+        forward = verifier.match_features(fx, fy, image_id=1, hamming=5)
+        backward = verifier.match_features(fy, fx, image_id=1, hamming=5)
+        assert forward == backward, (forward, backward)
+        decisions.add(forward.confirmed)
+    assert len(pairs) >= 60 and decisions == {True, False}
+
+
+def test_mirrored_copies_are_confirmed_through_the_mirror(
+    verifier: NearDuplicateVerifier, photos: list[Image.Image]
+) -> None:
+    through_mirror = 0
+    for i, original in enumerate(photos):
+        [plain] = verifier.verify(jpeg_q25(original), [DuplicateCandidate(i, original, 0)])
+        [flipped] = verifier.verify(mirrored(original), [DuplicateCandidate(i, original, 0)])
+        assert plain.confirmed and not plain.mirrored
+        assert flipped.confirmed
+        through_mirror += flipped.mirrored  # a garment laid out symmetrically may match either way
+    assert through_mirror >= len(photos) - 1
+
+
+def test_turns_beyond_a_re_upload_are_refused(verifier: NearDuplicateVerifier, photos: list[Image.Image]) -> None:
+    for i, original in enumerate(photos):
+        turned = _jpeg(original.rotate(25, resample=Image.Resampling.BICUBIC, expand=True, fillcolor="white"))
+        [match] = verifier.verify(turned, [DuplicateCandidate(i, original, 0)])
+        assert not match.confirmed

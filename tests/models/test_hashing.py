@@ -7,8 +7,17 @@ from pathlib import Path
 
 import imagehash
 import pytest
+from PIL import Image
 
-from models.hashing import ImageHashes, hamming, perceptual_hashes, sha256_hex
+from models.hashing import (
+    ImageHashes,
+    candidate_distances,
+    candidate_hashes,
+    hamming,
+    perceptual_hashes,
+    sha256_hex,
+    trim_box,
+)
 from models.images import decode_image, load_image_file
 
 
@@ -63,3 +72,55 @@ def test_malformed_bit_strings_rejected(bad: str) -> None:
         hamming(bad, "0" * 64)
     with pytest.raises(ValueError):
         ImageHashes(phash=bad, dhash="0" * 64)
+
+
+def _letterbox(img: Image.Image, fill: tuple[int, int, int], offset: str = "centre") -> Image.Image:
+    side = max(img.size)
+    canvas = Image.new("RGB", (side, side), fill)
+    x = (side - img.width) // 2 if offset == "centre" else side - img.width
+    y = (side - img.height) // 2 if offset == "centre" else 0
+    canvas.paste(img, (x, y))
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=90)
+    return decode_image(buf.getvalue()).image
+
+
+@pytest.mark.parametrize("fill, offset", [((255, 255, 255), "centre"), ((200, 30, 40), "centre"), ((0, 0, 0), "side")])
+def test_trimming_removes_a_letterbox_of_any_colour(sample_photos: list[tuple[Path, str]], fill, offset) -> None:  # noqa: ANN001
+    for path, _ in sample_photos[::4]:
+        img = load_image_file(path).image
+        boxed = _letterbox(img, fill, offset)
+        left, top, right, bottom = trim_box(boxed)
+        # Within a JPEG block of the pasted photo (ringing at the seam stays out of the border).
+        assert abs((right - left) - img.width) <= 8 and abs((bottom - top) - img.height) <= 8, (path, trim_box(boxed))
+        assert candidate_hashes(boxed).trimmed != candidate_hashes(boxed).plain
+
+
+def test_a_photo_without_border_trims_to_itself(sample_photos: list[tuple[Path, str]]) -> None:
+    for path, _ in sample_photos:
+        img = load_image_file(path).image
+        hashes = candidate_hashes(img)
+        if trim_box(img) == (0, 0, *img.size):
+            assert hashes.trimmed == hashes.plain == perceptual_hashes(img)
+    flat = Image.new("RGB", (300, 400), (250, 250, 250))
+    assert trim_box(flat) == (0, 0, 300, 400)  # nothing left to keep: not trimmed at all
+
+
+def test_letterboxed_and_mirrored_copies_come_near_by_the_candidate_rule(sample_photos: list[tuple[Path, str]]) -> None:
+    far_plain = 0
+    for path, _ in sample_photos:
+        img = load_image_file(path).image
+        stored = candidate_hashes(img)
+        for copy in (_letterbox(img, (255, 255, 255)), _letterbox(img, (30, 60, 140), "side"),
+                     img.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                     _letterbox(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (0, 0, 0))):
+            query = candidate_hashes(copy)
+            assert min(candidate_distances(query, stored.plain, stored.trimmed)) <= 6, path
+            # And the other way round: the copy stored, the original searched.
+            assert min(candidate_distances(stored, query.plain, query.trimmed)) <= 6, path
+            far_plain += min(hamming(query.plain.phash, stored.plain.phash),
+                             hamming(query.plain.dhash, stored.plain.dhash)) > 22
+    assert far_plain >= len(sample_photos), "the plain hashes alone would miss many of these copies"
+    # A row stored before the trimmed hashes existed is compared by its plain ones.
+    img = load_image_file(sample_photos[0][0]).image
+    assert candidate_distances(candidate_hashes(img), perceptual_hashes(img), None) == (0, 0)
