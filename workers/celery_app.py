@@ -14,7 +14,7 @@ from workers.topology import TaskQueue, Topology, build_topology
 
 # Every task module, imported by the worker at start: none of them imports torch (the GPU stage's
 # model stack is imported by the model thread on first use).
-TASK_MODULES = ["tasks.pipeline.tasks", "tasks.feedback.tasks"]
+TASK_MODULES = ["tasks.pipeline.tasks", "tasks.feedback.tasks", "tasks.maintenance.tasks"]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -63,12 +63,18 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def _beat_schedule(settings: Settings, schedule: Any) -> dict[str, Any]:
-    return {
+    entries = {
         "relay-outbox": {"task": "catalog.relay_outbox", "schedule": schedule(30.0)},
         "reconcile-coverage": {"task": "catalog.reconcile", "schedule": schedule(settings.workers.reconcile_interval_s)},
         "retrain-build-pairs": {"task": "catalog.retrain.build_pairs",
                                 "schedule": schedule(settings.workers.retrain_interval_s)},
     }
+    if settings.retention.enabled:
+        # The policy travels with the message: the worker that runs it needs no retention settings.
+        entries["prune-bookkeeping"] = {
+            "task": "catalog.prune", "schedule": schedule(settings.retention.interval_s),
+            "kwargs": settings.retention.model_dump(exclude={"enabled", "interval_s"})}
+    return entries
 
 
 @lru_cache(maxsize=4)
@@ -108,6 +114,30 @@ def _init_process(**_: Any) -> None:
     from workers.wiring import install_from_settings
 
     install_from_settings(send_task=send_task)
+    _start_tracing()
+
+
+def _start_tracing() -> None:
+    """After fork: the SDK's export thread must belong to the process that records the spans."""
+    from tasks import tracing
+    from workers.settings import otel_traces_requested
+
+    tracing.configure(otel_traces_requested(), service_name="catalog-enrich")
+
+
+@signals.worker_process_shutdown.connect
+def _child_exited(pid: int | None = None, **_: Any) -> None:
+    from workers.metrics import child_exited
+
+    if pid is not None:
+        child_exited(pid)
+
+
+@signals.beat_init.connect
+def _beat_metrics(**_: Any) -> None:
+    from workers import metrics
+
+    metrics.start(get_settings(), "beat", broker=True)
 
 
 @signals.worker_init.connect
@@ -124,3 +154,4 @@ def _init_worker(sender: Any = None, **_: Any) -> None:
         from workers.wiring import install_from_settings
 
         install_from_settings(send_task=send_task)
+        _start_tracing()

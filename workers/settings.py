@@ -132,6 +132,9 @@ class ModelSettings(BaseModel):
     detection_threshold: float = Field(0.2, ge=0, le=1, description="Best box below this score → full-image fallback.")
     crop_padding: float = Field(0.05, ge=0, le=0.5, description="Padding around the detected box, as a fraction of its size.")
     verify_margin: float = Field(0.05, ge=0, le=1, description="CLIP probability margin a visual attribute needs to be kept.")
+    max_images: int = Field(4, ge=1, le=16, description=(
+        "Photos of a product the GPU stage grounds and embeds (the primary first, then the event's order); those "
+        "that show the product vote on attributes and make the product vector."))
     conflict_margin: float = Field(0.5, ge=0, le=1, description=(
         "CLIP probability lead by which the image must contradict a merchant's visual value for the listing to "
         "report a conflict."))
@@ -217,6 +220,87 @@ class WorkerSettings(BaseModel):
         return float(max(3 * self.heartbeat_s, self.retry_backoff_max_s + self.heartbeat_s))
 
 
+class RetentionSettings(BaseModel):
+    """How long the bookkeeping tables keep what they record (``catalog.prune`` on beat, ``enrich prune``)."""
+
+    enabled: bool = Field(True, description="Beat schedules catalog.prune (bookkeeping retention). Off: nothing is "
+                          "ever removed (enrich prune still works by hand).")
+    interval_s: int = Field(300, ge=10, description="How often beat runs catalog.prune.")
+    batch_size: int = Field(1000, ge=10, le=50_000, description=(
+        "Rows per pruning transaction (FOR UPDATE SKIP LOCKED): each batch commits on its own, so no lock or "
+        "transaction outlives one batch."))
+    max_run_s: float = Field(60.0, gt=0, description=(
+        "Time budget of one prune run; what is left waits for the next run."))
+    outbox_keep_s: int = Field(24 * 3600, ge=60, description=(
+        "Published outbox rows are deleted this long after publishing (default 1 day). Unpublished rows are "
+        "never deleted."))
+    inbox_keep_s: int = Field(7 * 86400, ge=3600, description=(
+        "Idempotency window: an inbox event id is remembered this long (default 7 days), and longer while its "
+        "job row is kept or a review recorded from it exists. A replay older than the window is handled as "
+        "a new event: the product version guard answers it with listing.failed / stale_version and changes "
+        "nothing."))
+    jobs_keep_s: int = Field(7 * 86400, ge=3600, description=(
+        "Finished jobs (done, failed, superseded) are folded into the hourly job summaries and deleted this "
+        "long after they finished (default 7 days). Live jobs are never deleted, nor is a product's newest job "
+        "(the reconciler reads it) until a later job of that product replaces it."))
+    results_keep_s: int = Field(3600, ge=60, description=(
+        "A job's model result document (results/<job_id> in the originals store) is deleted this long after "
+        "the job finished (default 1 hour), once its listing is committed; never while the job is live."))
+    dead_letters_keep_s: int = Field(30 * 86400, ge=3600, description=(
+        "Resolved dead letters (enrich dead-letters replay|discard) are deleted this long after resolution "
+        "(default 30 days). Unresolved ones are kept until someone resolves them."))
+    summaries_keep_s: int = Field(400 * 86400, ge=86400, description=(
+        "Hourly job and intake summaries are kept this long (default 400 days)."))
+
+    @model_validator(mode="after")
+    def _jobs_outlive_results(self) -> "RetentionSettings":
+        if self.jobs_keep_s < self.results_keep_s:
+            raise ValueError("ENRICH_RETENTION__JOBS_KEEP_S must be at least ENRICH_RETENTION__RESULTS_KEEP_S "
+                             "(a job row is what tells the pruner which result document to delete)")
+        return self
+
+
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint of each worker process (``workers.metrics``)."""
+
+    enabled: bool = Field(False, description=(
+        "Serve Prometheus metrics on every worker role (events, cpu, gpu, beat). Off by default: several roles "
+        "on one host need distinct ports."))
+    port: int = Field(9410, ge=1, le=65_000, description=(
+        "Base port of the metrics endpoint; each role adds its offset: events-only worker +0, cpu (or events,cpu) "
+        "+1, gpu +2, beat +3."))
+    host: str = Field("0.0.0.0", description="Address the metrics endpoint listens on.")
+    multiproc_dir: Path | None = Field(None, description=(
+        "Where prefork children write their metric files (one sub-directory per worker process tree, emptied "
+        "at its start). Default: <data_dir>/metrics."))
+    broker_api_url: str | None = Field(None, description=(
+        "RabbitMQ management API for queue depths (http://user:pass@host:15672). Empty: derived from an "
+        "amqp:// broker URL (port 15672), falling back to passive queue declares when unreachable."))
+
+    def port_for(self, role: str) -> int:
+        return self.port + {"events": 0, "cpu": 1, "gpu": 2, "beat": 3}[role]
+
+
+def otel_traces_requested() -> bool:
+    """Tracing is off unless the standard OTel variables ask for an exporter (and the SDK is not disabled)."""
+    import os
+
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").lower()
+    if exporter == "none":
+        return False
+    return bool(exporter or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def export_metrics_dir(path: Path) -> None:
+    """Multiprocess mode for prometheus_client in this process and the children it forks."""
+    import os
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+
+
 class FaultSettings(BaseModel):
     """Test-only fault injection (tasks.faults). Every field is off by default; production never
     sets any of them, and ``ENRICH_ENV=production`` refuses to start with one set."""
@@ -258,6 +342,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
 
     @model_validator(mode="after")
@@ -292,6 +378,10 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.models.cache_dir or self.data_dir / "models"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.metrics.multiproc_dir or self.data_dir / "metrics"
 
     @property
     def model_store_uri(self) -> str:

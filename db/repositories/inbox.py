@@ -30,3 +30,9 @@ def mark(session: Session, event_id: uuid.UUID, status: InboxStatus, detail: str
     row.status = status.value
     row.detail = detail
     session.flush()
+
+
+def status_of(session: Session, event_id: uuid.UUID) -> str | None:
+    """The outcome recorded for an event id, or None when it was never received (or was pruned)."""
+    row = session.get(InboxEvent, event_id)
+    return row.status if row is not None else None

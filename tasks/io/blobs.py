@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -33,6 +33,8 @@ class BlobStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def uri_for(self, key: str) -> str: ...
+
+    def delete(self, keys: Sequence[str]) -> int: ...
 
 
 def original_key(tenant_id: str, sha256: str) -> str:
@@ -107,6 +109,17 @@ class LocalBlobStore:
     def exists(self, key: str) -> bool:
         return (self.root / check_key(key)).is_file()
 
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove these blobs (a missing one is already gone); how many were there."""
+        removed = 0
+        for key in keys:
+            try:
+                (self.root / check_key(key)).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
     def _path_of(self, uri: str) -> Path:
         """Accept file:// URIs and plain paths, but only ones that resolve inside the root."""
         parts = urlsplit(uri)
@@ -169,6 +182,21 @@ class S3BlobStore:
                 return False
             raise
         return True
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove these objects, up to 1,000 per request (a missing key is not an error in S3);
+        how many were asked for. A key S3 could not delete fails the call (transient)."""
+        object_keys = [self._object_key(k) for k in keys]
+        for start in range(0, len(object_keys), 1000):
+            chunk = [{"Key": k} for k in object_keys[start:start + 1000]]
+            reply = self._call("delete", lambda chunk=chunk: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True}))
+            errors = reply.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise TransientError(ErrorCode.internal_error, f"blob store delete failed for {len(errors)} "
+                                     f"objects: {first.get('Code')} ({first.get('Key')})")
+        return len(object_keys)
 
     def _key_of(self, uri: str) -> str:
         if not uri.startswith(f"s3://{self.bucket}/"):

@@ -35,7 +35,8 @@ def _register_optional() -> None:
     """Command groups owned by later modules; each registers its own commands."""
     import importlib
 
-    for module in ("workers.cli.pipeline", "workers.cli.embeddings", "workers.cli.retrain"):
+    for module in ("workers.cli.pipeline", "workers.cli.embeddings", "workers.cli.retrain",
+                   "workers.cli.retention", "workers.cli.asyncapi", "workers.cli.report"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -73,7 +73,7 @@ def test_collect_status_reads_every_report(admin_engine: Engine, monkeypatch: py
     report = status.collect_status()
     assert list(report) == ["jobs_by_status", "running_by_stage", "failures_by_code", "intake",
                             "throughput_15min", "latency_s_15min", "outbox_pending", "dead_letters",
-                            "coverage", "feedback"]
+                            "coverage", "feedback", "stage_timings_ms_24h"]
     assert set(report["throughput_15min"]) == {"done", "events_per_s"}
     assert set(report["latency_s_15min"]) == {"p50", "p95"}
     assert {"products", "complete"} <= set(report["coverage"])
