@@ -26,7 +26,7 @@ from models.tiny import base_owlv2_config, build_owlv2_processor, build_random_o
 
 from models.config import DEFAULT_CACHE_DIR, DEFAULT_DETECTOR  # noqa: E402  (re-exported)
 
-Box = tuple[float, float, float, float]
+from models.boxes import Box, clip_box, padded_crop_box  # noqa: E402,F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -38,32 +38,6 @@ class GroundingResult:
     fallback: bool
     prompt: str
     crop: Image.Image
-
-
-def clip_box(box: Box, size: tuple[int, int]) -> Box | None:
-    """The box limited to the image; None when nothing of it is inside (random or broken detections)."""
-    width, height = size
-    a, b, c, d = (float(v) for v in box)
-    # Untrained or degenerate heads can emit inverted corners; order them before clipping.
-    x0, x1, y0, y1 = min(a, c), max(a, c), min(b, d), max(b, d)
-    x0, x1 = max(0.0, min(x0, width)), max(0.0, min(x1, width))
-    y0, y1 = max(0.0, min(y0, height)), max(0.0, min(y1, height))
-    if x1 - x0 < 1.0 or y1 - y0 < 1.0:
-        return None
-    return (x0, y0, x1, y1)
-
-
-def padded_crop_box(box: Box, size: tuple[int, int], padding: float) -> tuple[int, int, int, int]:
-    """Integer crop rectangle: ``box`` grown by ``padding`` × its width/height per side, inside the image.
-
-    Detectors box the garment tightly; a little context (collar, hem) helps the VLM and CLIP.
-    """
-    width, height = size
-    x0, y0, x1, y1 = box
-    pad_x, pad_y = (x1 - x0) * padding, (y1 - y0) * padding
-    left, top = max(0, int(x0 - pad_x)), max(0, int(y0 - pad_y))
-    right, bottom = min(width, int(round(x1 + pad_x))), min(height, int(round(y1 + pad_y)))
-    return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
 class Grounder(ModelWrapper[Image.Image, GroundingResult]):

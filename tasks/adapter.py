@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from db.engine import job_session
 from db.enums import Stage
 from models.batch import BatcherUnavailable
-from tasks import faults
+from tasks import faults, metrics, tracing
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime, get_runtime
 
@@ -167,15 +167,22 @@ def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
     def decorate(fn: StageFn) -> Task:
         def body(self: Task, job_id: int) -> Any:
             started = time.perf_counter()
-            with ClaimHeartbeat(get_runtime(), job_id, stage, self.request.id):
-                result = run_job_stage(self, job_id, lambda rt: fn(rt, job_id, self.request.id))
-            if result:
-                faults.hit("stage.committed", stage=stage.value, job_id=job_id)
-            # Always relay: also when this delivery found the stage already done, a crash between that
-            # commit and its relay may have left the hand-off (or listing.enriched) in the outbox.
-            relay_outbox(get_runtime())
+            incoming = tracing.parse(getattr(self.request, "traceparent", None),
+                                     getattr(self.request, "tracestate", None))
+            with tracing.stage_span(spec.task_name, incoming, **{"catalog.job_id": job_id,
+                                                                 "catalog.stage": stage.value}) as span:
+                with ClaimHeartbeat(get_runtime(), job_id, stage, self.request.id):
+                    result = run_job_stage(self, job_id, lambda rt: fn(rt, job_id, self.request.id))
+                if result:
+                    faults.hit("stage.committed", stage=stage.value, job_id=job_id)
+                # Always relay: also when this delivery found the stage already done, a crash between that
+                # commit and its relay may have left the hand-off (or listing.enriched) in the outbox.
+                relay_outbox(get_runtime())
+                tracing.set_attributes(span, **{"catalog.committed": bool(result)})
+            took_s = time.perf_counter() - started
+            metrics.task_ran(stage.value, took_s)
             log.info("stage.ran", stage=stage.value, job_id=job_id, committed=bool(result),
-                     took_ms=round((time.perf_counter() - started) * 1000, 1))
+                     took_ms=round(took_s * 1000, 1))
             return result
 
         # Not functools.wraps: the task's signature is (self, job_id), not the stage function's.

@@ -195,7 +195,21 @@ def run_demo(*, source: Path | None, limit: int, profile: str, timeout_s: int) -
     finally:
         _stop_workers(procs)
     _show_results(console, engine, ids)
+    _write_report(console)
     return done
+
+
+def _write_report(console: Console) -> None:
+    """The demo tenant's ``enrich report`` page, beside the table."""
+    from workers.report import report_from_settings
+
+    try:
+        result = report_from_settings(get_settings(), None, tenant="demo")
+    except CliError as exc:
+        console.print(f"[yellow]report not written: {exc}[/]")
+        return
+    console.print(f"\n[bold]report[/] ({result.products} products, {result.bytes / 1024:.0f} KiB; open it in a "
+                  f"browser): {result.path.resolve()}", soft_wrap=True, markup=True, highlight=False)
 
 
 def _wait(console: Console, engine, ids: list[uuid.UUID], timeout_s: int, procs) -> bool:  # noqa: ANN001

@@ -31,10 +31,18 @@ from sqlalchemy.exc import OperationalError
 
 from db.engine import job_session, system_session, tenant_session
 from db.repositories import dead_letters
+from tasks import metrics, tracing
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, parse_product_event
 from tasks.feedback.reviews import ReviewOutcome, apply_review, parse_review_event, reject_invalid_review
 from tasks.pipeline import jobs
+from tasks.pipeline.decisions import (
+    DUPLICATE_REVIEW_KEY,
+    DecisionOutcome,
+    apply_duplicate_review,
+    parse_duplicate_review,
+    reject_invalid_duplicate_review,
+)
 from tasks.pipeline.intake import Outcome, accept_product_event, reject_invalid_event
 from tasks.pipeline.outbox import relay
 from workers.broker import broker_kind, broker_url
@@ -123,18 +131,22 @@ class EventHandlers:
     def _on_product_event(self, message: Message) -> None:
         rk = message.delivery_info.get("routing_key", "")
         body = _body(message)
+        metrics.event_received("product")
         try:
             try:
                 event = parse_product_event(body, message.content_type, rk)
             except InvalidEvent as exc:
                 with system_session(self.factory) as session:  # the tenant may be unknown
                     reject_invalid_event(session, exc, body, rk)
+                metrics.event_outcome("product", "refused", ErrorCode.invalid_event.value)
                 self._relay()
                 self._reject(message, self.topology.product_events.name, "invalid_event", exc.detail)
                 return
-            with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id, product_id=event.external_id):
+            with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id, product_id=event.external_id), \
+                    tracing.bound(tracing.from_headers(message.headers)):
                 with tenant_session(self.factory, event.tenant_id) as session:
                     result = accept_product_event(session, event)
+                metrics.event_outcome("product", *_PRODUCT_OUTCOMES[result.outcome])
                 if result.outcome is not Outcome.duplicate:
                     self._relay()  # the fetch hand-off (or the stale_version event) committed above
                 settle(message, "ack")
@@ -160,6 +172,7 @@ class EventHandlers:
             raise lost.original from None
 
     def _on_dead_letter(self, message: Message) -> None:
+        metrics.event_received("dead_letter")
         headers = message.headers or {}
         deaths = headers.get("x-death") or []
         reason = str(deaths[0].get("reason")) if deaths else "dead-lettered"
@@ -182,25 +195,44 @@ class EventHandlers:
             raise lost.original from None
 
     def _on_review_event(self, message: Message) -> None:
+        if message.delivery_info.get("routing_key") == DUPLICATE_REVIEW_KEY:  # same queue, own contract
+            self._on_merchant_review(message, "duplicate_review", parse_duplicate_review,
+                                     reject_invalid_duplicate_review, apply_duplicate_review,
+                                     _decision_outcome)
+            return
+        self._on_merchant_review(message, "review", parse_review_event, reject_invalid_review, apply_review,
+                                 _review_outcome)
+
+    def _on_merchant_review(self, message: Message, kind: str, parse: Callable[..., Any],
+                            reject_invalid: Callable[..., Any], apply: Callable[..., Any],
+                            outcome: Callable[[Any], tuple[str, str | None, str | None]]) -> None:
+        """A merchant's review (of a listing, of a duplicate pair): raw JSON bytes in, one
+        tenant-scoped transaction, then ack or dead-letter. ``outcome`` maps the result to
+        (metrics outcome, code, dead-letter detail or None)."""
         queue = self.topology.review_events.name
         body = _body(message)
+        metrics.event_received(kind)
         try:
             try:
-                event = parse_review_event(body, message.content_type)
+                event = parse(body, message.content_type)
             except InvalidEvent as exc:
                 with system_session(self.factory) as session:  # the tenant may be unknown
-                    reject_invalid_review(session, exc, _body_id(body))
+                    reject_invalid(session, exc, _body_id(body))
+                metrics.event_outcome(kind, "refused", ErrorCode.invalid_event.value)
                 self._reject(message, queue, "invalid_event", exc.detail)
                 return
-            with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id):
+            with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id), \
+                    tracing.bound(tracing.from_headers(message.headers)):
                 with tenant_session(self.factory, event.tenant_id) as session:
-                    result = apply_review(session, event)
-                if result.outcome is ReviewOutcome.rejected and result.code is not None:
-                    self._reject(message, queue, result.code.value, result.detail)
+                    result = apply(session, event)
+                label, code, refused = outcome(result)
+                metrics.event_outcome(kind, label, code)
+                if refused is not None and code is not None:
+                    self._reject(message, queue, code, refused)
                     return
                 settle(message, "ack")
         except OperationalError as exc:
-            log.warning("review.database_unavailable", error=str(exc).splitlines()[0][:200])
+            log.warning("review.database_unavailable", kind=kind, error=str(exc).splitlines()[0][:200])
             time.sleep(1.0)
             settle(message, "requeue")
 
@@ -210,6 +242,24 @@ class EventHandlers:
             (self.topology.review_events, self.on_review_event),
             (self.topology.dead_letters, self.on_dead_letter),
         ]
+
+
+# intake outcome → (metric outcome, refusal code)
+_PRODUCT_OUTCOMES: dict[Outcome, tuple[str, str | None]] = {
+    Outcome.accepted: ("accepted", None), Outcome.redispatch: ("duplicate", None),
+    Outcome.duplicate: ("duplicate", None), Outcome.stale: ("refused", ErrorCode.stale_version.value),
+    Outcome.rejected: ("refused", ErrorCode.invalid_event.value)}
+
+
+def _review_outcome(result: Any) -> tuple[str, str | None, str | None]:
+    label = "accepted" if result.outcome is ReviewOutcome.applied else result.outcome.value
+    code = result.code.value if result.code else None
+    return label, code, result.detail if result.outcome is ReviewOutcome.rejected else None
+
+
+def _decision_outcome(result: Any) -> tuple[str, str | None, str | None]:
+    """A valid decision is always applied or remembered (stale, replayed): nothing to refuse."""
+    return ("duplicate" if result.outcome is DecisionOutcome.duplicate else "accepted"), None, None
 
 
 def _body(message: Message) -> bytes:

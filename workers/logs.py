@@ -26,8 +26,11 @@ def configure_logging(*, json: bool = False, level: str = "INFO", force: bool = 
     global _configured
     if _configured and not force:
         return
+    from tasks.tracing import log_trace_id
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        log_trace_id,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -15,7 +15,7 @@ from typing import Any
 
 from kombu import Connection, Producer
 
-from tasks.pipeline.outbox import TASK_PREFIX
+from tasks.pipeline.outbox import HEADERS_KEY, TASK_PREFIX
 from workers.broker import broker_kind, broker_url
 from workers.settings import Settings
 from workers.topology import TaskQueue, Topology, build_topology, declare
@@ -50,12 +50,14 @@ class KombuEventPublisher:
         if routing_key.startswith(TASK_PREFIX):
             self._dispatch(payload)
             return
+        extra = payload.get(HEADERS_KEY) or {}
+        payload = {k: v for k, v in payload.items() if k != HEADERS_KEY}
         body = json.dumps(payload, ensure_ascii=False).encode()
         with self._lock:
             try:
                 self._ensure().publish(body, routing_key=routing_key, content_type="application/json",
                                        content_encoding="utf-8", delivery_mode=2, message_id=message_id,
-                                       headers={"event_type": payload.get("event_type", routing_key)},
+                                       headers={**extra, "event_type": payload.get("event_type", routing_key)},
                                        retry=True, retry_policy={"max_retries": 3})
             except Exception:
                 self.close()
@@ -66,8 +68,10 @@ class KombuEventPublisher:
         if self._send_task is None:
             raise RuntimeError("this publisher was built without send_task; it publishes domain events only")
         logical = TaskQueue(payload["queue"])
+        headers = payload.get(HEADERS_KEY)
         self._send_task(payload["task"], args=payload["args"], queue=self.topology.task_queue(logical),
-                        exchange=self.topology.tasks.name, routing_key=logical.value)
+                        exchange=self.topology.tasks.name, routing_key=logical.value,
+                        **({"headers": headers} if headers else {}))
 
     def close(self) -> None:
         if self._conn is not None:

@@ -16,6 +16,9 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
         export_overrides(ENRICH_MODELS__DEVICE=device)
     settings = get_settings()
     configure_logging(json=settings.is_production, level=loglevel, force=True)
+    from workers import metrics
+
+    metrics.start(settings, metrics.role_of(queues), broker="events" in queues)
     task_queues = [q for q in queues if q in ("cpu", "gpu")]
     if not task_queues:
         from workers.intake import StandaloneIntake

@@ -28,10 +28,11 @@ from db.enums import JobStatus, Stage
 from db.repositories import jobs as job_rows
 from db.repositories import products
 from db.tables import EnrichmentJob
+from tasks import metrics, tracing
 from tasks.errors import ErrorCode, PipelineError
 from tasks.events import failed_event
 from tasks.pipeline.outbox import enqueue, enqueue_task
-from tasks.pipeline.work import Claims, EnrichRequest, FetchedImages, ModelOutput
+from tasks.pipeline.work import Claims, EnrichRequest, FetchedImages, JobTrace, ModelOutput
 
 log = structlog.get_logger(__name__)
 
@@ -61,15 +62,25 @@ Handoff = FetchedImages | ModelOutput
 def dispatch(session: Session, job: EnrichmentJob, stage: Stage) -> None:
     """Write ``stage``'s task for this job to the outbox: sent by the relay once this commits."""
     spec = STAGES[stage]
-    enqueue_task(session, spec.task_name, job.id, queue=spec.queue, tenant_id=job.tenant_id)
+    # The running stage's context (its span), else the one the job was created with (a reconciler re-run).
+    trace = tracing.current() or _job_trace(job)
+    enqueue_task(session, spec.task_name, job.id, queue=spec.queue, tenant_id=job.tenant_id, trace=trace)
+
+
+def _job_trace(job: EnrichmentJob) -> tracing.TraceContext | None:
+    stored = JobTrace.of(job.work or {})
+    return tracing.TraceContext(stored.traceparent, stored.tracestate) if stored else None
 
 
 def create(session: Session, *, tenant_id: str, event_id: object, product_id: int, product_version: int,
            request: EnrichRequest) -> EnrichmentJob:
     """A pending job for one product version, its first stage dispatched through the outbox."""
+    work = request.to_work()
+    if (trace := tracing.current()) is not None:  # the product event's traceparent (intake binds it)
+        work.update(JobTrace(trace.traceparent, trace.tracestate).to_work())
     job = job_rows.add(session, EnrichmentJob(tenant_id=tenant_id, event_id=event_id, product_id=product_id,
                                               product_version=product_version, status=JobStatus.pending.value,
-                                              work=request.to_work()))
+                                              work=work))
     dispatch(session, job, FIRST)
     return job
 
@@ -102,6 +113,8 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
         raise PipelineError(ErrorCode.worker_lost, f"stage {stage.value} started {max_attempts} times without "
                             "finishing (its worker died or it kept failing); given up", retryable=False)
     attempts = dict(job.attempts)
+    if not attempts.get(stage.value):  # the first claim: updated_at is still the hand-off's (or creation's)
+        metrics.queue_wait(session, stage.value, job.updated_at or job.created_at)
     attempts[stage.value] = attempts.get(stage.value, 0) + 1
     job.work = {**job.work, **claims.with_holder(stage.value, task_id).to_work()}
     job.attempts = attempts
@@ -120,6 +133,7 @@ def _supersede_if_stale(session: Session, job: EnrichmentJob, stage: Stage) -> b
     job.status = JobStatus.superseded.value
     job.updated_at = job.finished_at = datetime.now(UTC)
     session.flush()
+    metrics.job_finished(session, JobStatus.superseded.value)
     log.info("job.superseded", job_id=job.id, stage=stage.value, version=job.product_version,
              current_version=product.version)
     return True
@@ -154,6 +168,7 @@ def hand_off(session: Session, job: EnrichmentJob, to: Stage, handoff: Handoff, 
         job.timings_ms = {**job.timings_ms, **{k: round(v, 1) for k, v in timings.items()}}
     job.updated_at = datetime.now(UTC)
     session.flush()
+    metrics.stage_timings(session, timings)
     dispatch(session, job, to)
 
 
@@ -165,6 +180,8 @@ def finish(session: Session, job: EnrichmentJob, *, listing_id: int, timings: di
     now = datetime.now(UTC)
     job.updated_at = job.finished_at = now
     session.flush()
+    metrics.stage_timings(session, timings)
+    metrics.job_finished(session, JobStatus.done.value)
 
 
 def fail(session: Session, job_id: int, code: ErrorCode, detail: str, *, retryable: bool) -> bool:
@@ -183,5 +200,6 @@ def fail(session: Session, job_id: int, code: ErrorCode, detail: str, *, retryab
         merchant_id=product.merchant_id if product else None,
         external_id=product.external_id if product else None, version=job.product_version,
     ), tenant_id=job.tenant_id)
+    metrics.job_finished(session, JobStatus.failed.value, code.value)
     log.warning("job.failed", job_id=job_id, code=code.value, retryable=retryable, detail=detail[:200])
     return True

@@ -21,27 +21,35 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import system_session
 from db.repositories import outbox as rows
 from db.tables import OutboxMessage
+from tasks import metrics, tracing
 from tasks.events import validate
 from tasks.runtime import EventPublisher
 
 log = structlog.get_logger(__name__)
 
 TASK_PREFIX = "task:"
+HEADERS_KEY = "_headers"  # message headers (traceparent) kept beside the payload; never published in the body
 
 
 def enqueue(session: Session, routing_key: str, payload: dict[str, Any], *, tenant_id: str | None) -> OutboxMessage:
     validate(payload, routing_key)  # never publish what our own contract would refuse
-    return rows.add(session, tenant_id=tenant_id, message_id=uuid.UUID(payload["event_id"]),
-                    routing_key=routing_key, payload=payload)
+    message_id = uuid.UUID(payload["event_id"])
+    if (trace := tracing.current()) is not None:
+        payload = {**payload, HEADERS_KEY: trace.headers()}
+    return rows.add(session, tenant_id=tenant_id, message_id=message_id, routing_key=routing_key, payload=payload)
 
 
-def enqueue_task(session: Session, task_name: str, job_id: int, *, queue: str, tenant_id: str) -> OutboxMessage:
+def enqueue_task(session: Session, task_name: str, job_id: int, *, queue: str, tenant_id: str,
+                 trace: tracing.TraceContext | None = None) -> OutboxMessage:
     """A pipeline stage's task, dispatched by the relay only once this transaction committed: a
     crash between a stage's commit and its hand-off delays the next stage, never strands it.
     Callers go through ``tasks.pipeline.jobs.dispatch``, which reads the task and queue from the
     stage table."""
+    payload: dict[str, Any] = {"task": task_name, "args": [job_id], "queue": queue}
+    if trace is not None:
+        payload[HEADERS_KEY] = trace.headers()
     return rows.add(session, tenant_id=tenant_id, message_id=uuid.uuid4(), routing_key=TASK_PREFIX + task_name,
-                    payload={"task": task_name, "args": [job_id], "queue": queue})
+                    payload=payload)
 
 
 def relay(factory: sessionmaker[Session], publisher: EventPublisher, *, limit: int = 500) -> int:
@@ -56,6 +64,7 @@ def relay(factory: sessionmaker[Session], publisher: EventPublisher, *, limit: i
                 log.warning("outbox.publish_failed", message_id=str(row.message_id), error=str(exc))
                 break
             row.published_at = datetime.now(UTC)
+            metrics.on_commit(session, lambda key=row.routing_key, at=row.created_at: metrics.outbox_relayed(key, at))
             published += 1
     if published:
         log.info("outbox.relayed", count=published)

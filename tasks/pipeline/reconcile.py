@@ -32,6 +32,7 @@ from db.engine import set_system_scope
 from db.enums import InboxStatus, Stage
 from db.repositories import coverage, inbox, locks
 from db.repositories import jobs as job_rows
+from tasks import metrics
 from tasks.pipeline import jobs
 from tasks.pipeline.work import EnrichRequest
 
@@ -121,10 +122,12 @@ def reconcile(session: Session, *, stalled_after: timedelta = DEFAULT_STALLED_AF
     set_system_scope(session)
     if not locks.try_xact_lock(session, ADVISORY_LOCK_KEY):
         return []
-    out = []
+    out, reasons = [], []
     for item in find_incomplete_products(session, stalled_after=stalled_after, queued_after=queued_after,
                                          limit=limit):
         if (dispatch := requeue(session, item)) is not None:
             out.append(dispatch)
+            reasons.append(item.reason.value)
     session.flush()
+    metrics.on_commit(session, lambda: metrics.reconciled(reasons))
     return out

@@ -66,13 +66,23 @@ class Deployment:
         self._wait_ready(name, proc)
         return proc
 
-    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    def start_beat(self, *, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """``enrich beat``, logging to worker-beat.log; ready once its scheduler started."""
+        log = open(self.data_dir / "worker-beat.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "workers", "beat"], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO, env={**self.env, **(extra_env or {})}, start_new_session=True)
+        self.procs.append(proc)
+        self._wait_ready("beat", proc, markers=("beat: Starting",))
+        return proc
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes], timeout: float = 90,
+                    markers: tuple[str, ...] = ("ready.", "intake_only")) -> None:
         logfile = self.data_dir / f"worker-{name}.log"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"worker {name} exited: {logfile.read_text()[-3000:]}")
-            if "ready." in logfile.read_text(errors="replace") or "intake_only" in logfile.read_text(errors="replace"):
+            if any(m in logfile.read_text(errors="replace") for m in markers):
                 return
             time.sleep(0.3)
         raise AssertionError(f"worker {name} not ready in {timeout}s: {logfile.read_text()[-3000:]}")

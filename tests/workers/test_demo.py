@@ -26,3 +26,5 @@ def test_demo_runs_end_to_end_on_embedded_defaults(tmp_path: Path, dataset_dir: 
     assert "Enriched listings" in out and "exact of dress-1" in out  # the identical re-listing
     assert "catalog.similar_products('demo', 'dress-1'" in out
     assert (tmp_path / "data" / "pgdata" / "PG_VERSION").exists()
+    report = tmp_path / "data" / "reports" / "report-demo.html"
+    assert f"{report}" in out.replace("\n", "") and report.stat().st_size > 10_000  # the page it printed
