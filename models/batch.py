@@ -48,6 +48,10 @@ class ModelItem:
     attributes: dict[str, Any]
     locale: str
     unknown_category: str = "generic"
+    # The product's other photos (decoded, in the event's order) and every photo's image id, the
+    # primary's first; each is grounded and embedded, and those that show the product vote.
+    extra_images: list[Any] = field(default_factory=list)
+    image_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -71,6 +75,13 @@ class ModelResult:
     forced_tokens: int = 0
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     text_checks: dict[str, Any] = field(default_factory=dict)
+    # One entry per photo, the primary's first: {"image_id", "position", "on_product",
+    # "product_probability", "grounding", "embedding"}. ``image_embedding`` above is the product
+    # vector: the normalised mean of the photos that show the product.
+    images: list[dict[str, Any]] = field(default_factory=list)
+    # Stage-level reuse: photos whose grounding / crop vector an earlier job derived under the
+    # served versions (``tasks.pipeline.serving``), so this batch did not recompute them.
+    reused: dict[str, int] = field(default_factory=dict)
     # Stamped by whoever ran the batch: the registry ids of the versions that produced this result
     # ({"detector": …, "vlm": …, "clip": …}) and whether any of them has random weights.
     model_versions: dict[str, int] = field(default_factory=dict)
@@ -85,7 +96,8 @@ def _free_accelerator_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[ModelItem]], None] | None) -> list[ModelResult]:
+def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[ModelItem]], None] | None,
+         known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
     from models.categories import resolve_schema
     from models.embeddings import visual_description
     from models.errors import ModelLayerError
@@ -104,24 +116,33 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
             results[idx].error = (exc.code, exc.detail, exc.retryable)
     if not live:
         return results
-    imgs = [items[i].image for i in live]
+    photos = [(n, p, img) for n, i in enumerate(live) for p, img in enumerate([items[i].image, *items[i].extra_images])]
     clock = _Clock()
-    groundings = models.grounder.predict(imgs, categories=[schemas[n].name for n in range(len(live))])
+    reused = [_known_photo(known or {}, items[live[n]], p, schemas[n].name) for n, p, _ in photos]
+    grounded, crop_vectors = _ground_and_embed(models, photos, [s.name for s in schemas], reused)
     clock.lap("ground")
-    crops = [g.crop for g in groundings]
+    shows = models.verifier.shows_product(crop_vectors, [schemas[n].name for n, _, _ in photos])
+    per_product: list[list[int]] = [[] for _ in live]
+    for k, (n, _, _) in enumerate(photos):
+        per_product[n].append(k)
+    product_vectors = [_mean_unit([crop_vectors[k] for k in ks if k == ks[0] or shows[k][0]]) for ks in per_product]
+    clock.lap("embed")
+    crops = [grounded[ks[0]].crop for ks in per_product]  # the listing model reads the primary crop
+    groundings = [grounded[ks[0]] for ks in per_product]
     requests = [ListingRequest(image=crops[n], schema=schemas[n], merchant_title=items[i].title,
                                merchant_description=items[i].description, merchant_attributes=items[i].attributes,
                                locale=items[i].locale) for n, i in enumerate(live)]
     attributes = models.generator.describe_attributes(requests)
     clock.lap("describe")
     verified = models.verifier.verify(crops, [{"attributes": a.output} for a in attributes], schemas,
-                                      [items[i].attributes for i in live], forced=[a.forced_fields for a in attributes])
+                                      [items[i].attributes for i in live], forced=[a.forced_fields for a in attributes],
+                                      image_vectors=product_vectors)
     clock.lap("verify")
     texts = write_checked_text(models.generator, requests, [v.facts(s) for v, s in zip(verified, schemas)])
     clock.lap("describe")
-    image_vecs = models.embedder.embed_images(crops)
     embed_texts = [visual_description(schemas[n].name, v.embedding_facts) for n, v in enumerate(verified)]
     text_vecs = models.embedder.embed_texts(embed_texts)
+    image_vecs = product_vectors
     clock.lap("embed")
     random_weights = models.generator.identity().random_weights
     timings = clock.shares(len(live))
@@ -133,14 +154,75 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
         content = {**verified[n].content, "title": checked.title, "description": checked.description}
         results[i] = ModelResult(
             job_id=items[i].job_id, schema_id=schemas[n].schema_id,
-            grounding={"box": list(g.box) if g.box else None, "score": g.score, "fallback": g.fallback, "prompt": g.prompt},
+            grounding=_grounding(g),
             model_output=listing.output, model_input=listing.model_input,
             content=content, dropped=verified[n].dropped,
             image_embedding=[float(x) for x in image_vecs[n]], text_embedding=[float(x) for x in text_vecs[n]],
             text_input=embed_texts[n], timings_ms=timings, forced_fields=list(listing.forced_fields),
             forced_tokens=listing.forced_tokens, conflicts=verified[n].conflicts, text_checks=checked.report,
+            images=[_photo(items[i], photos[k][1], grounded[k], crop_vectors[k], shows[k]) for k in per_product[n]],
+            reused={"groundings": sum(reused[k] is not None for k in per_product[n]),
+                    "embeddings": sum(reused[k] is not None and reused[k].embedding is not None
+                                      for k in per_product[n])},
         )
     return results
+
+
+def _known_photo(known: dict[tuple[int, str], Any], item: ModelItem, position: int, category: str) -> Any:
+    from models.prompts import detection_prompt
+
+    if position >= len(item.image_ids):
+        return None
+    return known.get((item.image_ids[position], detection_prompt(category)))
+
+
+def _ground_and_embed(models: ModelBundle, photos: list[tuple[int, int, Any]], categories: list[str],
+                      reused: list[Any]) -> tuple[list[Any], Any]:
+    """Every photo's grounding and crop vector: taken from an earlier job where the served versions
+    already derived them (stage-level reuse: the crop is cut again from the stored box), computed
+    in one detector call and one CLIP call for the rest."""
+    import numpy as np
+
+    from models.boxes import padded_crop_box
+    from models.grounding import GroundingResult
+
+    todo = [k for k, r in enumerate(reused) if r is None]
+    fresh = dict(zip(todo, models.grounder.predict([photos[k][2] for k in todo],
+                                                   categories=[categories[photos[k][0]] for k in todo]))) if todo else {}
+    grounded: list[Any] = []
+    for k, (_, _, img) in enumerate(photos):
+        if k in fresh:
+            grounded.append(fresh[k])
+            continue
+        r = reused[k]
+        box = tuple(r.box) if r.box else None
+        crop = img if r.fallback or box is None else img.crop(padded_crop_box(box, img.size, models.grounder.padding))
+        grounded.append(GroundingResult(box=box, score=r.score, fallback=r.fallback, prompt=r.prompt, crop=crop))
+    embed = [k for k, r in enumerate(reused) if r is None or r.embedding is None]
+    vectors: list[Any] = [None] * len(photos)
+    for k, v in zip(embed, models.embedder.embed_images([grounded[k].crop for k in embed]) if embed else []):
+        vectors[k] = v
+    for k, r in enumerate(reused):
+        if vectors[k] is None:
+            vectors[k] = np.asarray(r.embedding, dtype=np.float32)
+    return grounded, np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+
+def _grounding(g: Any) -> dict[str, Any]:
+    return {"box": list(g.box) if g.box else None, "score": g.score, "fallback": g.fallback, "prompt": g.prompt}
+
+
+def _photo(item: ModelItem, position: int, g: Any, vector: Any, shows: tuple[bool, float]) -> dict[str, Any]:
+    image_id = item.image_ids[position] if position < len(item.image_ids) else None
+    return {"image_id": image_id, "position": position, "on_product": position == 0 or shows[0],
+            "product_probability": shows[1], "grounding": _grounding(g), "embedding": [float(x) for x in vector]}
+
+
+def _mean_unit(vectors: list[Any]) -> Any:
+    import numpy as np
+
+    mean = np.mean(np.stack(vectors), axis=0)
+    return mean / max(float(np.linalg.norm(mean)), 1e-12)
 
 
 class _Clock:
@@ -225,21 +307,22 @@ def _settle_text(request: Any, facts: dict[str, str], rules: Any, phase: Any, fi
 
 
 def run_model_batch(models: ModelBundle, items: list[ModelItem], *,
-                    before: Callable[[list[ModelItem]], None] | None = None) -> list[ModelResult]:
+                    before: Callable[[list[ModelItem]], None] | None = None,
+                    known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
     """One result per item, in order; never raises for a model failure (it becomes the item's error).
 
     An OOM halves the batch (``halve_on_oom``); any other failure of a batch is isolated to the
     item that caused it. ``before(items)`` runs at the start of every (sub-)batch: the pipeline's
     fault-injection point.
     """
-    return halve_on_oom(lambda a, b: _run_isolating(models, items[a:b], before), len(items),
+    return halve_on_oom(lambda a, b: _run_isolating(models, items[a:b], before, known or {}), len(items),
                         on_oom=_free_accelerator_cache)
 
 
 def _run_isolating(models: ModelBundle, items: list[ModelItem],
-                   before: Callable[[list[ModelItem]], None] | None) -> list[ModelResult]:
+                   before: Callable[[list[ModelItem]], None] | None, known: dict[tuple[int, str], Any]) -> list[ModelResult]:
     try:
-        return _run(models, items, before)
+        return _run(models, items, before, known)
     except Exception as exc:
         if is_oom(exc):
             if len(items) > 1:
@@ -250,7 +333,7 @@ def _run_isolating(models: ModelBundle, items: list[ModelItem],
                                 error=(OOM_CODE, "accelerator out of memory at batch size 1", True))]
         if len(items) > 1:
             log.warning("model.batch_failed_isolating", size=len(items), error=str(exc)[:200])
-            return [r for item in items for r in _run_isolating(models, [item], before)]
+            return [r for item in items for r in _run_isolating(models, [item], before, known)]
         log.exception("model.item_failed", job_id=items[0].job_id)
         return [ModelResult(job_id=items[0].job_id,
                             error=(MODEL_ERROR_CODE, f"{type(exc).__name__}: {exc}"[:500], False))]
@@ -281,8 +364,18 @@ class MicroBatcher(Generic[In, Out]):
     """
 
     def __init__(self, run_batch: Callable[[list[In]], Sequence[Out]], *, max_size: int, max_wait_ms: int,
-                 hang_after_s: float | None = None, on_hang: Callable[[], None] | None = None) -> None:
+                 hang_after_s: float | None = None, on_hang: Callable[[], None] | None = None,
+                 prepare: Callable[[], None] | None = None, load_factor: float = 10.0,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
         self._run_batch = run_batch
+        self._on_batch = on_batch  # (batch size, seconds spent filling it): the worker's metrics
+        self._fill_wait_s = 0.0
+        # ``prepare`` runs before each batch (loading the models the batch will use: slow once, then
+        # a no-op). It is watched with a longer allowance (``load_factor`` x ``hang_after_s``), so a
+        # first batch's model load is not mistaken for a hung batch, and a load that never ends is.
+        self._prepare = prepare
+        self._load_factor = max(1.0, load_factor)
+        self._limit = hang_after_s
         self._max_size = max(1, max_size)
         self._max_wait = max(0, max_wait_ms) / 1000
         self._queue: queue.Queue[tuple[In, Future[Out]] | None] = queue.Queue()
@@ -332,7 +425,8 @@ class MicroBatcher(Generic[In, Out]):
         if first is None:
             return None
         batch = [first]
-        deadline = time.monotonic() + self._max_wait
+        opened = time.monotonic()
+        deadline = opened + self._max_wait
         while len(batch) < self._max_size:
             remaining = deadline - time.monotonic()
             try:
@@ -343,6 +437,7 @@ class MicroBatcher(Generic[In, Out]):
                 self._queue.put(None)
                 break
             batch.append(nxt)
+        self._fill_wait_s = time.monotonic() - opened
         return batch
 
     def _loop(self) -> None:
@@ -352,9 +447,26 @@ class MicroBatcher(Generic[In, Out]):
             if not batch:
                 continue
             items = [item for item, _ in batch]
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(len(items), self._fill_wait_s)
+                except Exception:  # noqa: BLE001 - an observer never fails a batch
+                    log.warning("batch.observer_failed", exc_info=True)
+            try:
+                if self._prepare is not None:
+                    with self._state:
+                        self._running, self._running_since = [fut for _, fut in batch], time.monotonic()
+                        self._limit = self._hang_after * self._load_factor if self._hang_after else None
+                    self._prepare()
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+                self._finish_batch()
+                for _, fut in batch:
+                    _settle(fut, exc=exc)
+                continue
             started = time.perf_counter()
             with self._state:
                 self._running, self._running_since = [fut for _, fut in batch], time.monotonic()
+                self._limit = self._hang_after
             try:
                 results = list(self._run_batch(items))
                 if len(results) != len(items):
@@ -384,15 +496,15 @@ class MicroBatcher(Generic[In, Out]):
         period = min(1.0, self._hang_after / 4)
         while not self._stopped.wait(period):
             with self._state:
-                since, running = self._running_since, list(self._running)
-            if since is None or time.monotonic() - since < self._hang_after:
+                since, running, limit = self._running_since, list(self._running), self._limit
+            if since is None or limit is None or time.monotonic() - since < limit:
                 continue
-            self._declare_hung(running, time.monotonic() - since)
+            self._declare_hung(running, time.monotonic() - since, limit)
             return
 
-    def _declare_hung(self, running: list[Future[Out]], took_s: float) -> None:
+    def _declare_hung(self, running: list[Future[Out]], took_s: float, limit: float) -> None:
         self.hung = True
-        error = BatcherHung(f"a model batch has run {took_s:.0f} s (limit {self._hang_after:g} s): "
+        error = BatcherHung(f"a model batch has run {took_s:.0f} s (limit {limit:g} s): "
                             "the model thread is hung; this process is restarting")
         waiting: list[Future[Out]] = []
         while True:
@@ -404,7 +516,7 @@ class MicroBatcher(Generic[In, Out]):
                 self._queue.put(None)
                 break
             waiting.append(entry[1])
-        log.critical("batch.hung", running_s=round(took_s, 1), hang_after_s=self._hang_after,
+        log.critical("batch.hung", running_s=round(took_s, 1), hang_after_s=limit,
                      batch_size=len(running), waiting=len(waiting))
         for fut in [*running, *waiting]:
             _settle(fut, exc=error)

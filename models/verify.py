@@ -27,6 +27,9 @@ from PIL import Image
 from models.embeddings import ClipEmbedder
 from models.prompts import category_noun
 
+# What a product's extra photos often show instead of the product (size charts, care labels, …).
+OFF_PRODUCT_PROMPTS = ("a size chart table", "a clothing care label with printed text", "a page of printed text",
+                       "a barcode")
 SOURCE_IMAGE = "image"
 SOURCE_MERCHANT = "merchant"
 
@@ -100,11 +103,15 @@ class AttributeVerifier:
         schemas: Sequence[_Schema],
         merchant_attributes: Sequence[Mapping[str, Any] | None],
         forced: Sequence[Collection[str]] | None = None,
+        image_vectors: Sequence[np.ndarray] | None = None,
     ) -> list[VerifiedListing]:
         """One ``VerifiedListing`` per product; inputs are parallel lists (one entry per product).
 
         ``forced``: per product, the generated attributes that were completed past the token
-        budget (``models.listing``): dropped with reason ``forced``, never kept as facts."""
+        budget (``models.listing``): dropped with reason ``forced``, never kept as facts.
+        ``image_vectors``: each product's CLIP image vector when the caller has it already (the
+        pipeline embeds every crop once and passes the product vector: the mean of the crops that
+        show the product, i.e. a soft vote of its photos); otherwise ``crops`` are embedded here."""
         n = len(crops)
         forced = forced if forced is not None else [()] * n
         if not (len(generated) == len(schemas) == len(merchant_attributes) == len(forced) == n):
@@ -112,14 +119,42 @@ class AttributeVerifier:
         pending = [self._to_score(g, s, m or {}, set(f))
                    for g, s, m, f in zip(generated, schemas, merchant_attributes, forced)]
         needs_image = [i for i in range(n) if pending[i]]
-        image_vectors = dict(zip(needs_image, self.embedder.embed_images([crops[i] for i in needs_image])))
+        if image_vectors is not None:
+            vectors = {i: np.asarray(image_vectors[i], dtype=np.float32) for i in needs_image}
+        else:
+            vectors = dict(zip(needs_image, self.embedder.embed_images([crops[i] for i in needs_image])))
         self._warm_prompt_cache([(schemas[i], name) for i in needs_image for name in pending[i]])
         scale = self.embedder.logit_scale if needs_image else 1.0
         return [
             self._listing(generated[i], schemas[i], merchant_attributes[i] or {}, pending[i], set(forced[i]),
-                          image_vectors.get(i), scale)
+                          vectors.get(i), scale)
             for i in range(n)
         ]
+
+    def shows_product(self, image_vectors: np.ndarray, categories: Sequence[str]) -> list[tuple[bool, float]]:
+        """Whether each photo shows the product (and the probability): CLIP zero-shot between "a photo
+        of a <category>" and pictures a product listing also carries that are not the product
+        (``OFF_PRODUCT_PROMPTS``: a size chart, a care label, printed text, a barcode). A photo is
+        off-product when one of those beats the category; it then neither votes on attributes nor
+        enters the product vector (it keeps its own image embedding)."""
+        if len(image_vectors) == 0:
+            return []
+        prompts = sorted({f"a photo of a {category_noun(c)}" for c in categories})
+        key = ("_shows_product", "", tuple(prompts) + OFF_PRODUCT_PROMPTS)
+        with self._cache_lock:
+            cached = self._prompt_cache.get(key)
+        if cached is None:
+            cached = self.embedder.embed_texts([*prompts, *OFF_PRODUCT_PROMPTS])
+            with self._cache_lock:
+                self._prompt_cache[key] = cached
+        index = {p: i for i, p in enumerate(prompts)}
+        off = cached[len(prompts):]
+        out = []
+        for vector, category in zip(image_vectors, categories, strict=True):
+            rows = np.vstack([cached[index[f"a photo of a {category_noun(category)}"]][None, :], off])
+            probs = _softmax(self.embedder.logit_scale * (rows @ vector))
+            out.append((bool(probs.argmax() == 0), round(float(probs[0]), 4)))
+        return out
 
     # --- steps ---------------------------------------------------------------------------------------
 

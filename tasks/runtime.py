@@ -78,6 +78,7 @@ class Runtime:
     registry_poll_s: float = 30.0  # how often a GPU worker re-reads the active versions
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     unknown_category: str = "generic"
+    max_images: int = 4  # photos of a product the model stage grounds and embeds (the primary first)
     enriched_event_version: int = 2  # listing.enriched contract version published (1 for old consumers)
     batch_size: int = 8
     batch_max_wait_ms: int = 200
@@ -133,10 +134,13 @@ class Runtime:
                     if plan is not None and plan.active:
                         plan.apply("model.batch", {"size": len(items), "job_ids": [i.job_id for i in items]})
 
+                from tasks import metrics
+
                 server = self._server_unlocked()
                 self._batcher = MicroBatcher(lambda items: server.run_batch(items, before=fault_point),
                                              max_size=self.batch_size, max_wait_ms=self.batch_max_wait_ms,
-                                             hang_after_s=self.batch_hang_s, on_hang=self.on_batcher_hung)
+                                             hang_after_s=self.batch_hang_s, on_hang=self.on_batcher_hung,
+                                             prepare=metrics.timed_loads(server), on_batch=metrics.batch_ran)
             return self._batcher
 
 

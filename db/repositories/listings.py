@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.tables import Embedding, Grounding, Listing
+from db.tables import Embedding, Grounding, Listing, PhotoEmbedding
 
 
 def reusable(session: Session, tenant_id: str, image_id: int, model_ids: dict[str, int], *,
@@ -48,6 +50,46 @@ def insert_listing(session: Session, values: dict[str, Any]) -> tuple[int, bool]
         Listing.model_version_id == values["model_version_id"]))
     assert existing is not None
     return existing, False
+
+
+def insert_photo_embeddings(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Each photo's own vector; idempotent on (listing, image, clip version)."""
+    if rows:
+        session.execute(insert(PhotoEmbedding).values(rows).on_conflict_do_nothing(
+            index_elements=["listing_id", "image_id", "model_version_id"]))
+
+
+@dataclass(frozen=True)
+class KnownPhoto:
+    """What an earlier job already derived from one photo under the served detector and clip
+    versions: its grounding for the category's prompt and, when recorded, the crop's vector."""
+
+    image_id: int
+    prompt: str
+    box: list[float] | None
+    score: float | None
+    fallback: bool
+    embedding: list[float] | None
+
+
+def known_photos(session: Session, image_ids: list[int], *, detector_id: int, clip_id: int) -> list[KnownPhoto]:
+    """Groundings of these images by ``detector_id`` (every prompt), each with the vector of its crop
+    by ``clip_id`` when one was stored: one query for a whole batch."""
+    if not image_ids:
+        return []
+    vector = (select(PhotoEmbedding.embedding).where(PhotoEmbedding.grounding_id == Grounding.id,
+                                                     PhotoEmbedding.model_version_id == clip_id)
+              .limit(1).scalar_subquery())
+    rows = session.execute(select(Grounding.image_id, Grounding.prompt, Grounding.box, Grounding.score,
+                                  Grounding.fallback, vector.label("embedding"))
+                           .where(Grounding.image_id.in_(image_ids), Grounding.model_version_id == detector_id))
+    return [KnownPhoto(r.image_id, r.prompt, r.box, r.score, r.fallback,
+                       [float(x) for x in r.embedding] if r.embedding is not None else None) for r in rows]
+
+
+def photo_embeddings_of(session: Session, listing_id: int) -> list[PhotoEmbedding]:
+    return list(session.scalars(select(PhotoEmbedding).where(PhotoEmbedding.listing_id == listing_id)
+                                .order_by(PhotoEmbedding.position, PhotoEmbedding.model_version_id)))
 
 
 def insert_embedding(session: Session, values: dict[str, Any]) -> None:

@@ -35,11 +35,13 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
             return False
         product = products.get(session, job.product_id)  # as claim locked it: this job's version
         assert product is not None
-        uri = FetchedImages.of(job.work).primary_uri
+        photos = FetchedImages.of(job.work).photos(runtime.max_images)
         item_fields = dict(category=product.category, title=product.title, description=product.description,
                            attributes=dict(product.attributes), locale=product.locale)
-    image = decode_image(runtime.blobs.get(uri), runtime.image_limits).image
-    result = runtime.batcher.run(ModelItem(job_id=job_id, image=image, unknown_category=runtime.unknown_category,
+    # Decoded here, in the task thread, once each (fetch already refused what does not decode).
+    images = [decode_image(runtime.blobs.get(uri), runtime.image_limits).image for _, uri in photos]
+    result = runtime.batcher.run(ModelItem(job_id=job_id, image=images[0], unknown_category=runtime.unknown_category,
+                                           extra_images=images[1:], image_ids=tuple(i for i, _ in photos),
                                            **item_fields), timeout=runtime.model_wait_s)
     if result.error is not None:
         code, detail, retryable = result.error

@@ -54,7 +54,26 @@ def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob,
         tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id, model_version_id=model_ids["clip"],
         category=product.category, dims=len(vec), image_embedding=vec, text_embedding=doc["text_embedding"],
         text_input=doc["text_input"]))
+    _photos(session, job, product, listing_id, grounding_id, model_ids, doc.get("images") or [])
     return listing_id, created, doc["grounding"]
+
+
+def _photos(session: Session, job: EnrichmentJob, product: Product, listing_id: int, primary_grounding: int,
+            model_ids: dict[str, int], photos: list[dict[str, Any]]) -> None:
+    """Every photo's grounding and own vector (the primary's grounding is the listing's)."""
+    rows = []
+    for photo in photos:
+        if photo.get("image_id") is None:
+            continue
+        g = photo["grounding"]
+        grounding_id = primary_grounding if photo["position"] == 0 else listings.upsert_grounding(
+            session, tenant_id=job.tenant_id, image_id=photo["image_id"], detector_id=model_ids["detector"],
+            prompt=g["prompt"], box=g["box"], score=g["score"], fallback=g["fallback"])
+        rows.append(dict(tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id,
+                         image_id=photo["image_id"], model_version_id=model_ids["clip"], position=photo["position"],
+                         on_product=photo["on_product"], product_probability=photo.get("product_probability"),
+                         grounding_id=grounding_id, dims=len(photo["embedding"]), embedding=photo["embedding"]))
+    listings.insert_photo_embeddings(session, rows)
 
 
 def truth_flags(doc: dict[str, Any]) -> dict[str, Any]:
@@ -82,6 +101,11 @@ def _from_reuse(session: Session, job: EnrichmentJob, product: Product,
             tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id,
             model_version_id=emb.model_version_id, category=product.category, dims=emb.dims,
             image_embedding=emb.image_embedding, text_embedding=emb.text_embedding, text_input=emb.text_input))
+    listings.insert_photo_embeddings(session, [dict(
+        tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id, image_id=p.image_id,
+        model_version_id=p.model_version_id, position=p.position, on_product=p.on_product,
+        product_probability=p.product_probability, grounding_id=p.grounding_id, dims=p.dims, embedding=p.embedding)
+        for p in listings.photo_embeddings_of(session, src.id)])
     g = listings.grounding(session, src.grounding_id)
     grounding = ({"box": g.box, "score": g.score, "fallback": g.fallback, "prompt": g.prompt} if g
                  else {"box": None, "score": None, "fallback": True, "prompt": ""})

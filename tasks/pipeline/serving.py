@@ -118,17 +118,43 @@ class ModelServer:
             assert self._served is not None
             return self._served
 
+    def prepare(self) -> None:
+        """Load the served bundle's models (a no-op once loaded): the micro-batcher calls this before
+        a batch, outside the batch's hang allowance."""
+        bundle = self.serving().bundle
+        for wrapper in (bundle.grounder, bundle.embedder, bundle.generator):
+            wrapper.load()
+
     def run_batch(self, items: list[ModelItem], *,
                   before: Callable[[list[ModelItem]], None] | None = None) -> list[ModelResult]:
         """One batch on the served bundle, every result stamped with the versions that made it."""
         from models.batch import run_model_batch
 
         served = self.serving()
-        results = run_model_batch(served.bundle, items, before=before)
+        known = self._known(items, served)
+        results = run_model_batch(served.bundle, items, before=before, known=known)
         for result in results:
             result.model_versions = served.ids
             result.random_weights = served.random_weights
         return results
+
+    def _known(self, items: list[ModelItem], served: Served) -> dict[tuple[int, str], Any]:
+        """Stage-level reuse: what earlier jobs derived from these photos under the versions served
+        now (a grounding per prompt, its crop's vector), by (image id, prompt). One query per batch;
+        the batch grounds and embeds only what is not there. A lookup failure costs only the reuse."""
+        from db.repositories import listings
+
+        ids = sorted({i for item in items for i in item.image_ids})
+        if not ids or "detector" not in served.versions or "clip" not in served.versions:
+            return {}
+        try:
+            with system_session(self._factory) as session:
+                rows = listings.known_photos(session, ids, detector_id=served.versions["detector"].id,
+                                             clip_id=served.versions["clip"].id)
+        except Exception:  # noqa: BLE001 - the batch recomputes; the database error shows elsewhere
+            log.warning("serving.known_photos_unavailable", exc_info=True)
+            return {}
+        return {(r.image_id, r.prompt): r for r in rows}
 
     def _refresh(self) -> None:
         wanted = self._wanted()

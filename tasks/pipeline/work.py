@@ -76,10 +76,12 @@ class FetchedImages:
     duplicates: tuple[DuplicateFound, ...] = ()
     reuse_listing_id: int | None = None
     reuse_key: str | None = None  # the inputs besides image and models (tasks.pipeline.reuse), kept on the listing
+    image_uris: tuple[str, ...] = ()  # parallel to image_ids (a hand-off written before it: the primary only)
 
     def to_work(self) -> dict[str, Any]:
         return {"image_ids": list(self.image_ids), "primary_image_id": self.primary_image_id,
                 "primary_uri": self.primary_uri, "duplicates": [d.as_event() for d in self.duplicates],
+                "image_uris": list(self.image_uris),
                 "reuse_listing_id": self.reuse_listing_id, "reuse_key": self.reuse_key}
 
     @classmethod
@@ -88,7 +90,17 @@ class FetchedImages:
                    primary_image_id=int(_need(work, "primary_image_id", "the fetch hand-off")),
                    primary_uri=str(_need(work, "primary_uri", "the fetch hand-off")),
                    duplicates=tuple(DuplicateFound(**d) for d in work.get("duplicates", [])),
-                   reuse_listing_id=work.get("reuse_listing_id"), reuse_key=work.get("reuse_key"))
+                   reuse_listing_id=work.get("reuse_listing_id"), reuse_key=work.get("reuse_key"),
+                   image_uris=tuple(work.get("image_uris") or ()))
+
+    def photos(self, limit: int) -> list[tuple[int, str]]:
+        """(image id, uri) of the photos the model stage reads: the primary first, then the others
+        in the event's order, at most ``limit``."""
+        if len(self.image_uris) != len(self.image_ids):
+            return [(self.primary_image_id, self.primary_uri)]
+        others = list(dict.fromkeys((i, u) for i, u in zip(self.image_ids, self.image_uris, strict=True)
+                                    if i != self.primary_image_id))
+        return [(self.primary_image_id, self.primary_uri), *others][:max(1, limit)]
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,22 @@ class ModelOutput:
     @classmethod
     def of(cls, work: dict[str, Any]) -> ModelOutput:
         return cls(str(_need(work, "result_uri", "the model hand-off")))
+
+
+@dataclass(frozen=True)
+class JobTrace:
+    """Intake → every stage: the W3C trace context the product event arrived with (if any)."""
+
+    traceparent: str
+    tracestate: str | None = None
+
+    def to_work(self) -> dict[str, Any]:
+        return {"trace": {"traceparent": self.traceparent, "tracestate": self.tracestate}}
+
+    @classmethod
+    def of(cls, work: dict[str, Any]) -> JobTrace | None:
+        trace = work.get("trace") or {}
+        return cls(trace["traceparent"], trace.get("tracestate")) if trace.get("traceparent") else None
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,34 @@ def test_micro_batcher_watchdog_leaves_slow_but_finishing_batches_alone() -> Non
         assert not batcher.hung and hung_calls == []
     finally:
         batcher.close()
+
+
+def test_micro_batcher_gives_the_model_load_its_own_allowance_and_still_catches_a_load_that_hangs() -> None:
+    from models.batch import BatcherHung
+
+    loads: list[float] = []
+
+    def slow_first_load() -> None:  # a first batch loads the models: longer than a batch may run
+        if not loads:
+            time.sleep(0.8)
+        loads.append(time.monotonic())
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: [i * 2 for i in items], max_size=1, max_wait_ms=0,
+                                                   hang_after_s=0.3, prepare=slow_first_load, load_factor=5)
+    try:
+        assert batcher.run(2, timeout=5) == 4 and batcher.run(3, timeout=5) == 6
+        assert not batcher.hung and len(loads) == 2
+    finally:
+        batcher.close()
+
+    never = threading.Event()
+    hung = MicroBatcher(lambda items: items, max_size=1, max_wait_ms=0, hang_after_s=0.2,
+                        prepare=lambda: never.wait(30), load_factor=3, on_hang=lambda: None)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BatcherHung, match="limit 0.6 s"):
+            hung.run(1, timeout=10)
+        assert 0.55 <= time.monotonic() - started < 3  # the load allowance, not the batch's 0.2 s
+    finally:
+        never.set()
+        hung.close()

@@ -1,0 +1,146 @@
+"""Every photo of a product is used: the model stage decodes each (up to ``max_images``), the batch
+grounds and embeds each, and persist records each photo's grounding and vector beside the product
+vector, which is the mean of the photos that show the product.
+
+The stages run as production runs them (``enrich_worker`` under forced row-level security, each
+in ``job_session`` on the test's connection, rolled back); the batcher runs the real batch function
+on the tiny models (random weights: what the words say does not matter here, what is used does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.engine import tenant_session
+from db.tables import Embedding, Grounding, Listing, PhotoEmbedding
+from models.batch import ModelItem, ModelResult
+from models.config import ModelConfig
+from models.factory import build_models
+from models.images import ImageLimits
+from tasks.events import parse_product_event, product_event_payload
+from tasks.io.blobs import LocalBlobStore
+from tasks.pipeline.fetch import fetch_and_dedup
+from tasks.pipeline.intake import accept_product_event
+from tasks.pipeline.model import model_stage
+from tasks.pipeline.persist import persist
+from tasks.pipeline.serving import ModelServer
+from tasks.runtime import Runtime
+from tests.conftest import WORKER_ROLE, as_role
+from tests.db.catalog_rows import add_model_version, add_tenant
+from tests.tasks.pipeline.test_superseded import FakeFetcher
+
+TENANT = "photos"
+URLS = [f"https://img.example/p{n}.jpg" for n in range(5)]
+
+
+class TinyBatcher:
+    """The GPU worker's micro-batcher minus the thread: the real model server (registry versions,
+    stage-level reuse lookup) running the real batch function on the tiny models."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server, self.items, self.results = server, [], []
+
+    def run(self, item: ModelItem, timeout: float | None = None) -> ModelResult:
+        self.items.append(item)
+        [result] = self.server.run_batch([item])
+        self.results.append(result)
+        return result
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None):  # noqa: ANN201
+    return build_models(ModelConfig(profile="tiny", device="cpu", cache_dir=tmp_path_factory.mktemp("cache"),
+                                    max_new_tokens=32))
+
+
+@pytest.fixture
+def env(db_session: Session, tmp_path: Path, sample_photos: list[tuple[Path, str]], bundle) -> Iterator[SimpleNamespace]:  # noqa: ANN001
+    model_ids = {kind: add_model_version(db_session, kind, f"{kind}-photos", dims=512 if kind == "clip" else None)
+                 for kind in ("detector", "vlm", "clip")}
+    add_tenant(db_session, TENANT)
+    photos = {url: sample_photos[n][0].read_bytes() for n, url in enumerate(URLS)}
+    factory: sessionmaker[Session] = sessionmaker(bind=db_session.connection(), join_transaction_mode="create_savepoint",
+                                                  expire_on_commit=False)
+    runtime = Runtime(session_factory=factory, blobs=LocalBlobStore(tmp_path / "blobs"),  # type: ignore[arg-type]
+                      fetcher=FakeFetcher(photos), publisher=None, image_limits=ImageLimits(),  # type: ignore[arg-type]
+                      models_factory=None, heartbeat_s=0, max_images=4)  # type: ignore[arg-type]
+    server = ModelServer(factory, ModelConfig(profile="tiny", device="cpu"), lambda config: bundle)
+    runtime._batcher = TinyBatcher(server)  # type: ignore[assignment]
+    with as_role(db_session, WORKER_ROLE):
+        yield SimpleNamespace(runtime=runtime, factory=factory, batcher=runtime._batcher, model_ids=model_ids)
+
+
+def _enrich(env: SimpleNamespace, external_id: str, urls: list[str], *, version: int = 1, title: str = "Shirt") -> int:
+    payload = product_event_payload(event_type="product.created" if version == 1 else "product.updated",
+                                    tenant_id=TENANT, merchant_id="m1", external_id=external_id, version=version,
+                                    category="shirt", image_urls=urls, title=title, description="", attributes={})
+    event = parse_product_event(json.dumps(payload).encode(), "application/json", payload["event_type"])
+    with tenant_session(env.factory, TENANT) as session:
+        job_id = accept_product_event(session, event).job_id
+    assert job_id is not None
+    assert fetch_and_dedup(env.runtime, job_id, f"fetch-{job_id}").next_stage is not None
+    assert model_stage(env.runtime, job_id, f"model-{job_id}") is True
+    listing_id = persist(env.runtime, job_id, f"persist-{job_id}")
+    assert listing_id is not None
+    return listing_id
+
+
+def test_a_product_with_four_photos_uses_all_four(env: SimpleNamespace) -> None:
+    listing_id = _enrich(env, "sku-4", URLS[:4])
+    [item] = env.batcher.items
+    assert len(item.extra_images) == 3 and len(item.image_ids) == 4 == len(set(item.image_ids))
+    with tenant_session(env.factory, TENANT) as session:
+        photos = session.query(PhotoEmbedding).filter_by(listing_id=listing_id).order_by(PhotoEmbedding.position).all()
+        assert [p.position for p in photos] == [0, 1, 2, 3] and [p.image_id for p in photos] == list(item.image_ids)
+        assert photos[0].on_product  # the primary photo always shows the product
+        groundings = {g.id: g for g in session.query(Grounding).filter_by(tenant_id=TENANT)}
+        assert all(p.grounding_id in groundings for p in photos)  # each photo grounded
+        assert {groundings[p.grounding_id].image_id for p in photos} == set(item.image_ids)
+        listing = session.get(Listing, listing_id)
+        assert listing is not None and groundings[photos[0].grounding_id].id == listing.grounding_id
+        [product] = session.query(Embedding).filter_by(listing_id=listing_id).all()
+        voting = np.stack([np.asarray(p.embedding, dtype=np.float64) for p in photos if p.on_product])
+        expected = voting.mean(axis=0) / np.linalg.norm(voting.mean(axis=0))
+        assert np.allclose(np.asarray(product.image_embedding, dtype=np.float64), expected, atol=1e-5)
+        assert all(p.dims == 512 and abs(np.linalg.norm(np.asarray(p.embedding)) - 1) < 1e-4 for p in photos)
+
+
+def test_photos_beyond_the_limit_are_not_read_and_a_different_photo_set_is_not_a_relisting(env: SimpleNamespace) -> None:
+    first = _enrich(env, "sku-5", URLS)
+    assert len(env.batcher.items[0].image_ids) == 4  # max_images: the primary and the next three
+    second = _enrich(env, "sku-5b", [URLS[0], URLS[4]])  # same primary photo, other secondary photo
+    assert len(env.batcher.items) == 2  # generated, not copied from the first product's listing
+    with tenant_session(env.factory, TENANT) as session:
+        assert session.query(PhotoEmbedding).filter_by(listing_id=first).count() == 4
+        assert session.query(PhotoEmbedding).filter_by(listing_id=second).count() == 2
+
+
+def test_a_photo_that_shows_a_size_chart_does_not_show_the_product(bundle) -> None:  # noqa: ANN001
+    verifier = bundle.verifier
+    texts = ["a size chart table", "a barcode", "a photo of a shirt"]
+    vectors = bundle.embedder.embed_texts(texts)  # a picture exactly like each prompt
+    shows = verifier.shows_product(vectors, ["shirt"] * 3)
+    assert [on for on, _ in shows] == [False, False, True]
+    assert shows[2][1] > shows[0][1]
+
+
+def test_an_update_that_changes_only_the_text_reuses_every_photos_grounding_and_vector(env: SimpleNamespace) -> None:
+    first = _enrich(env, "sku-u", URLS[:3])
+    second = _enrich(env, "sku-u", URLS[:3], version=2, title="Shirt, new title")
+    assert second != first  # a new listing for the new version: the listing model ran on the new text
+    before, after = env.batcher.results
+    assert before.reused == {"groundings": 0, "embeddings": 0}
+    assert after.reused == {"groundings": 3, "embeddings": 3}  # no detector, no CLIP image encoding
+    assert [p["grounding"] for p in after.images] == [p["grounding"] for p in before.images]
+    assert np.allclose([p["embedding"] for p in after.images], [p["embedding"] for p in before.images])
+    assert "Shirt, new title" in after.model_input["phases"]["text"]["prompt_text"]
+    other = _enrich(env, "sku-o", [URLS[3], URLS[0]])  # a new primary photo, a known secondary one
+    assert env.batcher.results[-1].reused == {"groundings": 1, "embeddings": 1}
+    assert other not in (first, second)
