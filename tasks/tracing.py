@@ -135,6 +135,16 @@ def stage_span(name: str, incoming: TraceContext | None, **attributes: Any) -> I
             yield span
 
 
+def annotate(**attributes: Any) -> None:
+    """Attributes on the span of the stage running now (a no-op without a tracer): what only the
+    stage function knows, such as the job's tenant or the model versions of its result."""
+    if _tracer is None:
+        return
+    from opentelemetry import trace
+
+    set_attributes(trace.get_current_span(), **attributes)
+
+
 def set_attributes(span: Any, **attributes: Any) -> None:
     if span is not None:
         for key, value in attributes.items():

@@ -122,6 +122,7 @@ def claim(session: Session, job_id: int, stage: Stage, task_id: str,
     job.status = JobStatus.running.value
     job.updated_at = datetime.now(UTC)
     session.flush()
+    tracing.annotate(**{"catalog.tenant_id": job.tenant_id, "catalog.product_version": job.product_version})
     return job
 
 

@@ -18,6 +18,7 @@ from db.repositories import jobs as job_rows
 from db.repositories import products
 from models.batch import ModelItem
 from models.images import decode_image
+from tasks import tracing
 from tasks.errors import ErrorCode, PipelineError
 from tasks.io.blobs import result_key
 from tasks.pipeline import jobs
@@ -43,6 +44,7 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
     result = runtime.batcher.run(ModelItem(job_id=job_id, image=images[0], unknown_category=runtime.unknown_category,
                                            extra_images=images[1:], image_ids=tuple(i for i, _ in photos),
                                            **item_fields), timeout=runtime.model_wait_s)
+    tracing.annotate(**{f"catalog.model_version.{kind}": vid for kind, vid in result.model_versions.items()})
     if result.error is not None:
         code, detail, retryable = result.error
         raise PipelineError(ErrorCode(code), detail, retryable=retryable)

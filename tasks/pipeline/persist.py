@@ -15,7 +15,7 @@ from db.engine import job_session
 from db.enums import Stage
 from db.repositories import listings, model_versions, products
 from db.tables import EnrichmentJob, Listing, Product
-from tasks import faults
+from tasks import faults, tracing
 from tasks.errors import ErrorCode, PipelineError
 from tasks.events import contract_versions, now_iso
 from tasks.pipeline import jobs
@@ -165,6 +165,8 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
             listing_id, created, grounding = _from_result(session, runtime, job, product)
         listing = listings.get(session, listing_id)
         assert listing is not None
+        tracing.annotate(**{f"catalog.model_version.{kind}": listing.model_versions.get(kind)
+                            for kind in ("detector", "vlm", "clip")}, **{"catalog.listing_id": listing_id})
         if created:
             names = _model_names(session, {k: listing.model_versions[k] for k in ("detector", "vlm", "clip")})
             enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names,

@@ -68,6 +68,10 @@ def test_the_incoming_trace_is_on_every_stage_span_and_on_the_published_event(
     assert set(finished) == {name for name, _ in stages}
     assert {format(s.context.trace_id, "032x") for s in finished.values()} == {TRACE_ID}
     assert all(s.attributes["catalog.job_id"] == job_id for s in finished.values())
+    assert all(s.attributes["catalog.tenant_id"] == TENANT for s in finished.values())  # set at each claim
+    for name in ("catalog.model", "catalog.persist"):  # the versions that produced the listing
+        assert {k for k in finished[name].attributes if k.startswith("catalog.model_version.")} == {
+            f"catalog.model_version.{kind}" for kind in ("detector", "vlm", "clip")}
     # Each stage is the child of the span that handed the job on (fetch: of the producer's span).
     assert format(finished["catalog.fetch"].parent.span_id, "016x") == TRACEPARENT.split("-")[2]
     assert finished["catalog.model"].parent.span_id == finished["catalog.fetch"].context.span_id
