@@ -6,18 +6,14 @@ from __future__ import annotations
 from sqlalchemy import inspect, text
 
 from db import migrate
-from db.engine import make_engine
 
 NEW_TABLES = {"job_summaries", "job_stage_timings", "inbox_summaries", "retention_cursors"}
 NEW_INDEXES = {"ix_outbox_published_at", "ix_inbox_events_received_at_event_id", "ix_enrichment_jobs_finished_at_id",
                "ix_dead_letters_resolved_at", "ix_dead_letters_unresolved"}
 
 
-def test_0010_up_down_up_keeps_rows_and_removes_what_it_created(engine) -> None:  # noqa: ANN001
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS migration_0010"))
-        conn.execute(text("CREATE DATABASE migration_0010"))
-    eng = make_engine(engine.url.set(database="migration_0010").render_as_string(hide_password=False))
+def test_0010_up_down_up_keeps_rows_and_removes_what_it_created(scratch_engine) -> None:  # noqa: ANN001
+    eng = scratch_engine("migration_0010")
 
     def state() -> dict[str, object]:
         insp = inspect(eng)
@@ -37,28 +33,23 @@ def test_0010_up_down_up_keeps_rows_and_removes_what_it_created(engine) -> None:
                 "columns": {c["name"] for c in insp.get_columns("dead_letters")} & {"resolved_at", "resolution"},
                 "grants": grants, "rls": rls, "dead_letters": letters}
 
-    try:
-        migrate.upgrade(eng, "0009")
-        with eng.begin() as conn:
-            conn.execute(text("INSERT INTO dead_letters (queue, reason, body) VALUES ('q', 'poison', '\\x00')"))
-        migrate.upgrade(eng, "0010")
-        up = state()
-        assert up == {"tables": NEW_TABLES, "indexes": NEW_INDEXES, "columns": {"resolved_at", "resolution"},
-                      "grants": True, "rls": set(), "dead_letters": 1, "tuned": {"inbox_events", "enrichment_jobs"}}
-        with eng.begin() as conn:  # an existing dead letter is unresolved; half a resolution is refused
-            assert conn.execute(text("SELECT resolved_at IS NULL AND resolution IS NULL FROM dead_letters")).scalar()
-            refused = conn.execute(text("SELECT count(*) FROM pg_constraint WHERE conname IN "
-                                        "('ck_dead_letters_resolution', 'ck_dead_letters_resolved_together')"))
-            assert refused.scalar_one() == 2
-        migrate.downgrade(eng, "0009")
-        assert state() == {"tables": set(), "indexes": set(), "columns": set(), "grants": None, "rls": set(),
-                           "dead_letters": 1, "tuned": set()}
-        migrate.upgrade(eng, "0010")
-        assert state() == up
-    finally:
-        eng.dispose()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("DROP DATABASE IF EXISTS migration_0010 WITH (FORCE)"))
+    migrate.upgrade(eng, "0009")
+    with eng.begin() as conn:
+        conn.execute(text("INSERT INTO dead_letters (queue, reason, body) VALUES ('q', 'poison', '\\x00')"))
+    migrate.upgrade(eng, "0010")
+    up = state()
+    assert up == {"tables": NEW_TABLES, "indexes": NEW_INDEXES, "columns": {"resolved_at", "resolution"},
+                  "grants": True, "rls": set(), "dead_letters": 1, "tuned": {"inbox_events", "enrichment_jobs"}}
+    with eng.begin() as conn:  # an existing dead letter is unresolved; half a resolution is refused
+        assert conn.execute(text("SELECT resolved_at IS NULL AND resolution IS NULL FROM dead_letters")).scalar()
+        refused = conn.execute(text("SELECT count(*) FROM pg_constraint WHERE conname IN "
+                                    "('ck_dead_letters_resolution', 'ck_dead_letters_resolved_together')"))
+        assert refused.scalar_one() == 2
+    migrate.downgrade(eng, "0009")
+    assert state() == {"tables": set(), "indexes": set(), "columns": set(), "grants": None, "rls": set(),
+                       "dead_letters": 1, "tuned": set()}
+    migrate.upgrade(eng, "0010")
+    assert state() == up
 
 
 def test_a_half_resolved_dead_letter_is_refused(db_session) -> None:  # noqa: ANN001

@@ -6,16 +6,12 @@ from __future__ import annotations
 from sqlalchemy import inspect, text
 
 from db import migrate
-from db.engine import make_engine
 
 FLAGS = {"forced_fields", "forced_tokens", "conflicts", "text_checks"}
 
 
-def test_0008_and_0011_up_down_up(engine) -> None:  # noqa: ANN001
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS migration_truth"))
-        conn.execute(text("CREATE DATABASE migration_truth"))
-    eng = make_engine(engine.url.set(database="migration_truth").render_as_string(hide_password=False))
+def test_0008_and_0011_up_down_up(scratch_engine) -> None:  # noqa: ANN001
+    eng = scratch_engine("migration_truth")
 
     def state() -> dict[str, object]:
         insp = inspect(eng)
@@ -30,18 +26,13 @@ def test_0008_and_0011_up_down_up(engine) -> None:  # noqa: ANN001
                 "photos": "photo_embeddings" in insp.get_table_names(), "policies": policies, "secured": secured,
                 "view": view}
 
-    try:
-        migrate.upgrade(eng, "0011")
-        up = state()
-        assert up == {"flags": FLAGS, "photos": True, "secured": True, "view": 1,
-                      "policies": {"tenant_isolation", "system_scope", "admin_system_scope"}}
-        migrate.downgrade(eng, "0010")
-        assert state()["photos"] is False and state()["view"] == 0 and state()["flags"] == FLAGS
-        migrate.downgrade(eng, "0007")
-        assert state()["flags"] == set()
-        migrate.upgrade(eng, "0011")
-        assert state() == up
-    finally:
-        eng.dispose()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("DROP DATABASE IF EXISTS migration_truth WITH (FORCE)"))
+    migrate.upgrade(eng, "0011")
+    up = state()
+    assert up == {"flags": FLAGS, "photos": True, "secured": True, "view": 1,
+                  "policies": {"tenant_isolation", "system_scope", "admin_system_scope"}}
+    migrate.downgrade(eng, "0010")
+    assert state()["photos"] is False and state()["view"] == 0 and state()["flags"] == FLAGS
+    migrate.downgrade(eng, "0007")
+    assert state()["flags"] == set()
+    migrate.upgrade(eng, "0011")
+    assert state() == up
