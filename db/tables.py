@@ -95,6 +95,9 @@ class Image(CreatedAt, Base):
     # migration 0009, which candidate search then compares by their plain hashes.
     phash_trimmed: Mapped[str | None] = mapped_column(BIT(64))
     dhash_trimmed: Mapped[str | None] = mapped_column(BIT(64))
+    # Hashes of the trimmed image's central region (a re-coloured background); NULL as above.
+    phash_centre: Mapped[str | None] = mapped_column(BIT(64))
+    dhash_centre: Mapped[str | None] = mapped_column(BIT(64))
     width: Mapped[int] = mapped_column(Integer, nullable=False)
     height: Mapped[int] = mapped_column(Integer, nullable=False)
     byte_size: Mapped[int] = mapped_column(BigInteger, nullable=False)

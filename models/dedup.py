@@ -3,7 +3,7 @@
 Hash distance alone cannot decide. In the clothing photos, different garments shot on the same bed
 or floor can be 0-6 bits apart, while an 8% crop or a price sticker on a true copy moves the hash
 10-24 bits. So the database proposes candidates generously (nearest ``CANDIDATE_K`` by Hamming on
-phash and on dhash, each the nearest of a plain, a trimmed and a mirrored comparison:
+phash and on dhash, each the nearest of a plain, a trimmed, a mirrored and a centre comparison:
 ``models.hashing``), within ``CANDIDATE_MAX_HAMMING``, and each one is confirmed here by an
 independent signal: ORB keypoints matched with Lowe's ratio test, then a RANSAC similarity
 transform (rotation, uniform scale, translation: what resizing, cropping, letterboxing, a small
@@ -43,7 +43,8 @@ from PIL import Image
 # db/repositories/images.py: near_candidates. On the clothing photos
 # (infra/bench/eval_near_duplicates.py) every transformed copy stayed within 19 bits on at least
 # one hash kind (a 10% crop is the worst case; resize/JPEG stay <= 3; letterboxing and mirroring
-# are far on the plain hashes and within 4 on the trimmed and mirrored ones), while unrelated
+# are far on the plain hashes and within 4 on the trimmed and mirrored ones; a re-coloured
+# background is far on those for about one copy in ten, nearer on the centre ones), while unrelated
 # photos sit around 29 bits. 22 leaves a margin; about 12% of random pairs also fall within it,
 # which is harmless because precision comes from verification, not from the hash.
 CANDIDATE_MAX_HAMMING = 22

@@ -24,6 +24,8 @@ class NewImage:
     storage_uri: str
     phash_trimmed: str | None = None  # hashes of the image with uniform borders cut (models.hashing)
     dhash_trimmed: str | None = None
+    phash_centre: str | None = None  # hashes of the trimmed image's central region (models.hashing)
+    dhash_centre: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ def upsert(session: Session, tenant_id: str, image: NewImage) -> tuple[int, bool
     new_id = session.execute(
         insert(Image).values(tenant_id=tenant_id, sha256=image.sha256, phash=image.phash, dhash=image.dhash,
                              phash_trimmed=image.phash_trimmed, dhash_trimmed=image.dhash_trimmed,
+                             phash_centre=image.phash_centre, dhash_centre=image.dhash_centre,
                              width=image.width, height=image.height, byte_size=image.byte_size,
                              format=image.format, storage_uri=image.storage_uri)
         .on_conflict_do_nothing(index_elements=["tenant_id", "sha256"]).returning(Image.id)
@@ -64,7 +67,7 @@ def link_to_product(session: Session, *, tenant_id: str, product_id: int, produc
 # can stop early because the crowd's graph never links out to the copy (README "Safe decoding and
 # dedup" has the measurements). So a tenant of up to EXACT_SCAN_MAX_IMAGES images is searched
 # exactly: its own rows (the (tenant_id, sha256) index or a sequential scan), every distance
-# computed (three comparisons per hash kind), which is complete by construction and costs about
+# computed (four comparisons per hash kind), which is complete by construction and costs about
 # 0.3-0.5 us per image and comparison.
 # A bigger tenant goes through the index with a strict-order iterative scan, bounded by
 # HNSW_MAX_SCAN_TUPLES: approximate, never silently limited to ef_search rows.
@@ -73,14 +76,17 @@ HNSW_MAX_SCAN_TUPLES = 100_000
 
 _TENANT_SIZE = text("SELECT count(*) FROM (SELECT 1 FROM images WHERE tenant_id = :t LIMIT :cap) s")
 
-# Per hash kind, the nearest of three comparisons (models.hashing.candidate_distances): the query's
+# Per hash kind, the nearest of four comparisons (models.hashing.candidate_distances): the query's
 # plain hash against the stored plain one, its trimmed hash and its mirrored trimmed hash against
-# the stored trimmed one (the plain one for rows stored before migration 0009).
+# the stored trimmed one, its centre hash against the stored centre one (the plain one where a row
+# stored before migration 0009 has no trimmed or centre hashes).
 _KIND_DIST = ("least(bit_count({k} # CAST(:{q} AS bit(64))),"
               " bit_count(coalesce({k}_trimmed, {k}) # CAST(:{q}t AS bit(64))),"
-              " bit_count(coalesce({k}_trimmed, {k}) # CAST(:{q}m AS bit(64))))")
+              " bit_count(coalesce({k}_trimmed, {k}) # CAST(:{q}m AS bit(64))),"
+              " bit_count(coalesce({k}_centre, {k}) # CAST(:{q}c AS bit(64))))")
 _DP, _DD = _KIND_DIST.format(k="phash", q="p"), _KIND_DIST.format(k="dhash", q="d")
-_ROWS = ("SELECT id, storage_uri, sha256, phash, dhash, phash_trimmed, dhash_trimmed FROM images"
+_ROWS = ("SELECT id, storage_uri, sha256, phash, dhash, phash_trimmed, dhash_trimmed, phash_centre,"
+         " dhash_centre FROM images"
          " WHERE tenant_id = :t AND id <> ALL(CAST(:ex AS bigint[]))")
 
 # bit_count(a # b) is the Hamming distance but not the <~> operator, so no HNSW index can serve it.
@@ -88,9 +94,9 @@ _SCORED = (f"SELECT id, storage_uri, sha256, {_DP} AS dp, {_DD} AS dd FROM image
            " WHERE tenant_id = :t AND id <> ALL(CAST(:ex AS bigint[]))")
 _NEAR_EXACT = text(f"({_SCORED} ORDER BY dp, id LIMIT :k) UNION ({_SCORED} ORDER BY dd, id LIMIT :k)")
 
-# One index scan per comparison (six HNSW walks); the k nearest per kind are picked afterwards.
-_INDEX_SCANS = [("phash", "p"), ("phash_trimmed", "pt"), ("phash_trimmed", "pm"),
-                ("dhash", "d"), ("dhash_trimmed", "dt"), ("dhash_trimmed", "dm")]
+# One index scan per comparison (eight HNSW walks); the k nearest per kind are picked afterwards.
+_INDEX_SCANS = [("phash", "p"), ("phash_trimmed", "pt"), ("phash_trimmed", "pm"), ("phash_centre", "pc"),
+                ("dhash", "d"), ("dhash_trimmed", "dt"), ("dhash_trimmed", "dm"), ("dhash_centre", "dc")]
 _NEAR_INDEX = text(
     f"SELECT id, storage_uri, sha256, {_DP} AS dp, {_DD} AS dd FROM ("
     + " UNION ".join(f"({_ROWS} ORDER BY {col} <~> CAST(:{q} AS bit(64)) LIMIT :k)"
@@ -103,19 +109,22 @@ _ITERATIVE_SCAN = text("SELECT set_config('hnsw.iterative_scan', 'strict_order',
 
 def near_candidates(session: Session, tenant_id: str, image_id: int, *, phash: str, dhash: str, k: int,
                     max_hamming: int, exclude: tuple[int, ...] = (), trimmed: tuple[str, str] | None = None,
-                    mirrored: tuple[str, str] | None = None,
+                    mirrored: tuple[str, str] | None = None, centre: tuple[str, str] | None = None,
                     exact_up_to: int = EXACT_SCAN_MAX_IMAGES) -> list[NearCandidate]:
     """The tenant's images closest to the query (the ``k`` nearest by pHash distance and the ``k``
     nearest by dHash distance), within ``max_hamming`` on either, nearest first; never
-    ``image_id`` or an id in ``exclude``. ``trimmed`` and ``mirrored`` are the query's (pHash,
-    dHash) of its trimmed form and of that mirrored (``models.hashing.CandidateHashes``; default:
-    the plain ones); each distance is the nearest of the three comparisons.
+    ``image_id`` or an id in ``exclude``. ``trimmed``, ``mirrored`` and ``centre`` are the query's
+    (pHash, dHash) of its trimmed form, of that mirrored and of its centre
+    (``models.hashing.CandidateHashes``; default: the plain ones); each distance is the nearest of
+    the four comparisons.
 
     Exact over the tenant's rows while it has at most ``exact_up_to`` images, whatever other
     tenants hold; above that HNSW iterative scans (approximate)."""
     pt, dt = trimmed or (phash, dhash)
     pm, dm = mirrored or (pt, dt)
-    params = {"p": phash, "d": dhash, "pt": pt, "dt": dt, "pm": pm, "dm": dm, "t": tenant_id,
+    pc, dc = centre or (phash, dhash)
+    params = {"p": phash, "d": dhash, "pt": pt, "dt": dt, "pm": pm, "dm": dm, "pc": pc, "dc": dc,
+              "t": tenant_id,
               "ex": [image_id, *exclude], "k": k}
     size = session.execute(_TENANT_SIZE, {"t": tenant_id, "cap": exact_up_to + 1}).scalar_one()
     if size <= exact_up_to:

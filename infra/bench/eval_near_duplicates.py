@@ -7,7 +7,7 @@ garment re-coloured, and ``--combos`` random pairs of two of these per photo.
 
 Negatives: every distinct pair of different photos of the split that the pipeline's own
 candidate rule would verify, i.e. each photo's ``CANDIDATE_K`` nearest on either hash kind
-(``models.hashing.candidate_distances``: plain, trimmed and mirrored comparisons) within
+(``models.hashing.candidate_distances``: plain, trimmed, mirrored and centre comparisons) within
 ``CANDIDATE_MAX_HAMMING``, as ``db.repositories.images.near_candidates`` finds them with the whole
 split stored. The ``--transformed-negatives`` of those with the most RANSAC inliers (the same
 bed, floor or hanger) are also evaluated with every transformation applied to one side, so each
@@ -248,6 +248,7 @@ class HashIndex:
         self.hashes = hashes
         self.plain = {k: _as_uint64([getattr(h.plain, k) for h in hashes]) for k in ("phash", "dhash")}
         self.trimmed = {k: _as_uint64([getattr(h.trimmed, k) for h in hashes]) for k in ("phash", "dhash")}
+        self.centre = {k: _as_uint64([getattr(h.centre, k) for h in hashes]) for k in ("phash", "dhash")}
 
     def distances(self, query: CandidateHashes) -> tuple[np.ndarray, np.ndarray]:
         """Per stored photo, the (pHash, dHash) distance of ``candidate_distances``, vectorised."""
@@ -257,7 +258,8 @@ class HashIndex:
                 return np.bitwise_count(stored ^ np.uint64(int(q, 2))).astype(np.int32)
             out.append(np.minimum.reduce([d(getattr(query.plain, k), self.plain[k]),
                                           d(getattr(query.trimmed, k), self.trimmed[k]),
-                                          d(getattr(query.mirrored, k), self.trimmed[k])]))
+                                          d(getattr(query.mirrored, k), self.trimmed[k]),
+                                          d(getattr(query.centre, k), self.centre[k])]))
         return out[0], out[1]
 
     def candidates(self, query: CandidateHashes, exclude: int | None = None) -> dict[int, int]:
@@ -426,7 +428,7 @@ def report(ev: Evaluator, args: argparse.Namespace) -> None:
     print(f"near-duplicate evaluation, split {args.split}: {args.n} source photos x {len(TRANSFORMS)} "
           f"transformations + {args.combos} two-transformation copies each; negatives: every candidate-rule "
           f"pair of the split + {args.transformed_negatives} hardest x every transformation; "
-          f"seed {args.seed}; candidates: {CANDIDATE_K} nearest per hash kind (plain/trimmed/mirrored) "
+          f"seed {args.seed}; candidates: {CANDIDATE_K} nearest per hash kind (plain/trimmed/mirrored/centre) "
           f"within {CANDIDATE_MAX_HAMMING}")
     print(header)
     print("-" * len(header))

@@ -1,4 +1,4 @@
-"""remembered duplicate decisions (issue 12), trimmed-image hashes for candidate search
+"""remembered duplicate decisions (issue 12), trimmed- and centre-image hashes for candidate search
 
 * ``duplicate_decisions``: a merchant's current verdict (``not_duplicate`` / ``confirmed``) on a
   pair of the tenant's images, keyed by their SHA-256 in sorted order (``image_a_sha256 <
@@ -11,6 +11,8 @@
 * ``images.phash_trimmed`` / ``dhash_trimmed``: the perceptual hashes of the image with uniform
   borders trimmed (letterboxing to a square), with HNSW indexes like the plain ones. NULL for rows
   stored before this revision: candidate search then uses their plain hashes.
+* ``images.phash_centre`` / ``dhash_centre``: the perceptual hashes of the trimmed image's central
+  region (a re-coloured background), indexed and NULL for older rows the same way.
 * ``catalog.duplicate_groups`` gains a ``decisions`` column (every current decision that involves
   a member) and a ``decision`` per member (its pair with the representative); the old columns stay
   as they were. New view ``catalog.duplicate_decisions``: one row per decided pair, with the image
@@ -34,6 +36,8 @@ WORKER, READER, ADMIN = "enrich_worker", "enrich_reader", "enrich_admin"
 TABLE = "duplicate_decisions"
 # Tenant-scoped tables this revision adds (secured here, as 0005 secured the earlier ones).
 TENANT_SCOPED_ADDED = (TABLE,)
+# Nullable bit(64) columns of ``images`` this revision adds, each with an HNSW Hamming index.
+HASH_COLUMNS_ADDED = ("phash_trimmed", "dhash_trimmed", "phash_centre", "dhash_centre")
 
 TENANT_PREDICATE = "tenant_id = current_setting('enrich.tenant_id', true)"
 SYSTEM_PREDICATE = "current_setting('enrich.scope', true) = 'system'"
@@ -168,10 +172,9 @@ def upgrade() -> None:
     _create_table()
     _secure_table()
     _method_check("'exact', 'near', 'confirmed'")
-    for kind in ("phash", "dhash"):
-        op.add_column("images", sa.Column(f"{kind}_trimmed", BIT(64), nullable=True))
-        op.execute(f"CREATE INDEX ix_images_{kind}_trimmed_hnsw ON images"
-                   f" USING hnsw ({kind}_trimmed bit_hamming_ops)")
+    for column in HASH_COLUMNS_ADDED:
+        op.add_column("images", sa.Column(column, BIT(64), nullable=True))
+        op.execute(f"CREATE INDEX ix_images_{column}_hnsw ON images USING hnsw ({column} bit_hamming_ops)")
     op.execute(_GROUPS_0009)
     op.execute(_GROUPS_COMMENT_0009)
     op.execute(_DECISIONS_VIEW)
@@ -184,9 +187,9 @@ def downgrade() -> None:
     op.execute(_GROUPS_0002)
     op.execute(_GROUPS_COMMENT_0002)
     op.execute(f"GRANT SELECT ON catalog.duplicate_groups TO {WORKER}, {READER}, {ADMIN}")
-    for kind in ("phash", "dhash"):
-        op.execute(f"DROP INDEX IF EXISTS ix_images_{kind}_trimmed_hnsw")
-        op.drop_column("images", f"{kind}_trimmed")
+    for column in reversed(HASH_COLUMNS_ADDED):
+        op.execute(f"DROP INDEX IF EXISTS ix_images_{column}_hnsw")
+        op.drop_column("images", column)
     # A merchant-confirmed member stays in its group as the nearest earlier kind of evidence. RLS is
     # forced, so the owner sees no member rows: lifted for this one statement, then forced again.
     op.execute("ALTER TABLE public.duplicate_members NO FORCE ROW LEVEL SECURITY")

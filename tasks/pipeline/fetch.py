@@ -68,6 +68,7 @@ def _fetch_all(runtime: Runtime, request: EnrichRequest, tenant_id: str, merchan
         uri = runtime.blobs.put(original_key(tenant_id, sha), fetched.data)
         row = images.NewImage(sha256=sha, phash=hashes.plain.phash, dhash=hashes.plain.dhash,
                               phash_trimmed=hashes.trimmed.phash, dhash_trimmed=hashes.trimmed.dhash,
+                              phash_centre=hashes.centre.phash, dhash_centre=hashes.centre.dhash,
                               width=decoded.width, height=decoded.height, byte_size=len(fetched.data),
                               format=decoded.format, storage_uri=uri)
         stored.append(StoredImage(url, role, row, decoded.image,
@@ -119,7 +120,8 @@ def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, produ
             found = images.near_candidates(
                 session, tenant_id, image_id, phash=row.phash, dhash=row.dhash, k=CANDIDATE_K,
                 max_hamming=CANDIDATE_MAX_HAMMING, exclude=later, mirrored=img.mirrored,
-                trimmed=(row.phash_trimmed or row.phash, row.dhash_trimmed or row.dhash))
+                trimmed=(row.phash_trimmed or row.phash, row.dhash_trimmed or row.dhash),
+                centre=(row.phash_centre or row.phash, row.dhash_centre or row.dhash))
             apart = decisions.decided_apart(session, tenant_id, row.sha256)  # merchant said: never these
             seen.append(_Seen(img, image_id, near_check=True,
                               candidates=tuple(c for c in found if c.sha256 not in apart)))

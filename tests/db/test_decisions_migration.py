@@ -53,7 +53,8 @@ def test_0009_up_down_up_with_a_confirmed_group(engine, pg_url: str) -> None:  #
                                         " WHERE relname = 'duplicate_decisions' AND relkind = 'r'")).scalar_one()
             assert tuple(conn.execute(text(GRANTS)).one()) == (True, True, True, True, True)
         assert policies == {"tenant_isolation", "system_scope", "admin_system_scope"} and secured
-        assert {"phash_trimmed", "dhash_trimmed"} <= {c["name"] for c in inspect(eng).get_columns("images")}
+        assert {"phash_trimmed", "dhash_trimmed", "phash_centre", "dhash_centre"} <= {
+            c["name"] for c in inspect(eng).get_columns("images")}
         _seed_confirmed_group(eng)
 
         # The downgrade as a production migrating login: owns everything, is no superuser.
@@ -71,7 +72,8 @@ def test_0009_up_down_up_with_a_confirmed_group(engine, pg_url: str) -> None:  #
             assert conn.execute(text("SELECT has_table_privilege('enrich_reader', 'catalog.duplicate_groups',"
                                      " 'SELECT')")).scalar_one()
         assert "duplicate_decisions" not in inspect(eng).get_table_names()
-        assert "phash_trimmed" not in {c["name"] for c in inspect(eng).get_columns("images")}
+        assert not {"phash_trimmed", "dhash_trimmed", "phash_centre", "dhash_centre"} & {
+            c["name"] for c in inspect(eng).get_columns("images")}
 
         migrate.upgrade(eng)
         assert migrate.current_revision(eng) == migrate.head_revision()

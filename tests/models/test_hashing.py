@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
 import imagehash
+import numpy as np
 import pytest
 from PIL import Image
 
+from models.dedup import CANDIDATE_MAX_HAMMING
 from models.hashing import (
     ImageHashes,
     candidate_distances,
     candidate_hashes,
+    centre_box,
     hamming,
     perceptual_hashes,
     sha256_hex,
@@ -124,3 +128,42 @@ def test_letterboxed_and_mirrored_copies_come_near_by_the_candidate_rule(sample_
     # A row stored before the trimmed hashes existed is compared by its plain ones.
     img = load_image_file(sample_photos[0][0]).image
     assert candidate_distances(candidate_hashes(img), perceptual_hashes(img), None) == (0, 0)
+
+
+def _recolour_background(img: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """The backdrop (pixels within 40 grey levels of the border's median colour) re-coloured to
+    ``colour`` with its shading kept, the garment untouched; JPEG re-encoded."""
+    rgb = np.asarray(img.convert("RGB")).astype(np.float32)
+    edge = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    ref = np.median(edge, axis=0)
+    backdrop = np.abs(rgb - ref).max(axis=2) <= 40
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    shade = np.clip((rgb @ luma) / max(float(ref @ luma), 1.0), 0.0, 1.25)[..., None]
+    out = np.where(backdrop[..., None], shade * np.array(colour, np.float32), rgb)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return decode_image(buf.getvalue()).image
+
+
+def test_centre_box_keeps_the_middle_half_of_each_side() -> None:
+    assert centre_box((400, 300)) == (100, 75, 300, 225)
+    assert centre_box((1, 1)) == (0, 0, 1, 1)  # never empty
+
+
+def test_a_copy_on_a_dark_backdrop_is_a_candidate_through_the_centre_hashes(
+        sample_photos: list[tuple[Path, str]]) -> None:
+    far_without_centre = 0
+    for path, _ in sample_photos:
+        img = load_image_file(path).image
+        stored = candidate_hashes(img)
+        copy = candidate_hashes(_recolour_background(img, (64, 64, 64)))
+        assert min(candidate_distances(copy, stored.plain, stored.trimmed, stored.centre)) <= CANDIDATE_MAX_HAMMING, path
+        assert min(candidate_distances(stored, copy.plain, copy.trimmed, copy.centre)) <= CANDIDATE_MAX_HAMMING, path
+        # The rule without the centre comparison (centre against centre becomes plain against plain).
+        without = dataclasses.replace(copy, centre=copy.plain)
+        far = min(candidate_distances(without, stored.plain, stored.trimmed))
+        far_without_centre += far > CANDIDATE_MAX_HAMMING
+    assert far_without_centre >= 2, "plain, trimmed and mirrored hashes alone miss some of these copies"
+    # A row stored before the centre hashes existed is compared by its plain ones.
+    img = load_image_file(sample_photos[0][0]).image
+    assert candidate_distances(candidate_hashes(img), perceptual_hashes(img), None, None) == (0, 0)
