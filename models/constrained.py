@@ -433,12 +433,8 @@ class ConstrainedRow:
     forced: int  # tokens appended by force_complete
 
 
-def finish_row(matcher: xgr.GrammarMatcher, new_tokens: Sequence[int], vocab: GrammarVocab) -> ConstrainedRow:
-    """Replay what ``generate()`` produced into a fresh matcher, then force-complete if needed.
-
-    Replaying double-checks every model token against the grammar and also accepts the final
-    token, which generate() sampled without calling the processor again.
-    """
+def replay(matcher: xgr.GrammarMatcher, new_tokens: Sequence[int], vocab: GrammarVocab) -> list[int]:
+    """Feed generated tokens into ``matcher`` up to its stop token; the accepted ones, stop excluded."""
     kept: list[int] = []
     stops = set(vocab.stop_token_ids)
     for token in new_tokens:
@@ -448,5 +444,15 @@ def finish_row(matcher: xgr.GrammarMatcher, new_tokens: Sequence[int], vocab: Gr
             raise ModelError("generated token rejected by the listing grammar")
         if int(token) not in stops:
             kept.append(int(token))
+    return kept
+
+
+def finish_row(matcher: xgr.GrammarMatcher, new_tokens: Sequence[int], vocab: GrammarVocab) -> ConstrainedRow:
+    """Replay what ``generate()`` produced into a fresh matcher, then force-complete if needed.
+
+    Replaying double-checks every model token against the grammar and also accepts the final
+    token, which generate() sampled without calling the processor again.
+    """
+    kept = replay(matcher, new_tokens, vocab)
     forced = [] if matcher.is_terminated() else force_complete(matcher, vocab)
     return ConstrainedRow(kept + forced, generated=len(kept), forced=len(forced))

@@ -33,6 +33,7 @@ from models.constrained import (
     SchemaLogitsProcessor,
     finish_row,
     forced_fields,
+    replay,
     grammar_vocab,
     worst_case_chars,
 )
@@ -292,7 +293,8 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         bans = [self._ban_ids(a) if a else [] for a in avoid]
         first = self._decode(self._inputs(texts, images), [grammars.matcher(r.schema, part) for r in batch], bans,
                              budget, closing=False)
-        rows = [_replay(grammars.matcher(r.schema, part), tokens, grammars.vocab) for r, tokens in zip(batch, first)]
+        matchers = [grammars.matcher(r.schema, part) for r in batch]
+        rows = [(m, replay(m, tokens, grammars.vocab)) for m, tokens in zip(matchers, first, strict=True)]
         open_rows = [i for i, (matcher, _) in enumerate(rows) if not matcher.is_terminated()]
         if open_rows:  # the budget ran out: the model finishes these rows under the closing mask
             inputs = self._inputs([texts[i] for i in open_rows], [images[i] for i in open_rows])
@@ -346,20 +348,6 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
                 "model": self.version().key, "generation": GENERATION,
                 "phases": {name: {**p.record, "output": p.output, "raw_text": p.raw_text}
                            for name, p in phases.items()}}
-
-
-def _replay(matcher: Any, tokens: list[int], vocab: GrammarVocab) -> tuple[Any, list[int]]:
-    """Feed a first pass's tokens (stop and padding excluded) into a fresh matcher."""
-    kept: list[int] = []
-    stops = set(vocab.stop_token_ids)
-    for token in tokens:
-        if matcher.is_terminated():
-            break
-        if not matcher.accept_token(int(token)):
-            raise ModelError("generated token rejected by the listing grammar")
-        if int(token) not in stops:
-            kept.append(int(token))
-    return matcher, kept
 
 
 def combine(req: ListingRequest, attributes: PhaseOutput, text: PhaseOutput, model_input: dict[str, Any], *,
