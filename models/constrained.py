@@ -292,15 +292,19 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.closing = closing
         self.bans = [list(b) for b in bans] if bans is not None else [[] for _ in matchers]
         self._prompt_len: int | None = None
+        self._staged: torch.Tensor | None = None  # pinned host copy of the mask (CUDA only)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[0] != len(self.matchers):
             raise ModelError(f"batch of {input_ids.shape[0]} rows for {len(self.matchers)} grammar matchers")
+        # The matchers run on the host: one device-to-host copy of the batch's last tokens per step
+        # (and of the recent tails only when some row has bans), never one synchronisation per row.
         if self._prompt_len is None:
             self._prompt_len = input_ids.shape[1]
         else:
-            for row, matcher in enumerate(self.matchers):
-                if not matcher.is_terminated() and not matcher.accept_token(int(input_ids[row, -1])):
+            last = input_ids[:, -1].tolist()
+            for matcher, token in zip(self.matchers, last):
+                if not matcher.is_terminated() and not matcher.accept_token(token):
                     raise ModelError("decoder produced a token outside the grammar mask")
         for row, matcher in enumerate(self.matchers):
             if matcher.is_terminated():
@@ -308,14 +312,29 @@ class SchemaLogitsProcessor(LogitsProcessor):
             else:
                 matcher.fill_next_token_bitmask(self.bitmask, row)
         self.vocab.mask(self.bitmask)
-        for row in range(len(self.matchers)):
-            if self.closing:
+        if self.closing:
+            for row in range(len(self.matchers)):
                 _keep_only(self.bitmask[row], _closers(self.bitmask[row], self.vocab))
-            if self.bans[row]:
-                _ban_sequences(self.bitmask[row], self.bans[row], input_ids[row, -_BAN_TAIL:].tolist())
+        if any(self.bans):
+            tails = input_ids[:, -_BAN_TAIL:].tolist()
+            for row, bans in enumerate(self.bans):
+                if bans:
+                    _ban_sequences(self.bitmask[row], bans, tails[row])
         masked = scores if scores.dtype in (torch.float32, torch.float16, torch.bfloat16) else scores.float()
-        xgr.apply_token_bitmask_inplace(masked, self.bitmask.to(masked.device), vocab_size=self.vocab_size)
+        # The whole batch's mask goes to the device in one copy (pinned, asynchronous on CUDA) and is
+        # applied by one kernel.
+        xgr.apply_token_bitmask_inplace(masked, self._device_bitmask(masked.device), vocab_size=self.vocab_size)
         return masked if masked is scores else masked.to(scores.dtype)
+
+    def _device_bitmask(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu":
+            return self.bitmask
+        if self._staged is None:
+            self._staged = self.bitmask.pin_memory()
+        # Safe to overwrite: the previous step's copy has landed, since this step began by reading
+        # the sampled tokens back (``tolist`` waits for the stream).
+        self._staged.copy_(self.bitmask)
+        return self._staged.to(device, non_blocking=True)
 
 
 _BAN_TAIL = 16  # banned phrases are a few tokens long

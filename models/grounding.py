@@ -29,6 +29,23 @@ from models.config import DEFAULT_CACHE_DIR, DEFAULT_DETECTOR  # noqa: E402  (re
 from models.boxes import Box, clip_box, padded_crop_box  # noqa: E402,F401  (re-exported)
 
 
+def preprocess_on_device(processor: Any, device: Any) -> dict[str, Any]:
+    """Processor keyword arguments that resize and pad on the model's device.
+
+    OWLv2 pads every photo to a square and resizes it to 960 px before the model sees it; done by
+    the CPU that costs more than the detector itself on a GPU. The torchvision image-processor
+    backend takes a ``device``: the decoded uint8 photo is copied over and resized there. Processors
+    without that backend (the PIL one, other detectors) keep preprocessing on the CPU."""
+    if getattr(device, "type", str(device)) == "cpu":
+        return {}
+    try:
+        from transformers.image_processing_backends import TorchvisionBackend
+    except ImportError:  # pragma: no cover - older transformers
+        return {}
+    image_processor = getattr(processor, "image_processor", None)
+    return {"device": device} if isinstance(image_processor, TorchvisionBackend) else {}
+
+
 @dataclass(frozen=True)
 class GroundingResult:
     """Where the product is (``box`` in source-image pixels, x0 y0 x1 y1) and the crop to use downstream."""
@@ -69,6 +86,7 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
         self._identity: ModelIdentity | None = None
         self._square_targets = False
         self._postprocess_takes_input_ids = False
+        self._image_kwargs: dict[str, Any] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -90,6 +108,7 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
         self._square_targets = model.config.model_type in {"owlv2", "owlvit"}
         post = processor.post_process_grounded_object_detection
         self._postprocess_takes_input_ids = "input_ids" in inspect.signature(post).parameters
+        self._image_kwargs = preprocess_on_device(processor, device)
 
     def _pretrained(self) -> tuple[Any, Any]:
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
@@ -151,7 +170,7 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
 
     def _best_boxes(self, images: list[Image.Image], prompts: list[str]) -> list[tuple[Box | None, float | None]]:
         queries = [[p] for p in prompts]
-        inputs = self._processor(text=queries, images=images, return_tensors="pt").to(self.device)
+        inputs = self._processor(text=queries, images=images, return_tensors="pt", **self._image_kwargs).to(self.device)
         with inference_context(self.device):
             outputs = self._model(**inputs)
         sizes = [(max(im.size),) * 2 if self._square_targets else (im.height, im.width) for im in images]

@@ -40,7 +40,7 @@ def photos(n: int) -> list[tuple[Path, str]]:
 def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: str, device: str, max_new_tokens: int) -> float:
     from models.factory import ModelConfig, build_models
     from models.images import ImageLimits, load_image_file
-    from tasks.pipeline.model import ModelItem, run_model_batch
+    from models.batch import ModelItem, run_model_batch
 
     bundle = build_models(ModelConfig(profile=profile, device=device, max_new_tokens=max_new_tokens,
                                       cache_dir=Path(tempfile.mkdtemp())))

@@ -82,3 +82,22 @@ def test_mismatched_inputs_are_rejected(grounder: Grounder, photos) -> None:
     with pytest.raises(ValueError):
         grounder.predict([photos[0][0]], [])
     assert grounder.predict([], []) == []
+
+
+def test_owlv2_preprocessing_moves_to_the_gpu_and_means_the_same_there(grounder: Grounder, photos) -> None:
+    import torch
+
+    from models.grounding import preprocess_on_device
+
+    grounder.load()
+    processor = grounder._processor
+    # On a GPU worker the pad-and-resize runs on the device; on the CPU nothing changes.
+    assert preprocess_on_device(processor, torch.device("cuda", 0)) == {"device": torch.device("cuda", 0)}
+    assert preprocess_on_device(processor, torch.device("cpu")) == {}
+    # The keyword reaches the image processor (an unknown one would be refused or ignored with a
+    # warning): naming the CPU explicitly gives the very pixels the default path gives.
+    images = [im for im, _ in photos[:2]]
+    queries = [["a photo of a dress"], ["a photo of a shirt"]]
+    plain = processor(text=queries, images=images, return_tensors="pt")
+    placed = processor(text=queries, images=images, return_tensors="pt", device=torch.device("cpu"))
+    assert torch.equal(plain["pixel_values"], placed["pixel_values"])
