@@ -5,6 +5,15 @@ and gpu) against a fresh embedded Postgres, and measures events/s and the event 
 latency (p50/p95) as seen by a plain AMQP consumer. It then runs the bare model stages in-process
 on the same photos at the same batch size and prints the pipeline's ratio to that bare throughput.
 
+What the orchestration costs, per product, over the timed run (warm-up excluded):
+
+* CPU-milliseconds of every worker process (main process, prefork children alive or reaped),
+  in all and by worker role, beside the model compute per product (the bare run's CPU time per
+  product at the same thread budget): the difference is the cost outside the models;
+* database transactions (``pg_stat_database`` commits + rollbacks of the catalog database);
+* broker messages: Celery task messages the workers executed (their ``succeeded``/``retry``/
+  ``raised`` log lines, by task), plus the product event in and the listing event out.
+
     .venv/bin/python infra/bench/bench_pipeline.py --n 64 --batch-size 8 --profile tiny
     .venv/bin/python infra/bench/bench_pipeline.py --n 32 --profile random-full --device cuda   # on a GPU
 
@@ -17,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -37,7 +47,10 @@ def photos(n: int) -> list[tuple[Path, str]]:
     return [(root / r["path"], r["category"]) for r in rows[:n]]
 
 
-def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: str, device: str, max_new_tokens: int) -> float:
+def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: str, device: str,
+                          max_new_tokens: int) -> tuple[float, float]:
+    """(items/s, CPU seconds per item) of the GPU worker's batch function in this process, timed
+    after a warm-up batch (weights loaded, grammars compiled)."""
     from models.factory import ModelConfig, build_models
     from models.images import ImageLimits, load_image_file
     from models.batch import ModelItem, run_model_batch
@@ -45,13 +58,60 @@ def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: st
     bundle = build_models(ModelConfig(profile=profile, device=device, max_new_tokens=max_new_tokens,
                                       cache_dir=Path(tempfile.mkdtemp())))
     decoded = [load_image_file(p, ImageLimits()).image for p, _ in items]
-    work = [ModelItem(job_id=i, image=img, category=cat, title=f"{cat} item", description="Photographed on a hanger.",
+    work = [ModelItem(job_id=i, image=img, category=cat, title=f"{cat} {i}", description="Photographed on a hanger.",
                       attributes={"brand": "Acme"}, locale="en") for i, (img, (_, cat)) in enumerate(zip(decoded, items))]
     run_model_batch(bundle, work[:batch])  # warm-up: load weights, compile grammars
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(work), batch):
         run_model_batch(bundle, work[i:i + batch])
-    return len(work) / (time.perf_counter() - start)
+    return len(work) / (time.perf_counter() - start), (time.process_time() - cpu) / len(work)
+
+
+class CpuMeter:
+    """Cumulative CPU seconds of each worker process tree (children reaped or alive)."""
+
+    def __init__(self, procs: dict[str, object]) -> None:
+        self.procs = procs
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        out: dict[str, float] = {}
+        for role, popen in self.procs.items():
+            try:
+                root = psutil.Process(popen.pid)
+                t = root.cpu_times()
+                total = t.user + t.system + t.children_user + t.children_system
+                for child in root.children(recursive=True):
+                    try:
+                        c = child.cpu_times()
+                        total += c.user + c.system
+                    except psutil.NoSuchProcess:
+                        continue
+            except psutil.NoSuchProcess:
+                total = float("nan")
+            out[role] = total
+        return out
+
+
+def transactions(engine) -> int:
+    from sqlalchemy import text
+
+    with engine.connect() as c:
+        return int(c.execute(text("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                                  "WHERE datname = current_database()")).scalar())
+
+
+_TASK_LINE = re.compile(r"Task (\S+)\[[0-9a-f-]+\] (succeeded|retry|raised)")
+
+
+def task_messages(data_dir: Path) -> dict[str, int]:
+    """Task executions per task name, from every worker log (one broker message each)."""
+    counts: dict[str, int] = {}
+    for log in data_dir.glob("worker-*.log"):
+        for m in _TASK_LINE.finditer(log.read_text(errors="replace")):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 def main() -> None:
@@ -62,6 +122,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--cpu-threads", type=int, default=1, help="torch/OpenCV threads, workers and bare run alike")
+    ap.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for the worker processes (e.g. a profiler on PYTHONPATH)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     require_service(5672, "RabbitMQ", "start rabbitmq-server")
@@ -82,16 +144,19 @@ def main() -> None:
     env = base_env(pg_url=pg_url, data_dir=tmp, namespace=ns, ENRICH_MODELS__PROFILE=args.profile,
                    ENRICH_MODELS__DEVICE=args.device, ENRICH_WORKERS__BATCH_SIZE=str(args.batch_size),
                    ENRICH_MODELS__MAX_NEW_TOKENS=str(args.max_new_tokens),
-                   ENRICH_WORKERS__CPU_THREADS=str(args.cpu_threads))
+                   ENRICH_WORKERS__CPU_THREADS=str(args.cpu_threads),
+                   **dict(kv.split("=", 1) for kv in args.worker_env))
     dep = Deployment(env=env, data_dir=tmp, namespace=ns, engine=engine)
     items = photos(args.n)
     try:
-        dep.start_worker("events,cpu")
-        dep.start_worker("gpu")
+        roles = {"events,cpu": dep.start_worker("events,cpu"), "gpu": dep.start_worker("gpu")}
+        meter = CpuMeter(roles)
         warm = product_event_payload(tenant_id="bench", merchant_id="m", external_id="warmup", version=1,
                                      category=items[0][1], image_urls=[items[-1][0].as_uri()])
         dep.wait_finished([dep.publish(warm)], timeout=600)  # model load + grammar compile out of the timing
         dep.drain_listing_events()
+        time.sleep(2)  # let the warm-up's relay and acks settle before the counters start
+        cpu0, xact0, tasks0 = meter.sample(), transactions(engine), task_messages(tmp)
         sent: dict[str, float] = {}
         start = time.monotonic()
         for i, (path, cat) in enumerate(items):
@@ -118,6 +183,8 @@ def main() -> None:
                 latencies.append(time.monotonic() - sent[cid])
         conn.close()
         elapsed = time.monotonic() - start
+        time.sleep(2)  # the last relay and acks
+        cpu1, xact1, tasks1 = meter.sample(), transactions(engine), task_messages(tmp)
         with engine.connect() as c:
             failed = c.execute(text("SELECT count(*) FROM enrichment_jobs WHERE status='failed'")).scalar()
     finally:
@@ -128,12 +195,27 @@ def main() -> None:
     from workers.wiring import limit_cpu_threads
 
     limit_cpu_threads(args.cpu_threads)  # the bare run gets the same thread budget as a worker
-    bare = bare_model_throughput(items, args.batch_size, args.profile, args.device, args.max_new_tokens)
+    bare, bare_cpu_s = bare_model_throughput(items, args.batch_size, args.profile, args.device, args.max_new_tokens)
+    model_cpu_ms = bare_cpu_s * 1000
+    done = max(1, len(seen))
+    worker_cpu_ms = {role: round((cpu1[role] - cpu0[role]) * 1000 / done, 1) for role in cpu0}
+    total_cpu_ms = sum(worker_cpu_ms.values())
+    tasks = {name: tasks1.get(name, 0) - tasks0.get(name, 0) for name in tasks1}
+    task_total = sum(tasks.values())
     result = {"events": len(items), "completed": len(seen), "failed": failed, "seconds": round(elapsed, 2),
               "events_per_s": round(eps, 3), "latency_p50_s": round(statistics.median(latencies), 2),
               "latency_p95_s": round(q[18], 2), "bare_model_items_per_s": round(bare, 3),
               "ratio_to_bare_model": round(eps / bare, 3), "batch_size": args.batch_size,
-              "profile": args.profile, "device": args.device, "cpu_threads": args.cpu_threads, "random_weights": args.profile != "pretrained"}
+              "profile": args.profile, "device": args.device, "cpu_threads": args.cpu_threads,
+              "random_weights": args.profile != "pretrained",
+              "cpu_ms_per_product_all_workers": round(total_cpu_ms, 1),
+              "cpu_ms_per_product_by_role": worker_cpu_ms,
+              "model_cpu_ms_per_product_bare": round(model_cpu_ms, 1),
+              "orchestration_cpu_ms_per_product": round(total_cpu_ms - model_cpu_ms, 1),
+              "db_transactions_per_product": round((xact1 - xact0) / done, 2),
+              "task_messages_per_product": round(task_total / done, 2),
+              "broker_messages_per_product": round(task_total / done + 2, 2),
+              "task_messages_by_name": {k: v for k, v in sorted(tasks.items()) if v}}
     print(f"{'metric':28} value")
     for k, v in result.items():
         print(f"{k:28} {v}")
