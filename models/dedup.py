@@ -18,9 +18,12 @@ whole-cell NCC of grey levels and of gradient magnitude, and a local, polarity-f
 survives a background re-coloured around an unchanged garment). A copy agrees almost everywhere
 except under a sticker; a different garment on the same background disagrees wherever the garment
 is. Two order statistics decide: the cell at rank ``tolerated_cells`` from the worst (a sticker, a
-re-coloured edge may disagree) and the worst of the four *central* cells, which must agree without
-tolerance: the garment is what a product photo centres on, so a garment-sized disagreement there
-is never outvoted by agreeing background, however much of it there is.
+re-coloured edge may disagree) and the four *central* cells, each of which must agree on its own:
+the garment is what a product photo centres on, so a garment-sized disagreement there is never
+outvoted by agreeing background, however much of it there is. A central cell that scores lower
+passes only when what disagrees in it is thin: a background changed around the garment changes
+the garment's outline (its edge contrast flips, vanishes or gains a halo), a strip a few windows
+wide, while a different garment disagrees over an area (``_solid_disagreement``).
 
 The decision is symmetric by construction: the pair is put in a canonical order (a digest of each
 image's thumbnail) before matching, so RANSAC's sampling cannot depend on which image is the
@@ -62,6 +65,8 @@ _LOCAL_TEXTURE = 3.0  # grey-level std below which a window carries no local evi
 _MIN_LOCAL_PIXELS = 10  # textured windows a cell needs before their local agreement counts
 _FLAT_STD = 2.0  # grey-level std of a cell with no texture (studio white, a saturated wall)
 _FAINT_STD = 8.0  # texture this faint can vanish under a brightness change or JPEG smoothing
+_DISAGREE = 0.5  # local |NCC| below which a textured window disagrees
+_SOLID_SIDE = 13  # thumbnail pixels (a tenth of the side): the neighbourhood telling an area from a contour
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ def _gradient_magnitude(img: np.ndarray) -> np.ndarray:
 class CellScore:
     score: float
     central: bool
+    solid: float | None = None  # share of the cell's textured windows in solid disagreement (None: too few)
 
 
 def _local_agreement(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,15 +176,34 @@ def _local_agreement(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> tuple[n
     return np.where(np.minimum(sa, sb) < 1.0, 0.0, r), np.maximum(sa, sb)
 
 
+def _solid_disagreement(local: np.ndarray, evidence: np.ndarray) -> np.ndarray:
+    """Textured windows that disagree (local |NCC| below ``_DISAGREE``) where most of the textured
+    windows around them (a ``_SOLID_SIDE`` square) disagree too: an area, not a contour.
+
+    A background changed around an unchanged garment disagrees along the garment's outline (the
+    edge's contrast flips, vanishes against a backdrop of the garment's brightness, or gains a
+    halo) and, where the new backdrop flattened the old one's texture, in thin lines; both are a
+    few windows wide, so their neighbourhoods are mostly agreement. A different garment disagrees
+    over its whole area."""
+    ev = evidence.astype(np.float32)
+    bad = (evidence & (local < _DISAGREE)).astype(np.float32)
+    side = (_SOLID_SIDE, _SOLID_SIDE)
+    around = np.maximum(cv2.boxFilter(ev, -1, side, normalize=False), 1e-6)
+    share = cv2.boxFilter(bad, -1, side, normalize=False) / around
+    return (bad > 0) & (share > 0.5)
+
+
 def cell_agreement(query: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> list[CellScore]:
     """Per grid cell over the pixels both images cover (cells mostly outside are skipped), the
     highest of three agreements on the lightly blurred images: NCC of the grey levels, NCC of
-    their gradient magnitude, and the texture-weighted mean of the local (5x5) |NCC| map.
+    their gradient magnitude, and the texture-weighted mean of the local (5x5) |NCC| map; and the
+    share of the cell's textured windows in solid disagreement (``_solid_disagreement``).
 
     The first two see a copy under a brightness or contrast change; the local one also sees a
     cell where garment and background changed differently (a re-coloured backdrop brightens or
     darkens the background alone, and may flip the contrast at the garment's edge), which no
-    single linear map of the whole cell explains. A different garment disagrees in all three.
+    single linear map of the whole cell explains. A different garment disagrees in all three, and
+    over an area.
 
     A flat cell against a faint one (a wall brightened into saturation) is no evidence and is
     skipped; a flat cell against real texture (a garment where the other image has bare
@@ -188,6 +213,8 @@ def cell_agreement(query: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> 
     b = cv2.GaussianBlur(warped.astype(np.float32), (0, 0), _BLUR_SIGMA)
     ga, gb = _gradient_magnitude(a), _gradient_magnitude(b)
     local, texture = _local_agreement(a, b, valid)
+    evidence = (texture >= _LOCAL_TEXTURE) & valid
+    solid = _solid_disagreement(local, evidence)
     scores: list[CellScore] = []
     for i in range(_GRID):
         for j in range(_GRID):
@@ -207,9 +234,11 @@ def cell_agreement(query: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> 
                         _ncc(ga[rows, cols][mask], gb[rows, cols][mask]))
             textured = texture[rows, cols][mask]
             weight = np.where(textured >= _LOCAL_TEXTURE, textured, 0.0)
+            share = None
             if np.count_nonzero(weight) >= _MIN_LOCAL_PIXELS:
                 score = max(score, float((local[rows, cols][mask] * weight).sum() / weight.sum()))
-            scores.append(CellScore(score, central))
+                share = float(solid[rows, cols][mask].sum() / np.count_nonzero(weight))
+            scores.append(CellScore(score, central, share))
     return scores
 
 
@@ -246,8 +275,11 @@ class NearDuplicateVerifier:
     photometric check is even meaningful; ``min_agreement`` is the score the cell at rank
     ``tolerated_cells`` (from the worst) must reach, so up to ``tolerated_cells`` of the 16 cells
     may disagree (a price sticker, a re-coloured background at the garment's edge);
-    ``min_central_agreement`` is what every informative central cell must reach; ``min_cells`` is
-    the fewest informative overlapping cells that can support a decision.
+    ``min_cells`` is the fewest informative overlapping cells that can support a decision. Every
+    informative central cell must reach ``min_central_agreement``, or else reach
+    ``min_excused_central`` with at most ``max_central_solid`` of its textured windows in solid
+    disagreement: what pulls a central cell of a background-changed copy down is the garment's
+    outline (thin), what pulls a different garment's down is its area.
     """
 
     def __init__(
@@ -256,6 +288,8 @@ class NearDuplicateVerifier:
         min_inliers: int = 25,
         min_agreement: float = 0.6,
         min_central_agreement: float = 0.8,
+        min_excused_central: float = 0.6,
+        max_central_solid: float = 0.12,
         tolerated_cells: int = 3,
         min_cells: int = 8,
         max_rotation_deg: float = 10.0,
@@ -266,6 +300,8 @@ class NearDuplicateVerifier:
         self.min_inliers = min_inliers
         self.min_agreement = min_agreement
         self.min_central_agreement = min_central_agreement
+        self.min_excused_central = min_excused_central
+        self.max_central_solid = max_central_solid
         self.tolerated_cells = tolerated_cells
         self.min_cells = min_cells
         self.max_rotation_deg = max_rotation_deg
@@ -319,23 +355,32 @@ class NearDuplicateVerifier:
             return None, inliers
         return transform, inliers
 
+    def _central_ok(self, cell: CellScore) -> bool:
+        if cell.score >= self.min_central_agreement:
+            return True
+        return (cell.score >= self.min_excused_central and cell.solid is not None
+                and cell.solid <= self.max_central_solid)
+
     def _agreement(self, first: LocalFeatures, second: LocalFeatures,
-                   transform: np.ndarray) -> tuple[float, float]:
-        """(rank-``tolerated_cells`` score, worst central cell) of the lower of the two frames;
-        (-1, -1) when a frame has too few informative cells."""
+                   transform: np.ndarray) -> tuple[float, float, bool]:
+        """(rank-``tolerated_cells`` score, worst central cell's score) of the lower of the two
+        frames, and whether every central cell of both passes (``_central_ok``); (-1, -1, False)
+        when a frame has too few informative cells."""
         forward = _thumb_map(transform, first, second)
         backward = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
-        overall, central = 1.0, 1.0
+        overall, central, central_ok = 1.0, 1.0, True
         frames = ((first.thumb, second.thumb, forward), (second.thumb, first.thumb, backward))
         for grid, other, grid_to_other in frames:
             warped, valid = _warp_onto(grid, other, grid_to_other)
             cells = cell_agreement(grid, warped, valid)
             if len(cells) < self.min_cells:
-                return -1.0, -1.0
+                return -1.0, -1.0, False
             ranked = sorted(c.score for c in cells)
             overall = min(overall, ranked[min(self.tolerated_cells, len(ranked) - 1)])
-            central = min([central, *(c.score for c in cells if c.central)])
-        return overall, central
+            middle = [c for c in cells if c.central]
+            central = min([central, *(c.score for c in middle)])
+            central_ok = central_ok and all(self._central_ok(c) for c in middle)
+        return overall, central, central_ok
 
     def match_features(
         self, query: LocalFeatures, other: LocalFeatures, *, image_id: int, hamming: int
@@ -352,8 +397,8 @@ class NearDuplicateVerifier:
                 if inliers > refused.inliers:
                     refused = DuplicateMatch(image_id, hamming, inliers, confirmed=False)
                 continue
-            agreement, central = self._agreement(view, second, transform)
-            confirmed = agreement >= self.min_agreement and central >= self.min_central_agreement
+            agreement, central, central_ok = self._agreement(view, second, transform)
+            confirmed = agreement >= self.min_agreement and central_ok
             match = DuplicateMatch(image_id, hamming, inliers, confirmed, agreement, central,
                                    mirrored and confirmed)
             if confirmed:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, or_, select, text, update
+from pgvector.sqlalchemy import BIT
+from sqlalchemy import cast, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -317,3 +318,47 @@ def drop_if_trivial(session: Session, tenant_id: str, group_id: int) -> None:
                                   DuplicateMember.group_id == group_id)).one()
     if left[0] == 0 or (left[0] == 1 and not left[1]):
         delete_group(session, tenant_id, group_id)
+
+
+# ------------------------------------------------------------------ hash backfill (rows stored before 0009)
+
+_HASHLESS = or_(Image.phash_trimmed.is_(None), Image.dhash_trimmed.is_(None),
+                Image.phash_centre.is_(None), Image.dhash_centre.is_(None))
+
+
+@dataclass(frozen=True)
+class HashlessImage:
+    """An image row that lacks some of the trimmed/centre hashes candidate search compares."""
+
+    image_id: int
+    tenant_id: str
+    sha256: str
+    storage_uri: str
+
+
+def count_hashless(session: Session, *, after_id: int = 0) -> int:
+    """Rows above ``after_id`` still lacking a trimmed or centre hash (every tenant the role sees)."""
+    return session.scalar(select(func.count()).select_from(Image).where(_HASHLESS, Image.id > after_id)) or 0
+
+
+def hashless_batch(session: Session, *, after_id: int, limit: int) -> list[HashlessImage]:
+    """The next ``limit`` such rows by id above ``after_id`` (keyset paging: a run resumes anywhere)."""
+    rows = session.execute(select(Image.id, Image.tenant_id, Image.sha256, Image.storage_uri)
+                           .where(_HASHLESS, Image.id > after_id).order_by(Image.id).limit(limit)).all()
+    return [HashlessImage(r.id, r.tenant_id, r.sha256, r.storage_uri) for r in rows]
+
+
+def fill_hashes(session: Session, tenant_id: str, image_id: int, *, trimmed: tuple[str, str],
+                centre: tuple[str, str]) -> bool:
+    """Set the missing trimmed and centre hashes of one row, keeping any already there (a
+    concurrent writer's or an earlier run's); False when the row is gone or was already complete."""
+    def keep(column, value: str):  # noqa: ANN001, ANN202
+        return func.coalesce(column, cast(value, BIT(64)))
+
+    done = session.execute(
+        update(Image).where(Image.id == image_id, Image.tenant_id == tenant_id, _HASHLESS)
+        .values(phash_trimmed=keep(Image.phash_trimmed, trimmed[0]),
+                dhash_trimmed=keep(Image.dhash_trimmed, trimmed[1]),
+                phash_centre=keep(Image.phash_centre, centre[0]), dhash_centre=keep(Image.dhash_centre, centre[1]))
+        .returning(Image.id))
+    return done.scalar_one_or_none() is not None

@@ -13,13 +13,17 @@ split stored. The ``--transformed-negatives`` of those with the most RANSAC inli
 bed, floor or hanger) are also evaluated with every transformation applied to one side, so each
 transformation row has negatives of its own. Pairs that are one photograph stored twice in the
 dataset (identical pixels under two categories) are genuine duplicates: excluded and listed.
+``--swap-negatives`` more are built for the one case hash and geometry cannot settle: a photo of
+the split with another photo's garment pasted over its middle (scaled to 60-90%, by that photo's
+garment mask, some also with the background re-coloured), against the photo itself: the same
+background everywhere around a garment-sized disagreement (``garment_swap``).
 
 A positive is found when the stored photo is among the query's candidates by the same rule (the
 query searched against every photo of the split) and the verifier confirms the pair. Hash-only
 baselines are printed alongside; ``--check-symmetry`` verifies every pair both ways round.
 
     .venv/bin/python infra/bench/eval_near_duplicates.py --split validation --n 200 --combos 2 \\
-        --transformed-negatives 150 --seed 0 --check-symmetry      # about 8 minutes on 2 cores
+        --transformed-negatives 150 --swap-negatives 200 --seed 0 --check-symmetry  # ~9 min on 2 cores
 """
 
 from __future__ import annotations
@@ -183,6 +187,27 @@ def background(img: Image.Image, rng: random.Random) -> Image.Image:
     return _reencode(Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)))
 
 
+SWAP_MIN_COVER = 0.15  # share of the photo the pasted garment must cover (GrabCut sometimes finds none)
+
+
+def garment_swap(img: Image.Image, donor: Image.Image, rng: random.Random) -> Image.Image | None:
+    """``img`` with ``donor``'s garment (its ``garment_mask``), scaled to 60-90% of ``img``, pasted
+    over the middle, and in a third of the cases the background re-coloured as well; None when
+    the mask covers too little to be a different garment."""
+    w, h = img.size
+    scale = rng.uniform(0.6, 0.9)
+    pasted = donor.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.LANCZOS)
+    mask = garment_mask(pasted)
+    if float((mask > 0.5).sum()) < SWAP_MIN_COVER * w * h:
+        return None
+    out = np.asarray(img).astype(np.float32).copy()
+    x, y = (w - pasted.width) // 2, (h - pasted.height) // 2
+    region = out[y:y + pasted.height, x:x + pasted.width]
+    region[:] = region * (1 - mask[..., None]) + np.asarray(pasted).astype(np.float32) * mask[..., None]
+    swapped = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    return background(swapped, rng) if rng.random() < 1 / 3 else _reencode(swapped)
+
+
 TRANSFORMS: dict[str, Transform] = {
     "resize": resize,
     "jpeg_q20-30": jpeg_low,
@@ -200,7 +225,7 @@ TRANSFORMS: dict[str, Transform] = {
 @dataclass
 class PairResult:
     transform: str  # a TRANSFORMS key, "a+b" for two of them, or "none" for untransformed negatives
-    kind: str  # positive | candidate_negative | transformed_negative
+    kind: str  # positive | candidate_negative | transformed_negative | swap_negative
     query_photo: str  # manifest path of the photo the query was made from
     stored_photo: str
     hash_distance: int
@@ -345,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--combos", type=int, default=2, help="two-transformation copies per source photo")
     ap.add_argument("--transformed-negatives", type=int, default=150,
                     help="hardest candidate-rule negatives also evaluated under every transformation")
+    ap.add_argument("--swap-negatives", type=int, default=200,
+                    help="photos evaluated against themselves with another photo's garment pasted over them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (1 = per-worker cost)")
     ap.add_argument("--check-symmetry", action="store_true", help="verify every pair both ways round")
@@ -388,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
             query = TRANSFORMS[second](TRANSFORMS[first](ev.image(src), rng), rng)
             found = index.candidates(candidate_hashes(query))
             ev.run("positive", f"{first}+{second}", src, src, found, query)
+    swaps = 0
+    while swaps < args.swap_negatives:
+        a, b = rng.sample(range(len(rows)), 2)
+        query = garment_swap(ev.image(a), ev.image(b), rng)
+        if query is not None and rows[a]["sha256"] != rows[b]["sha256"]:
+            ev.run("swap_negative", "garment_swap", a, a, _only(index, candidate_hashes(query), a), query)
+            swaps += 1
     print(f"evaluated {len(ev.results)} pairs in {time.perf_counter() - t0:.1f}s")
 
     if args.dump:
@@ -427,13 +461,14 @@ def report(ev: Evaluator, args: argparse.Namespace) -> None:
     print()
     print(f"near-duplicate evaluation, split {args.split}: {args.n} source photos x {len(TRANSFORMS)} "
           f"transformations + {args.combos} two-transformation copies each; negatives: every candidate-rule "
-          f"pair of the split + {args.transformed_negatives} hardest x every transformation; "
+          f"pair of the split + {args.transformed_negatives} hardest x every transformation + "
+          f"{args.swap_negatives} garment swaps; "
           f"seed {args.seed}; candidates: {CANDIDATE_K} nearest per hash kind (plain/trimmed/mirrored/centre) "
           f"within {CANDIDATE_MAX_HAMMING}")
     print(header)
     print("-" * len(header))
     per_transform: dict[str, float] = {}
-    for name in [*TRANSFORMS, "two_transforms", "none", "overall"]:
+    for name in [*TRANSFORMS, "two_transforms", "none", "garment_swap", "overall"]:
         sel = [r for r in results if name == "overall" or r.transform == name
                or (name == "two_transforms" and "+" in r.transform)]
         pipe, strict_c, loose_c, cand = Counts(), Counts(), Counts(), Counts()
@@ -463,12 +498,15 @@ def report(ev: Evaluator, args: argparse.Namespace) -> None:
     print("hash-only baseline, largest threshold keeping overall precision >= 0.99: "
           + ("none" if base_t is None else f"<= {base_t[0]}, P/R {_pr(base_t[1])}"))
     cand_neg = [r for r in results if r.kind == "candidate_negative"]
+    swap_neg = [r for r in results if r.kind == "swap_negative"]
     overall = Counts()
     for r in results:
         overall.add(r.kind == "positive", r.candidate and r.confirmed)
     checks = [
         (f"false duplicates among the {len(cand_neg)} candidate-rule negatives of {args.split} = 0",
          sum(r.confirmed for r in cand_neg) == 0),
+        (f"false duplicates among the {len(swap_neg)} garment swaps ({sum(r.candidate for r in swap_neg)} "
+         f"verified) = 0", sum(r.candidate and r.confirmed for r in swap_neg) == 0),
         (f"overall precision {_fmt(overall.precision)} >= {TARGETS['precision']}",
          overall.precision >= TARGETS["precision"]),
         (f"overall recall {_fmt(overall.recall)} >= {TARGETS['recall']}",

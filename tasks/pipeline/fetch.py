@@ -2,7 +2,8 @@
 exact and near duplicates, and decide whether model work is needed at all.
 
 No transaction is open across the network or while candidates are verified (ORB features of
-stored images come from blob storage): the job is claimed; the images are fetched; one short
+stored images come from blob storage, written there at ingest: ``tasks.pipeline.dedup_features``):
+the job is claimed; the images are fetched; one short
 transaction stores and links them and finds near-duplicate candidates; the candidates are verified
 with no transaction open; a last short transaction re-locks the job, checks that this task still
 holds its fetch stage, records the duplicate groups and hands off. A redelivery that finds the
@@ -29,7 +30,7 @@ from models.errors import ImageRejected
 from models.hashing import candidate_hashes, sha256_hex
 from models.images import decode_image
 from tasks import faults
-from tasks.pipeline import decisions, jobs
+from tasks.pipeline import decisions, dedup_features, jobs
 from tasks.errors import ErrorCode, PipelineError
 from tasks.pipeline.reuse import reuse_key, with_photos
 from tasks.pipeline.work import Claims, DuplicateFound, EnrichRequest, FetchedImages
@@ -128,20 +129,14 @@ def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, produ
     return image_ids, seen
 
 
-def _candidate_features(runtime: Runtime, image_id: int, uri: str) -> Any:
-    """ORB features of a stored image, from the per-process cache or decoded once from storage."""
-    cached = runtime.feature_cache.get(image_id)
-    if cached is None:
-        image = decode_image(runtime.blobs.get(uri), runtime.image_limits).image
-        cached = runtime.feature_cache.put(image_id, runtime.dedup_verifier.features(image))
-    return cached
-
-
-def _verify_near(runtime: Runtime, seen: _Seen) -> list[DuplicateMatch]:
-    """The geometrically confirmed candidates, most inliers first; runs with no transaction open."""
+def _verify_near(runtime: Runtime, tenant_id: str, seen: _Seen) -> list[DuplicateMatch]:
+    """The geometrically confirmed candidates, most inliers first; runs with no transaction open.
+    The new image's features are persisted for when it is someone else's candidate."""
     verifier = runtime.dedup_verifier
-    query = runtime.feature_cache.put(seen.image_id, verifier.features(seen.img.image))
-    matches = [verifier.match_features(query, _candidate_features(runtime, c.image_id, c.storage_uri),
+    query = dedup_features.remember(runtime, tenant_id, seen.image_id, seen.img.row.sha256,
+                                    verifier.features(seen.img.image))
+    matches = [verifier.match_features(query, dedup_features.load(runtime, tenant_id, c.image_id, c.sha256,
+                                                                  c.storage_uri),
                                        image_id=c.image_id, hamming=c.hamming) for c in seen.candidates]
     return sorted((m for m in matches if m.confirmed), key=lambda m: (-m.inliers, m.hamming, m.image_id))
 
@@ -180,7 +175,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
     stored = _fetch_all(runtime, request, tenant_id, merchant_id)
     fetched_ms = (time.perf_counter() - started) * 1000
     image_ids, seen = _store(runtime, job_id, tenant_id, product_id, version, stored)
-    near = {s.image_id: _verify_near(runtime, s) for s in seen if s.near_check}
+    near = {s.image_id: _verify_near(runtime, tenant_id, s) for s in seen if s.near_check}
 
     with job_session(runtime.session_factory, job_id) as session:
         job = job_rows.lock(session, job_id)

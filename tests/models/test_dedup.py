@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
@@ -16,6 +17,7 @@ from models.dedup import (
     DuplicateMatch,
     NearDuplicateVerifier,
 )
+from models.dedup_io import features_from_bytes, features_to_bytes
 from models.hashing import ImageHashes, candidate_distances, candidate_hashes, hamming, perceptual_hashes
 from models.images import decode_image, load_image_file
 
@@ -269,3 +271,107 @@ def test_turns_beyond_a_re_upload_are_refused(verifier: NearDuplicateVerifier, p
         turned = _jpeg(original.rotate(25, resample=Image.Resampling.BICUBIC, expand=True, fillcolor="white"))
         [match] = verifier.verify(turned, [DuplicateCandidate(i, original, 0)])
         assert not match.confirmed
+
+
+def _garment_mask(img: Image.Image) -> np.ndarray:
+    """Soft garment mask (0..1, image size): GrabCut from a centred rectangle, holes filled, as a
+    seller's background tool would find the garment."""
+    small = img.copy()
+    small.thumbnail((240, 240))
+    bgr = cv2.cvtColor(np.asarray(small), cv2.COLOR_RGB2BGR)
+    h, w = bgr.shape[:2]
+    mask = np.zeros((h, w), np.uint8)
+    cv2.grabCut(bgr, mask, (int(w * 0.06), int(h * 0.06), int(w * 0.88), int(h * 0.88)), np.zeros((1, 65)),
+                np.zeros((1, 65)), 5, cv2.GC_INIT_WITH_RECT)
+    fg = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8) * 255
+    contours, _ = cv2.findContours(fg, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(fg)
+    cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
+    return cv2.GaussianBlur(cv2.resize(filled.astype(np.float32) / 255, img.size), (0, 0), 2)
+
+
+def _dark_backdrop(img: Image.Image) -> Image.Image:
+    """The background around the garment re-coloured dark grey, its shading kept; the garment untouched."""
+    soft = _garment_mask(img)[..., None]
+    rgb = np.asarray(img).astype(np.float32)
+    grey = rgb.mean(axis=2, keepdims=True)
+    shade = np.clip(grey / max(float(np.percentile(grey[soft[..., 0] < 0.5], 90)), 1.0), 0, 1.25)
+    out = rgb * soft + shade * np.array((64, 64, 64), np.float32) * (1 - soft)
+    return _jpeg(Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)))
+
+
+@pytest.mark.parametrize("photo", ["validation/dress/a65dc730-f117-4a1a-8fe9-917fad90a167.jpg",
+                                   "validation/pants/7eb1dd4c-e663-468d-b8ec-fb2d277ad499.jpg",
+                                   "validation/dress/974964a0-77cc-47b3-a54f-57eea90bb3fe.jpg"])
+def test_a_background_changed_around_the_garment_is_confirmed(
+    verifier: NearDuplicateVerifier, dataset_dir: Path, photo: str
+) -> None:
+    """A light floor turned dark grey around an unchanged garment: the garment's outline loses or
+    flips its contrast, which pulls a central cell below ``min_central_agreement`` (the copy
+    used to be refused there); what disagrees is a contour, not an area, so it is a copy."""
+    original = load_image_file(dataset_dir / photo).image
+    copy = _dark_backdrop(original)
+    [match] = verifier.verify(copy, [DuplicateCandidate(1, original, 0)])
+    assert match.confirmed, match
+    assert match.central < verifier.min_central_agreement  # confirmed by the outline rule, not the plain one
+    strict = NearDuplicateVerifier(max_central_solid=-1.0)  # the central rule without the outline excuse
+    [refused] = strict.verify(copy, [DuplicateCandidate(1, original, 0)])
+    assert not refused.confirmed
+
+
+def _pasted_garment(base: Image.Image, donor: Image.Image, scale: float = 0.8) -> Image.Image:
+    """``base`` with ``donor``'s garment (cut out by its mask, scaled) laid over its middle."""
+    w, h = base.size
+    pasted = donor.resize((int(w * scale), int(h * scale)), Image.Resampling.LANCZOS)
+    mask = _garment_mask(pasted)[..., None]
+    out = np.asarray(base).astype(np.float32).copy()
+    x, y = (w - pasted.width) // 2, (h - pasted.height) // 2
+    region = out[y:y + pasted.height, x:x + pasted.width]
+    region[:] = region * (1 - mask) + np.asarray(pasted).astype(np.float32) * mask
+    return _jpeg(Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)))
+
+
+@pytest.mark.parametrize("recoloured", [False, True], ids=["same_background", "background_changed_too"])
+def test_another_garment_laid_over_the_photo_is_refused(
+    verifier: NearDuplicateVerifier, photos: list[Image.Image], recoloured: bool
+) -> None:
+    """The garment-shaped counterpart of the transplant test: the same background everywhere around
+    another garment (and, harder, that background re-coloured as well, so its outline and the
+    background disagree as in a true background-changed copy). Never a copy."""
+    geometric = 0
+    for i, base in enumerate(photos):
+        query = _pasted_garment(base, photos[(i + 2) % len(photos)])
+        if recoloured:
+            query = _dark_backdrop(query)
+        [match] = verifier.verify(query, [DuplicateCandidate(i, base, 0)])
+        assert not match.confirmed, (i, match)
+        geometric += match.inliers >= verifier.min_inliers
+    assert geometric >= len(photos) // 2, "the check must be exercised on pairs the geometry accepts"
+
+
+def test_persisted_features_are_exactly_the_extracted_ones(
+    verifier: NearDuplicateVerifier, photos: list[Image.Image]
+) -> None:
+    """What the fetch stage writes beside an original reads back bit for bit, so a decision is the
+    same whether a candidate's features were just extracted or read from storage; anything else
+    is a ValueError (the caller then extracts them again)."""
+    original = photos[0]
+    extracted = verifier.features(original)
+    data = features_to_bytes(extracted)
+    stored = features_from_bytes(data)
+    for a, b in ((extracted, stored), (extracted.mirrored, stored.mirrored)):
+        assert a is not None and b is not None
+        assert np.array_equal(a.points, b.points) and np.array_equal(a.descriptors, b.descriptors)
+        assert np.array_equal(a.thumb, b.thumb) and (a.work_shape, a.key) == (b.work_shape, b.key)
+    query = verifier.features(mirrored(original))
+    assert (verifier.match_features(query, stored, image_id=1, hamming=3)
+            == verifier.match_features(query, extracted, image_id=1, hamming=3))
+    blank = verifier.features(Image.new("RGB", (64, 64), "white"))
+    assert features_from_bytes(features_to_bytes(blank)).count == 0
+    for bad in (b"", b"not an npz", data[: len(data) // 2]):
+        with pytest.raises(ValueError):
+            features_from_bytes(bad)
+    buf = io.BytesIO()
+    np.savez(buf, format=np.array([999], np.int32))
+    with pytest.raises(ValueError, match="format"):
+        features_from_bytes(buf.getvalue())

@@ -36,7 +36,8 @@ def _register_optional() -> None:
     import importlib
 
     for module in ("workers.cli.pipeline", "workers.cli.embeddings", "workers.cli.retrain",
-                   "workers.cli.retention", "workers.cli.asyncapi", "workers.cli.report"):
+                   "workers.cli.retention", "workers.cli.asyncapi", "workers.cli.report",
+                   "workers.cli.images"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -318,3 +318,33 @@ def test_no_transaction_is_open_while_candidates_are_read_and_verified(  # noqa:
     assert [d.kind for d in outcome.duplicates] == ["near"] and verifier.matched
     assert {where for where, _, _ in seen} == {"blob read", "verify"}
     assert all(idle == [] and lockable for _, idle, lockable in seen), seen
+
+
+def test_features_are_persisted_at_ingest_and_read_back_instead_of_the_original(  # noqa: ANN001
+        db_session: Session, stage, photos: dict[str, bytes], tmp_path: Path) -> None:
+    """The first product's image gets its features written beside its original; a fresh process
+    (empty cache) verifies the re-upload against them without reading the original at all. An
+    image stored before features were persisted (its features blob gone) is extracted from its
+    original once, and its features are written then."""
+    from tasks.pipeline.dedup_features import features_key
+
+    runtime, fetcher = stage
+    _run(db_session, runtime, "orig", ["photo"])
+    key = features_key(TENANT, _sha(photos["photo"]))
+    assert runtime.blobs.exists(key)
+
+    fresh = _runtime(runtime.session_factory, tmp_path / "blobs", fetcher)
+    reads: list[str] = []
+    get = fresh.blobs.get
+    fresh.blobs.get = lambda uri: reads.append(uri) or get(uri)  # type: ignore[method-assign]
+    job = _run(db_session, fresh, "reupload", ["reupload"])
+    found = _handoff(db_session, job).duplicates
+    assert [(d.kind, d.duplicate_of_product) for d in found] == [("near", "orig")]
+    assert reads == [fresh.blobs.uri_for(key)]  # the features, never the original
+
+    (tmp_path / "blobs" / key).unlink()  # as for an image stored before this
+    older = _runtime(runtime.session_factory, tmp_path / "blobs", fetcher)
+    fetcher.photos[_url("again")] = _jpeg(Image.open(io.BytesIO(photos["photo"])).convert("RGB"), 70)
+    job = _run(db_session, older, "again", ["again"])
+    assert [d.kind for d in _handoff(db_session, job).duplicates] == ["near"]
+    assert runtime.blobs.exists(key)  # extracted from the original and persisted again
