@@ -3,7 +3,8 @@
 ``run_model_batch`` takes what a batch of products needs (decoded images, merchant text) and runs
 ground → describe → verify → embed once for all of them. One item's bad input is that item's
 error; an accelerator OOM halves the batch and retries the halves, down to one item
-(``halve_on_oom``, the one splitting rule every model wrapper uses too).
+(``halve_on_oom``, the one splitting rule every model wrapper uses too). Items whose enrichment
+policy has no listing (``ModelItem.stages``) are only embedded, in the same batch (``_run_embeddings``).
 
 ``MicroBatcher`` feeds it: each Celery task thread submits one item, one model thread runs
 batches of up to ``max_size`` items, waiting at most ``max_wait_ms`` for a batch to fill.
@@ -52,6 +53,10 @@ class ModelItem:
     # primary's first; each is grounded and embedded, and those that show the product vote.
     extra_images: list[Any] = field(default_factory=list)
     image_ids: tuple[int, ...] = ()
+    # The enrichment stages to run (``tasks.pipeline.policy``); None: all of them. Without "listing"
+    # the item is embedded only (``_run_embeddings``): no VLM call, and no detector call either
+    # unless "grounding" is in the set.
+    stages: frozenset[str] | None = None
 
 
 @dataclass
@@ -86,6 +91,8 @@ class ModelResult:
     # ({"detector": …, "vlm": …, "clip": …}) and whether any of them has random weights.
     model_versions: dict[str, int] = field(default_factory=dict)
     random_weights: bool = False
+    # The enrichment stages that ran for this item (sorted); empty in results written before policies.
+    stages: list[str] = field(default_factory=list)
 
 
 def _free_accelerator_cache() -> None:
@@ -96,15 +103,37 @@ def _free_accelerator_cache() -> None:
         torch.cuda.empty_cache()
 
 
+ALL_STAGES = frozenset({"dedup", "grounding", "listing", "verification", "embeddings"})
+
+
+def _stages(item: ModelItem) -> frozenset[str]:
+    return ALL_STAGES if item.stages is None else item.stages
+
+
 def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[ModelItem]], None] | None,
          known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
+    """The batch split by policy: items that get a listing run the whole chain, the others are
+    embedded only; one result per item, in order."""
+    if before is not None:
+        before(items)
+    lite = [k for k, item in enumerate(items) if "listing" not in _stages(item)]
+    full = [k for k, item in enumerate(items) if "listing" in _stages(item)]
+    results: list[ModelResult | None] = [None] * len(items)
+    for part, run in ((full, _run_full), (lite, _run_embeddings)):
+        if part:
+            for k, result in zip(part, run(models, [items[k] for k in part], known), strict=True):
+                result.stages = sorted(_stages(items[k]))
+                results[k] = result
+    return [r for r in results if r is not None]
+
+
+def _run_full(models: ModelBundle, items: list[ModelItem],
+              known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
     from models.categories import resolve_schema
     from models.embeddings import visual_description
     from models.errors import ModelLayerError
     from models.listing import ListingRequest, combine
 
-    if before is not None:
-        before(items)
     results = [ModelResult(job_id=i.job_id) for i in items]
     live: list[int] = []
     schemas = []
@@ -166,6 +195,81 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
                                       for k in per_product[n])},
         )
     return results
+
+
+def _run_embeddings(models: ModelBundle, items: list[ModelItem],
+                    known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
+    """Embeddings only: every photo's vector (of the grounded crop where the policy grounds, else of
+    the whole photo), the product vector as their normalised mean (nothing verifies which photos show
+    the product), and the text vector of the merchant's own title and attributes. No VLM call."""
+    from models.categories import resolve_schema
+    from models.errors import ModelLayerError
+
+    results = [ModelResult(job_id=i.job_id) for i in items]
+    live: list[int] = []
+    schemas = []
+    for idx, item in enumerate(items):
+        try:
+            schemas.append(resolve_schema(item.category, unknown=item.unknown_category))
+            live.append(idx)
+        except ModelLayerError as exc:
+            results[idx].error = (exc.code, exc.detail, exc.retryable)
+    if not live:
+        return results
+    clock = _Clock()
+    photos = [(n, p, img) for n, i in enumerate(live) for p, img in enumerate([items[i].image, *items[i].extra_images])]
+    grounds = [k for k, (n, _, _) in enumerate(photos) if "grounding" in _stages(items[live[n]])]
+    whole = [k for k, (n, _, _) in enumerate(photos) if "grounding" not in _stages(items[live[n]])]
+    groundings: dict[int, Any] = {}
+    vectors: list[Any] = [None] * len(photos)
+    if grounds:
+        sub = [photos[k] for k in grounds]
+        reused = [_known_photo(known or {}, items[live[n]], p, schemas[n].name) for n, p, _ in sub]
+        grounded, crop_vectors = _ground_and_embed(models, sub, [s.name for s in schemas], reused)
+        for j, k in enumerate(grounds):
+            groundings[k], vectors[k] = grounded[j], crop_vectors[j]
+    clock.lap("ground")
+    for k, v in zip(whole, models.embedder.embed_images([photos[k][2] for k in whole]) if whole else []):
+        vectors[k] = v
+    per_product: list[list[int]] = [[] for _ in live]
+    for k, (n, _, _) in enumerate(photos):
+        per_product[n].append(k)
+    texts = [merchant_embedding_text(schemas[n].name, items[i].title, items[i].attributes) for n, i in enumerate(live)]
+    text_vecs = models.embedder.embed_texts(texts)
+    clock.lap("embed")
+    timings = clock.shares(len(live))
+    for n, i in enumerate(live):
+        item, ks = items[i], per_product[n]
+        product_vector = _mean_unit([vectors[k] for k in ks])
+        results[i] = ModelResult(
+            job_id=item.job_id, schema_id=schemas[n].schema_id,
+            grounding=_grounding(groundings[ks[0]]) if ks[0] in groundings else {},
+            content=merchant_content(item), image_embedding=[float(x) for x in product_vector],
+            text_embedding=[float(x) for x in text_vecs[n]], text_input=texts[n], timings_ms=timings,
+            images=[_embedded_photo(item, photos[k][1], groundings.get(k), vectors[k]) for k in ks])
+    return results
+
+
+def merchant_embedding_text(category: str, title: str, attributes: dict[str, Any]) -> str:
+    """What an embeddings-only product's text vector encodes: the merchant's own title and attribute
+    values (nothing was generated or verified), or the category alone when the merchant gave neither."""
+    facts = [f"{k.replace('_', ' ')} {v}" for k, v in sorted(attributes.items()) if str(v).strip()]
+    head = title.strip() or f"a {category.replace('_', ' ')}"
+    return (head + (", " + ", ".join(facts) if facts else ""))[:500]
+
+
+def merchant_content(item: ModelItem) -> dict[str, Any]:
+    """The record an embeddings-only product gets in place of a generated listing: the merchant's own
+    words and attributes, every attribute marked as the merchant's."""
+    return {"title": item.title, "description": item.description,
+            "attributes": {k: {"value": v, "confidence": 1.0, "source": "merchant"}
+                           for k, v in sorted(item.attributes.items())}}
+
+
+def _embedded_photo(item: ModelItem, position: int, g: Any, vector: Any) -> dict[str, Any]:
+    image_id = item.image_ids[position] if position < len(item.image_ids) else None
+    return {"image_id": image_id, "position": position, "on_product": True, "product_probability": None,
+            "grounding": _grounding(g) if g is not None else None, "embedding": [float(x) for x in vector]}
 
 
 def _known_photo(known: dict[tuple[int, str], Any], item: ModelItem, position: int, category: str) -> Any:

@@ -21,7 +21,7 @@ from tasks.errors import ErrorCode, PipelineError
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 1_000_000
 IN_TYPES = ("product.created", "product.updated", "listing.reviewed", "duplicate.reviewed")
-OUT_TYPES = ("listing.enriched", "listing.failed")
+OUT_TYPES = ("listing.enriched", "listing.failed", "product.indexed")  # product.indexed: policy without a listing
 ACCEPTED_CONTENT_TYPES = {"application/json", "application/json; charset=utf-8"}
 
 
@@ -76,6 +76,8 @@ class ProductEvent:
     images: tuple[ProductImageRef, ...]
     locale: str
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    # hints.stages (tasks.pipeline.policy): the stages the publisher asks for; None: whatever is configured
+    stages_hint: tuple[str, ...] | None = None
 
 
 def _no_nul(value: Any, path: str = "$") -> None:
@@ -139,13 +141,21 @@ def parse_product_event(body: bytes, content_type: str | None, routing_key: str)
                            event_id=_event_id_of(obj), raw=obj)
     validate(obj, event_type)
     p = obj["product"]
+    hint = (obj.get("hints") or {}).get("stages")
+    if hint is not None:
+        from tasks.pipeline.policy import InvalidPolicy, check_stages
+
+        try:
+            check_stages(hint)
+        except InvalidPolicy as exc:
+            raise InvalidEvent(f"$.hints.stages: {exc}", event_id=_event_id_of(obj), raw=obj) from None
     return ProductEvent(
         event_id=uuid.UUID(obj["event_id"]), event_type=event_type, occurred_at=obj["occurred_at"],
         tenant_id=obj["tenant_id"], merchant_id=obj["merchant_id"], external_id=p["external_id"],
         version=p["version"], category=p["category"], title=p.get("title", ""),
         description=p.get("description", ""), attributes=p.get("attributes", {}),
         images=tuple(ProductImageRef(i["url"], i.get("role", "alternate")) for i in p["images"]),
-        locale=p.get("locale", "en"), raw=obj,
+        locale=p.get("locale", "en"), raw=obj, stages_hint=tuple(hint) if hint is not None else None,
     )
 
 
@@ -172,7 +182,8 @@ def failed_event(*, causation_id: uuid.UUID, code: ErrorCode, detail: str, retry
 def product_event_payload(*, event_id: uuid.UUID | None = None, event_type: str = "product.created",
                           tenant_id: str, merchant_id: str, external_id: str, version: int, category: str,
                           image_urls: list[str], title: str = "", description: str = "",
-                          attributes: dict[str, Any] | None = None, locale: str = "en") -> dict[str, Any]:
+                          attributes: dict[str, Any] | None = None, locale: str = "en",
+                          stages: list[str] | None = None) -> dict[str, Any]:
     """Build a valid product event (used by `enrich publish`, the demo and the tests)."""
     payload = {
         "schema_version": SCHEMA_VERSION, "event_id": str(event_id or uuid.uuid4()), "event_type": event_type,
@@ -184,5 +195,7 @@ def product_event_payload(*, event_id: uuid.UUID | None = None, event_type: str 
             "locale": locale,
         },
     }
+    if stages is not None:
+        payload["hints"] = {"stages": list(stages)}
     validate(payload, event_type)
     return payload

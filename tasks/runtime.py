@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from tasks.pipeline.policy import PolicyTable
+
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from models.dedup import NearDuplicateVerifier
     from models.config import ModelConfig
@@ -80,6 +82,7 @@ class Runtime:
     unknown_category: str = "generic"
     max_images: int = 4  # photos of a product the model stage grounds and embeds (the primary first)
     enriched_event_version: int = 2  # listing.enriched contract version published (1 for old consumers)
+    enrichment: PolicyTable = field(default_factory=PolicyTable)  # which stages run (ENRICH_ENRICHMENT__*)
     batch_size: int = 8
     batch_max_wait_ms: int = 200
     feature_cache: LruCache = field(default_factory=lambda: LruCache(4096))

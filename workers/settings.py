@@ -53,6 +53,12 @@ class DatabaseSettings(BaseModel):
         "after connecting (cross-tenant under row-level security; the login must be granted it). "
         "Empty: stay the connecting role.",
     )
+    vector_index_precision: Literal["vector", "halfvec"] = Field(
+        "vector",
+        description="What the HNSW indexes of a new embedding size are built on (enrich backfill): vector, or "
+        "halfvec (half the index size and memory; recall@10 within 0.01 of vector in infra/bench/bench_similarity.py "
+        "--halfvec). Stored vectors and returned distances stay single precision.",
+    )
 
     @field_validator("admin_role")
     @classmethod
@@ -189,6 +195,12 @@ class WorkerSettings(BaseModel):
     retrain_settle_s: float = Field(60.0, ge=0, description=(
         "Feedback younger than this is left for the next pair-builder run (review transactions still committing "
         "cannot then appear behind the read position)."))
+    embedder_retrain_interval_s: int = Field(0, ge=0, description=(
+        "How often beat fine-tunes the clip embedder on newly accepted/edited listings "
+        "(catalog.retrain.finetune_embedder, gpu queue); 0 = never (run `enrich retrain embedder`)."))
+    embedder_retrain_min_rows: int = Field(64, ge=2, description=(
+        "Fewest new embedder-dataset rows a periodic run trains on (fewer: dataset written, no training)."))
+    embedder_retrain_epochs: int = Field(5, ge=1, description="Epochs of a periodic embedder fine-tune.")
     reconcile_interval_s: int = Field(900, ge=60, description="How often the coverage reconciler runs.")
     heartbeat_s: int = Field(60, ge=1, description=(
         "How often a running stage task refreshes its claim (its job's updated_at), so the reconciler can tell "
@@ -258,6 +270,40 @@ class RetentionSettings(BaseModel):
             raise ValueError("ENRICH_RETENTION__JOBS_KEEP_S must be at least ENRICH_RETENTION__RESULTS_KEEP_S "
                              "(a job row is what tells the pruner which result document to delete)")
         return self
+
+
+class EnrichmentSettings(BaseModel):
+    """Which enrichment stages run (``tasks.pipeline.policy``): per tenant, per category, per both.
+
+    Stage sets are lists of dedup, grounding, listing, verification, embeddings. dedup and embeddings
+    always run; listing and verification go together and need grounding. So the choices are every
+    stage (default), [dedup, grounding, embeddings] and [dedup, embeddings] (embeddings-only). A product
+    event's optional hints.stages can only narrow what applies here."""
+
+    stages: list[str] = Field(default_factory=lambda: ["dedup", "grounding", "listing", "verification", "embeddings"],
+                              description="Stages run for any tenant and category not named below (default: all).")
+    tenants: dict[str, list[str]] = Field(default_factory=dict, description=(
+        'Per tenant, as JSON: {"acme": ["dedup", "embeddings"]}.'))
+    categories: dict[str, list[str]] = Field(default_factory=dict, description=(
+        'Per category, as JSON: {"socks": ["dedup", "embeddings"]}. A tenant entry wins over a category entry.'))
+    tenant_categories: dict[str, list[str]] = Field(default_factory=dict, description=(
+        'Per tenant and category, as JSON keyed "TENANT/CATEGORY"; the most specific entry wins.'))
+
+    @model_validator(mode="after")
+    def _valid_policies(self) -> "EnrichmentSettings":
+        from tasks.pipeline.policy import InvalidPolicy
+
+        try:
+            self.table()
+        except InvalidPolicy as exc:
+            raise ValueError(f"ENRICH_ENRICHMENT__*: {exc}") from None
+        return self
+
+    def table(self):  # noqa: ANN201 - tasks.pipeline.policy.PolicyTable (imported lazily: no cycle at import)
+        from tasks.pipeline.policy import PolicyTable
+
+        return PolicyTable.of(self.stages, by_tenant=self.tenants, by_category=self.categories,
+                              by_tenant_category=self.tenant_categories)
 
 
 class MetricsSettings(BaseModel):
@@ -343,6 +389,7 @@ class Settings(BaseSettings):
     models: ModelSettings = Field(default_factory=ModelSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    enrichment: EnrichmentSettings = Field(default_factory=EnrichmentSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     faults: FaultSettings = Field(default_factory=FaultSettings)
 

@@ -90,6 +90,7 @@ def build_runtime(settings: Settings, send_task=None):  # noqa: ANN001, ANN201
                           max_stage_attempts=w.max_retries + settings.broker.delivery_limit + 1),
         unknown_category=settings.models.unknown_category,
         enriched_event_version=settings.workers.enriched_event_version, max_images=settings.models.max_images,
+        enrichment=settings.enrichment.table(),
         batch_size=w.batch_size, batch_max_wait_ms=w.batch_max_wait_ms,
         heartbeat_s=w.heartbeat_s, stall_after_s=w.stall_allowance_s, queued_stall_after_s=w.queued_stall_after_s,
         model_wait_s=float(w.soft_time_limit_s), batch_hang_s=float(w.time_limit_s),

@@ -79,7 +79,7 @@ def accept_product_event(session: Session, event: ProductEvent) -> IntakeResult:
     product.locale = event.locale
     product.updated_at = datetime.now(UTC)
     session.flush()
-    request = EnrichRequest(tuple(ImageRef(i.url, i.role) for i in event.images))
+    request = EnrichRequest(tuple(ImageRef(i.url, i.role) for i in event.images), stages_hint=event.stages_hint)
     job = jobs.create(session, tenant_id=event.tenant_id, event_id=event.event_id, product_id=product.id,
                       product_version=event.version, request=request)
     log.info("intake.accepted", job_id=job.id, version=event.version)

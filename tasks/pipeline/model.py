@@ -22,7 +22,7 @@ from tasks import tracing
 from tasks.errors import ErrorCode, PipelineError
 from tasks.io.blobs import result_key
 from tasks.pipeline import jobs
-from tasks.pipeline.work import FetchedImages, ModelOutput
+from tasks.pipeline.work import EnrichRequest, FetchedImages, ModelOutput
 from tasks.runtime import Runtime
 
 log = structlog.get_logger(__name__)
@@ -37,8 +37,11 @@ def model_stage(runtime: Runtime, job_id: int, task_id: str) -> bool:
         product = products.get(session, job.product_id)  # as claim locked it: this job's version
         assert product is not None
         photos = FetchedImages.of(job.work).photos(runtime.max_images)
+        # The policy is resolved here, where the work is done, from the settings this worker runs with and
+        # the event's hint; the result records it, and persist writes what the result says ran.
+        stages = runtime.enrichment.resolve(job.tenant_id, product.category, EnrichRequest.of(job.work).stages_hint)
         item_fields = dict(category=product.category, title=product.title, description=product.description,
-                           attributes=dict(product.attributes), locale=product.locale)
+                           attributes=dict(product.attributes), locale=product.locale, stages=stages)
     # Decoded here, in the task thread, once each (fetch already refused what does not decode).
     images = [decode_image(runtime.blobs.get(uri), runtime.image_limits).image for _, uri in photos]
     result = runtime.batcher.run(ModelItem(job_id=job_id, image=images[0], unknown_category=runtime.unknown_category,

@@ -1,5 +1,7 @@
 """Persist (CPU): grounding, listing and embeddings in one transaction with idempotent upserts,
-the job marked done, and ``listing.enriched`` written to the outbox — all or nothing."""
+the job marked done, and ``listing.enriched`` written to the outbox — all or nothing. A result whose
+enrichment policy generated no listing (``tasks.pipeline.policy``) is recorded as the merchant's own
+content with its vectors, and announced as ``product.indexed`` instead."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tasks.errors import ErrorCode, PipelineError
 from tasks.events import contract_versions, now_iso
 from tasks.pipeline import jobs
 from tasks.pipeline.outbox import enqueue
+from tasks.pipeline.policy import EnrichStage, generates_listing, policy_name
 from tasks.pipeline.work import FetchedImages, ModelOutput
 from tasks.runtime import Runtime
 
@@ -28,10 +31,9 @@ log = structlog.get_logger(__name__)
 ENRICHED_VERSION = contract_versions("listing.enriched")[-1]
 
 
-def _from_result(session: Session, runtime: Runtime, job: EnrichmentJob,
+def _from_result(session: Session, doc: dict[str, Any], job: EnrichmentJob,
                  product: Product) -> tuple[int, bool, dict[str, Any]]:
     """The model stage's result document, recorded under the versions that produced it."""
-    doc = json.loads(runtime.blobs.get(ModelOutput.of(job.work).result_uri))
     model_ids = doc.get("model_versions") or {}
     if set(model_ids) != {"detector", "vlm", "clip"}:
         raise PipelineError(ErrorCode.internal_error, "the model result names no model versions (written by a GPU "
@@ -74,6 +76,67 @@ def _photos(session: Session, job: EnrichmentJob, product: Product, listing_id: 
                          on_product=photo["on_product"], product_probability=photo.get("product_probability"),
                          grounding_id=grounding_id, dims=len(photo["embedding"]), embedding=photo["embedding"]))
     listings.insert_photo_embeddings(session, rows)
+
+
+def _from_embeddings(session: Session, doc: dict[str, Any], job: EnrichmentJob, product: Product) -> tuple[int, bool]:
+    """A result of a policy without a listing (``tasks.pipeline.policy``): the product version's record
+    under its clip version (the merchant's own content, no model output), its vectors, and the
+    groundings where the policy grounded. The record is keyed by the clip version, so a later full
+    enrichment of the same version adds its listing beside it."""
+    model_ids = doc.get("model_versions") or {}
+    if "clip" not in model_ids:
+        raise PipelineError(ErrorCode.internal_error, "the model result names no clip version; the reconciler "
+                            "runs the product again")
+    stages = frozenset(doc["stages"])
+    grounded = EnrichStage.grounding.value in stages
+    image_id = FetchedImages.of(job.work).primary_image_id
+    detector = model_ids.get("detector")
+
+    def grounding_of(g: dict[str, Any] | None, of_image: int) -> int | None:
+        if not grounded or not g or detector is None:
+            return None
+        return listings.upsert_grounding(session, tenant_id=job.tenant_id, image_id=of_image, detector_id=detector,
+                                         prompt=g["prompt"], box=g["box"], score=g["score"], fallback=g["fallback"])
+
+    primary_grounding = grounding_of(doc["grounding"], image_id)
+    versions: dict[str, Any] = {"clip": model_ids["clip"], "policy": policy_name(stages)}
+    if grounded and detector is not None:
+        versions["detector"] = detector
+    listing_id, created = listings.insert_listing(session, dict(
+        tenant_id=job.tenant_id, product_id=product.id, product_version=job.product_version,
+        model_version_id=model_ids["clip"], image_id=image_id, grounding_id=primary_grounding,
+        category=product.category, schema_id=doc["schema_id"], content=doc["content"], dropped_attributes={},
+        model_output={}, model_input={"policy": sorted(stages), "text_input": doc["text_input"]},
+        model_versions=versions, random_weights=bool(doc.get("random_weights"))))
+    vec = doc["image_embedding"]
+    listings.insert_embedding(session, dict(
+        tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id, model_version_id=model_ids["clip"],
+        category=product.category, dims=len(vec), image_embedding=vec, text_embedding=doc["text_embedding"],
+        text_input=doc["text_input"]))
+    listings.insert_photo_embeddings(session, [dict(
+        tenant_id=job.tenant_id, product_id=product.id, listing_id=listing_id, image_id=p["image_id"],
+        model_version_id=model_ids["clip"], position=p["position"], on_product=True, product_probability=None,
+        grounding_id=primary_grounding if p["position"] == 0 else grounding_of(p.get("grounding"), p["image_id"]),
+        dims=len(p["embedding"]), embedding=p["embedding"]) for p in doc.get("images") or [] if p.get("image_id")])
+    return listing_id, created
+
+
+def indexed_event(job: EnrichmentJob, product: Product, listing_id: int, doc: dict[str, Any],
+                  names: dict[str, str]) -> dict[str, Any]:
+    """``product.indexed`` v1: what a policy without a listing publishes instead of ``listing.enriched``."""
+    stages = frozenset(doc["stages"])
+    return {
+        "schema_version": 1, "event_id": str(uuid.uuid4()), "event_type": "product.indexed",
+        "causation_id": str(job.event_id), "occurred_at": now_iso(), "tenant_id": job.tenant_id,
+        "merchant_id": product.merchant_id,
+        "product": {"external_id": product.external_id, "version": job.product_version}, "listing_id": listing_id,
+        "policy": {"name": policy_name(stages), "stages": [s.value for s in EnrichStage if s.value in stages]},
+        "grounding": doc["grounding"] or None,
+        "duplicates": [d.as_event() for d in FetchedImages.of(job.work).duplicates],
+        "photos": max(1, len([p for p in doc.get("images") or [] if p.get("image_id")])),
+        "models": {"clip": names["clip"], "detector": names.get("detector"),
+                   "random_weights": bool(doc.get("random_weights"))},
+    }
 
 
 def truth_flags(doc: dict[str, Any]) -> dict[str, Any]:
@@ -159,10 +222,14 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
         product = products.get(session, job.product_id)  # as claim locked it: this job's version
         assert product is not None
         reuse = FetchedImages.of(job.work).reuse_listing_id
+        doc = None if reuse else json.loads(runtime.blobs.get(ModelOutput.of(job.work).result_uri))
+        if doc is not None and doc.get("stages") and not generates_listing(frozenset(doc["stages"])):
+            return _persist_indexed(session, job, product, doc, started)
         if reuse:
             listing_id, created, grounding = _from_reuse(session, job, product, reuse)
         else:
-            listing_id, created, grounding = _from_result(session, runtime, job, product)
+            assert doc is not None
+            listing_id, created, grounding = _from_result(session, doc, job, product)
         listing = listings.get(session, listing_id)
         assert listing is not None
         tracing.annotate(**{f"catalog.model_version.{kind}": listing.model_versions.get(kind)
@@ -175,4 +242,23 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
         jobs.finish(session, job, listing_id=listing_id, timings={"persist": (time.perf_counter() - started) * 1000})
         faults.hit("persist.before_commit", job_id=job_id)
     log.info("persist.done", job_id=job_id, listing_id=listing_id, reused=bool(reuse), new_listing=created)
+    return listing_id
+
+
+def _persist_indexed(session: Session, job: EnrichmentJob, product: Product, doc: dict[str, Any],
+                     started: float) -> int:
+    """Persist of a policy without a listing, in the caller's transaction: vectors, the job done and,
+    for a new record, ``product.indexed`` in the outbox (a redelivery or a reconciler re-run finds the
+    record there and announces nothing again)."""
+    listing_id, created = _from_embeddings(session, doc, job, product)
+    if created:
+        ids = {k: v for k, v in (doc.get("model_versions") or {}).items() if k == "clip" or
+               (k == "detector" and EnrichStage.grounding.value in doc["stages"])}
+        enqueue(session, "product.indexed", indexed_event(job, product, listing_id, doc, _model_names(session, ids)),
+                tenant_id=job.tenant_id)
+    jobs.finish(session, job, listing_id=listing_id, timings={"persist": (time.perf_counter() - started) * 1000})
+    faults.hit("persist.before_commit", job_id=job.id)
+    tracing.annotate(**{"catalog.listing_id": listing_id, "catalog.policy": policy_name(frozenset(doc["stages"]))})
+    log.info("persist.indexed", job_id=job.id, listing_id=listing_id, new_record=created,
+             policy=policy_name(frozenset(doc["stages"])))
     return listing_id

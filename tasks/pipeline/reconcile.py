@@ -22,7 +22,7 @@ hand-off (the Celery task in ``tasks.pipeline.tasks`` commits, then relays).
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
 
@@ -109,7 +109,7 @@ def requeue(session: Session, item: IncompleteProduct) -> Redispatch | None:
     event_id = uuid.uuid4()
     inbox.record(session, event_id, tenant_id=item.tenant_id, event_type="reconcile", status=InboxStatus.accepted,
                  detail=f"{item.reason.value} (product version {item.product_version})")
-    request = EnrichRequest(EnrichRequest.of(previous.work).images, reconciled=item.reason.value)
+    request = replace(EnrichRequest.of(previous.work), reconciled=item.reason.value)  # images and stage hint
     job = jobs.create(session, tenant_id=item.tenant_id, event_id=event_id, product_id=item.product_id,
                       product_version=item.product_version, request=request)
     return Redispatch(job.id, jobs.FIRST.value)

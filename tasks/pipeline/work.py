@@ -34,11 +34,14 @@ class EnrichRequest:
 
     images: tuple[ImageRef, ...]
     reconciled: str | None = None  # why the reconciler re-ran this product version, if it did
+    stages_hint: tuple[str, ...] | None = None  # the event's hints.stages (tasks.pipeline.policy), if any
 
     def to_work(self) -> dict[str, Any]:
         out: dict[str, Any] = {"image_urls": [[i.url, i.role] for i in self.images]}
         if self.reconciled is not None:
             out["reconciled"] = self.reconciled
+        if self.stages_hint is not None:
+            out["stages_hint"] = list(self.stages_hint)
         return out
 
     @staticmethod
@@ -48,7 +51,9 @@ class EnrichRequest:
     @classmethod
     def of(cls, work: dict[str, Any]) -> EnrichRequest:
         urls = _need(work, "image_urls", "the enrich request")
-        return cls(tuple(ImageRef(url, role) for url, role in urls), work.get("reconciled"))
+        hint = work.get("stages_hint")
+        return cls(tuple(ImageRef(url, role) for url, role in urls), work.get("reconciled"),
+                   tuple(hint) if hint is not None else None)
 
 
 @dataclass(frozen=True)
