@@ -64,6 +64,8 @@ class BackfillItem:
     category: str
     image_id: int
     storage_uri: str
+    # The detector box the pipeline cropped to (before its padding); None where it embedded the
+    # whole photo (a fallback grounding: no box scored above the threshold, or no grounding).
     box: list[float] | None
     text_input: str
 
@@ -195,7 +197,8 @@ def pending_items(session: Session, version_id: int, *, after_listing_id: int = 
     rows = session.execute(
         text(f"""
             WITH targets AS ({_TARGETS})
-            SELECT l.id, l.tenant_id, l.product_id, l.category, l.image_id, i.storage_uri, g.box,
+            SELECT l.id, l.tenant_id, l.product_id, l.category, l.image_id, i.storage_uri,
+                   CASE WHEN g.fallback THEN NULL ELSE g.box END AS box,
                    coalesce((SELECT ae.text_input FROM embeddings ae
                              JOIN model_versions mv ON mv.id = ae.model_version_id AND mv.status = 'active'
                              WHERE ae.listing_id = l.id), l.content ->> 'title', '') AS text_input
@@ -367,6 +370,16 @@ def activate(session: Session, version_id: int, *, force: bool = False) -> int |
                     {"id": version_id})
     session.flush()
     return old_id
+
+
+def category_counts(session: Session, version_id: int) -> dict[str, int]:
+    """Embeddings per category of one version (what ``vector_indexes.ensure_category_indexes`` indexes)."""
+    rows = session.execute(
+        text("SELECT category, count(*) AS n FROM embeddings WHERE model_version_id = :v "
+             "GROUP BY category ORDER BY category"),
+        {"v": version_id},
+    )
+    return {r.category: int(r.n) for r in rows}
 
 
 def dims_still_used(session: Session, dims: int, *, except_version: int) -> bool:

@@ -1,4 +1,4 @@
-"""Python callers of the ``catalog`` SQL interface (migration 0002).
+"""Python callers of the ``catalog`` SQL interface (migration 0002; search path of 0013).
 
 The SQL functions are the product: these helpers only bind parameters, run each call in a
 savepoint (a rejected search leaves the caller's transaction usable) and turn the documented

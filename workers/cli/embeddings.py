@@ -7,7 +7,6 @@ DDL needs the table owner and runs on an owner connection (``get_owner_engine()`
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,22 +23,23 @@ embeddings_app = typer.Typer(help="Embedding model versions: list, compare, acti
 
 
 class ModelEmbedder:
-    """Embeds backfill items with a loaded clip wrapper: the listing's image (cropped to its grounding
-    box) through the image tower, its stored visual text through the text tower."""
+    """Embeds backfill items with a loaded clip wrapper: the listing's image cut exactly as the
+    pipeline cut it (its grounding box padded by ``crop_padding``, ``models.boxes.padded_crop_box``;
+    the whole photo where the grounding fell back) through the image tower, its stored visual text
+    through the text tower."""
 
-    def __init__(self, clip: Any, read_bytes: Any) -> None:
+    def __init__(self, clip: Any, read_bytes: Any, crop_padding: float) -> None:
         self.clip = clip
         self.read_bytes = read_bytes
+        self.crop_padding = crop_padding
 
     def __call__(self, items: Sequence[ev.BackfillItem]) -> tuple[np.ndarray, np.ndarray]:
-        from PIL import Image
+        from models.boxes import product_crop
+        from models.images import decode_image
 
-        images = []
-        for item in items:
-            image = Image.open(io.BytesIO(self.read_bytes(item.storage_uri))).convert("RGB")
-            if item.box:
-                image = image.crop(tuple(int(round(c)) for c in item.box[:4]))
-            images.append(image)
+        # Decoded as fetch decoded it (EXIF orientation applied: the stored box refers to that frame).
+        images = [product_crop(decode_image(self.read_bytes(item.storage_uri)).image, item.box, self.crop_padding)
+                  for item in items]
         return self.clip.embed_images(images), self.clip.embed_texts([i.text_input for i in items])
 
 
@@ -68,7 +68,7 @@ def load_embedder(model: str, settings: Settings, profile: str = "pretrained") -
     spec = ev.VersionSpec(name=info.name, revision=info.revision, dims=int(info.dims), profile=info.profile,
                           random_weights=info.random_weights, params={"ref": model},
                           weights_uri=model if info.profile == "pretrained" else None)
-    return spec, ModelEmbedder(clip, blobs.get)
+    return spec, ModelEmbedder(clip, blobs.get, settings.models.crop_padding)
 
 
 def _factory():  # noqa: ANN202
@@ -105,7 +105,9 @@ def backfill(
         factory = _factory()
         with admin_session(factory) as s:
             version_id = ev.register_version(s, spec)
-        created = _as_owner(vector_indexes.ensure_dimension_index, spec.dims)  # CONCURRENTLY: writers keep writing
+        precision = settings.db.vector_index_precision
+        created = _as_owner(lambda engine, dims: vector_indexes.ensure_dimension_index(engine, dims, precision),
+                            spec.dims)  # CONCURRENTLY: writers keep writing
         if created:
             typer.echo(f"created HNSW indexes {', '.join(created)}")
         with admin_session(factory) as s:
@@ -160,6 +162,24 @@ def activate(version_id: int = typer.Argument(...),
         except ev.VersionError as exc:
             raise CliError(str(exc)) from exc
     typer.echo(f"clip version {version_id} is active" + (f"; version {old} retired" if old else ""))
+
+
+@embeddings_app.command("index-categories")
+def index_categories(min_rows: int = typer.Option(1000, min=1, help="Only categories with at least this many rows "
+                                                                    "(smaller ones are answered by an exact scan).")) -> None:
+    """Per-category partial HNSW indexes for the active version's size (faster category-filtered searches;
+    a second copy of the image index). Idempotent; run again after new categories arrive."""
+    with one_line_errors():
+        with admin_session(_factory()) as s:
+            version_id = ev.active_version_id(s)
+            if version_id is None:
+                raise CliError("no active clip version; activate one first")
+            dims = int(ev.get_version(s, version_id).dims or 0)
+            counts = ev.category_counts(s, version_id)
+        chosen = sorted(c for c, n in counts.items() if n >= min_rows)
+        created = _as_owner(lambda engine, d: vector_indexes.ensure_category_indexes(engine, d, chosen), dims)
+    typer.echo(f"{len(chosen)} of {len(counts)} categories have at least {min_rows} rows; "
+               f"created {len(created)} indexes" + (f": {', '.join(created)}" if created else ""))
 
 
 @embeddings_app.command("drop")
