@@ -3,6 +3,9 @@ anything that redraws a crop from stored coordinates (``enrich report``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 Box = tuple[float, float, float, float]
 
 
@@ -30,3 +33,14 @@ def padded_crop_box(box: Box, size: tuple[int, int], padding: float) -> tuple[in
     left, top = max(0, int(x0 - pad_x)), max(0, int(y0 - pad_y))
     right, bottom = min(width, int(round(x1 + pad_x))), min(height, int(round(y1 + pad_y)))
     return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+def product_crop(image: Any, box: Sequence[float] | None, padding: float) -> Any:
+    """The part of a photo the pipeline describes and embeds: the detector box grown by ``padding``
+    (``padded_crop_box``), or the whole photo where there is no box to trust (``None``: the
+    grounding fell back). The one rule for the GPU stage, the embedding backfill and the embedder's
+    training rows, so a stored vector and a recomputed one always see the same pixels."""
+    if not box:
+        return image
+    x0, y0, x1, y1 = (float(c) for c in box[:4])
+    return image.crop(padded_crop_box((x0, y0, x1, y1), image.size, padding))

@@ -26,7 +26,7 @@ from models.tiny import base_owlv2_config, build_owlv2_processor, build_random_o
 
 from models.config import DEFAULT_CACHE_DIR, DEFAULT_DETECTOR  # noqa: E402  (re-exported)
 
-from models.boxes import Box, clip_box, padded_crop_box  # noqa: E402,F401  (re-exported)
+from models.boxes import Box, clip_box, padded_crop_box, product_crop  # noqa: E402,F401  (re-exported)
 
 
 def preprocess_on_device(processor: Any, device: Any) -> dict[str, Any]:
@@ -191,5 +191,5 @@ class Grounder(ModelWrapper[Image.Image, GroundingResult]):
     def _result(self, image: Image.Image, prompt: str, box: Box | None, score: float | None) -> GroundingResult:
         if box is None or score is None or not score > self.threshold:
             return GroundingResult(box=box, score=score, fallback=True, prompt=prompt, crop=image)
-        crop = image.crop(padded_crop_box(box, image.size, self.padding))
+        crop = product_crop(image, box, self.padding)
         return GroundingResult(box=box, score=score, fallback=False, prompt=prompt, crop=crop)

@@ -32,6 +32,9 @@ OFF_PRODUCT_PROMPTS = ("a size chart table", "a clothing care label with printed
                        "a barcode")
 SOURCE_IMAGE = "image"
 SOURCE_MERCHANT = "merchant"
+# A product's category is called into question when another category wins the embedder's zero-shot
+# vote with at least this probability (measured in README, "Category mismatch").
+CATEGORY_MISMATCH_PROBABILITY = 0.8
 
 
 class _Schema(Protocol):
@@ -154,6 +157,37 @@ class AttributeVerifier:
             rows = np.vstack([cached[index[f"a photo of a {category_noun(category)}"]][None, :], off])
             probs = _softmax(self.embedder.logit_scale * (rows @ vector))
             out.append((bool(probs.argmax() == 0), round(float(probs[0]), 4)))
+        return out
+
+    def category_checks(self, image_vectors: np.ndarray, categories: Sequence[str | None], *,
+                        threshold: float = CATEGORY_MISMATCH_PROBABILITY) -> list[dict[str, Any] | None]:
+        """The embedder's zero-shot category of each product vector against the merchant's: a softmax
+        over "a photo of a <category>" for every category with a schema, at the model's own
+        temperature (``models.retrieval_eval.category_checks``). ``mismatch`` when another category
+        wins with probability >= ``threshold``; never for random weights (their vote means nothing).
+        ``None`` for a product without a known category (the generic schema)."""
+        from models.categories import CATEGORIES
+        from models.retrieval_eval import category_checks
+
+        names = sorted(c for c in CATEGORIES if c != "generic")
+        wanted = [k for k, c in enumerate(categories) if c in names]
+        out: list[dict[str, Any] | None] = [None] * len(categories)
+        if not wanted or len(image_vectors) == 0:
+            return out
+        key = ("_category_checks", "", tuple(names))
+        with self._cache_lock:
+            classes = self._prompt_cache.get(key)
+        if classes is None:
+            classes = self.embedder.embed_texts([f"a photo of a {category_noun(c)}" for c in names])
+            with self._cache_lock:
+                self._prompt_cache[key] = classes
+        checks = category_checks(np.asarray([image_vectors[k] for k in wanted]), [categories[k] for k in wanted],
+                                 classes, names, temperature=self.embedder.logit_scale, threshold=threshold,
+                                 random_weights=self.embedder.version().random_weights)
+        for k, check in zip(wanted, checks, strict=True):
+            out[k] = {"stated": check.stated, "predicted": check.predicted,
+                      "probability": round(check.confidence, 4),
+                      "stated_probability": round(check.stated_probability, 4), "mismatch": check.mismatch}
         return out
 
     # --- steps ---------------------------------------------------------------------------------------

@@ -69,6 +69,14 @@ def _beat_schedule(settings: Settings, schedule: Any) -> dict[str, Any]:
         "retrain-build-pairs": {"task": "catalog.retrain.build_pairs",
                                 "schedule": schedule(settings.workers.retrain_interval_s)},
     }
+    w = settings.workers
+    if w.embedder_retrain_interval_s:
+        entries["retrain-finetune-embedder"] = {
+            "task": "catalog.retrain.finetune_embedder", "schedule": schedule(w.embedder_retrain_interval_s),
+            "kwargs": {"model_store_uri": settings.model_store_uri, "min_rows": w.embedder_retrain_min_rows,
+                       "holdout_fraction": w.retrain_holdout_fraction, "window_days": w.retrain_window_days,
+                       "settle_s": w.retrain_settle_s,
+                       "epochs": w.embedder_retrain_epochs, "margin": settings.models.promotion_margin}}
     if settings.retention.enabled:
         # The policy travels with the message: the worker that runs it needs no retention settings.
         entries["prune-bookkeeping"] = {

@@ -95,3 +95,41 @@ def add_pairs(session: Session, pairs: Sequence[Mapping[str, Any]]) -> None:
 
 def dataset_named(session: Session, name: str) -> TrainingDataset | None:
     return session.scalar(select(TrainingDataset).where(TrainingDataset.name == name))
+
+
+_NEW_REVIEWED_LISTINGS = text("""
+    SELECT f.id AS feedback_id, f.tenant_id, f.decision, f.created_at,
+           l.id AS listing_id, l.product_id, l.category, l.schema_id, l.content, l.status,
+           p.merchant_id, p.external_id, i.storage_uri, g.box, coalesce(g.fallback, true) AS fallback
+    FROM review_feedback f
+    JOIN listings l ON l.id = f.listing_id AND l.tenant_id = f.tenant_id
+    JOIN products p ON p.id = l.product_id AND p.tenant_id = l.tenant_id
+    JOIN images i ON i.id = l.image_id AND i.tenant_id = l.tenant_id
+    LEFT JOIN groundings g ON g.id = l.grounding_id AND g.tenant_id = l.tenant_id
+    WHERE f.id > :watermark AND f.created_at >= now() - :window AND f.created_at <= now() - :settle
+    ORDER BY f.id
+    LIMIT :limit
+""")
+
+
+def new_reviewed_listings(session: Session, *, after: int, window: timedelta, settle: timedelta,
+                          limit: int) -> Sequence[Row[Any]]:
+    """Reviews with an id above ``after`` (within ``window``, at least ``settle`` old), oldest first,
+    each with its listing's *current* content (the merchant's corrections applied) and status, the
+    product's merchant and external id, the stored image and the grounding box (``fallback`` true
+    when the pipeline embedded the whole photo)."""
+    return session.execute(_NEW_REVIEWED_LISTINGS, {"watermark": after, "window": window, "settle": settle,
+                                                    "limit": limit}).all()
+
+
+def datasets_named_like(session: Session, prefix: str, limit: int = 20) -> list[TrainingDataset]:
+    """The newest datasets whose name starts with ``prefix`` (a builder's own)."""
+    return list(session.scalars(select(TrainingDataset).where(TrainingDataset.name.startswith(prefix))
+                                .order_by(TrainingDataset.id.desc()).limit(limit)))
+
+
+def read_position_of(session: Session, builder: str) -> int:
+    """``builder``'s own recorded read position (0 before its first run). Unlike ``read_position``
+    it ignores the datasets' watermarks, which belong to the preference-pair builder."""
+    return int(session.execute(text("SELECT coalesce((SELECT watermark FROM builder_watermarks "
+                                     "WHERE builder = :b), 0)"), {"b": builder}).scalar_one())

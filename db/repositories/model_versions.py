@@ -50,12 +50,13 @@ def display_names(session: Session, ids: list[int] | set[int]) -> dict[int, str]
 
 def upsert_candidate(session: Session, *, kind: str, name: str, revision: str, profile: str,
                      random_weights: bool, params: dict[str, Any], metrics: dict[str, Any],
-                     weights_uri: str | None = None) -> int:
+                     weights_uri: str | None = None, dims: int | None = None) -> int:
     """Register a trained model as a ``candidate`` and return its id. Training the same weights
-    again (same kind, name and revision) refreshes params and metrics and keeps the status."""
+    again (same kind, name and revision) refreshes params and metrics and keeps the status.
+    ``dims``: the vector width of a clip version (what the backfill checks against)."""
     stmt = insert(ModelVersion).values(kind=kind, name=name, revision=revision, profile=profile,
                                        random_weights=random_weights, status=ModelStatus.candidate.value,
-                                       params=params, metrics=metrics, weights_uri=weights_uri)
+                                       params=params, metrics=metrics, weights_uri=weights_uri, dims=dims)
     return session.execute(stmt.on_conflict_do_update(
         index_elements=["kind", "name", "revision"],
         set_={"params": stmt.excluded.params, "metrics": stmt.excluded.metrics},

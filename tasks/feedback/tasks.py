@@ -1,7 +1,9 @@
-"""Celery adapters of the retrain loop: the periodic pair builder (beat) runs on the cpu queue."""
+"""Celery adapters of the retrain loops: the periodic pair builder (beat) runs on the cpu queue, the
+periodic embedder fine-tune (beat) on the gpu queue."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from celery import Task
@@ -24,3 +26,20 @@ def build_pairs(self: Task) -> dict[str, Any]:
     metrics.pairs_built(result.status.value, result.pairs)
     return {"status": result.status.value, "dataset": result.name, "pairs": result.pairs,
             "watermark": result.watermark}
+
+
+@catalog_task("retrain.finetune_embedder", queue="gpu", ignore_result=True)
+def finetune_embedder(self: Task, model_store_uri: str, min_rows: int = 64, holdout_fraction: float = 0.1,
+                      window_days: int = 30, settle_s: float = 60.0, epochs: int = 5,
+                      learning_rate: float = 1e-4, margin: float = 0.01) -> dict[str, Any]:
+    """New accepted/edited listings → embedder dataset → (enough rows) candidate clip version → gate."""
+    from models.embedder_training import ContrastiveConfig  # the ML stack: GPU worker only
+    from tasks.feedback.embedder_cycle import run_cycle
+    from tasks.feedback.embedder_data import EmbedderDataConfig
+    from tasks.io.blobs import open_blob_store
+
+    runtime = get_runtime()
+    data = EmbedderDataConfig(window_days=window_days, holdout_fraction=holdout_fraction,
+                              settle=timedelta(seconds=settle_s))
+    return run_cycle(runtime, model_store=open_blob_store(model_store_uri), data=data,
+                     training=ContrastiveConfig(epochs=epochs, lr=learning_rate), min_rows=min_rows, margin=margin)

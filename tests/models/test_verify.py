@@ -123,3 +123,21 @@ def test_prompts_read_as_captions() -> None:
 def test_mismatched_lengths_are_rejected(embedder) -> None:
     with pytest.raises(ValueError):
         AttributeVerifier(embedder, margin=0.1).verify([], [listing()], [], [])
+
+
+def test_category_checks_vote_over_every_category_and_random_weights_never_accuse(embedder, sample_photos) -> None:
+    from models.categories import CATEGORIES
+
+    verifier = AttributeVerifier(embedder, margin=0.05)
+    images = [Image.open(p).convert("RGB") for p, _ in sample_photos[:3]]
+    vectors = embedder.embed_images(images)
+    checks = verifier.category_checks(vectors, ["dress", "not-a-category", "shoes"])
+    assert checks[1] is None  # no schema: nothing to check against
+    names = set(CATEGORIES) - {"generic"}
+    for check, stated in ((checks[0], "dress"), (checks[2], "shoes")):
+        assert check["stated"] == stated and check["predicted"] in names
+        assert 0.0 < check["stated_probability"] <= check["probability"] <= 1.0
+        # The tiny clip's weights are random: its vote is reported, never turned into an accusation.
+        assert check["mismatch"] is False
+    # Threshold 0 would flag any disagreement, but random weights still never accuse.
+    assert all(c is None or c["mismatch"] is False for c in verifier.category_checks(vectors, ["dress"] * 3, threshold=0.0))
