@@ -129,6 +129,8 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
 
 def _run_full(models: ModelBundle, items: list[ModelItem],
               known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
+    import numpy as np
+
     from models.categories import resolve_schema
     from models.embeddings import visual_description
     from models.errors import ModelLayerError
@@ -173,6 +175,10 @@ def _run_full(models: ModelBundle, items: list[ModelItem],
     text_vecs = models.embedder.embed_texts(embed_texts)
     image_vecs = product_vectors
     clock.lap("embed")
+    # The embedder's zero-shot category against the merchant's: a confident disagreement is reported
+    # like any other merchant/image conflict (the merchant's category stays).
+    category_votes = models.verifier.category_checks(np.asarray(image_vecs), [s.name for s in schemas])
+    clock.lap("verify")
     random_weights = models.generator.identity().random_weights
     timings = clock.shares(len(live))
     for n, i in enumerate(live):
@@ -188,13 +194,23 @@ def _run_full(models: ModelBundle, items: list[ModelItem],
             content=content, dropped=verified[n].dropped,
             image_embedding=[float(x) for x in image_vecs[n]], text_embedding=[float(x) for x in text_vecs[n]],
             text_input=embed_texts[n], timings_ms=timings, forced_fields=list(listing.forced_fields),
-            forced_tokens=listing.forced_tokens, conflicts=verified[n].conflicts, text_checks=checked.report,
+            forced_tokens=listing.forced_tokens, text_checks=checked.report,
+            conflicts=[*verified[n].conflicts, *category_conflict(category_votes[n], items[i].category)],
             images=[_photo(items[i], photos[k][1], grounded[k], crop_vectors[k], shows[k]) for k in per_product[n]],
             reused={"groundings": sum(reused[k] is not None for k in per_product[n]),
                     "embeddings": sum(reused[k] is not None and reused[k].embedding is not None
                                       for k in per_product[n])},
         )
     return results
+
+
+def category_conflict(vote: dict[str, Any] | None, merchant_category: str) -> list[dict[str, Any]]:
+    """A category mismatch as a merchant/image conflict entry (``attribute`` = ``category``), or
+    nothing: no vote (no schema for the category) or no confident disagreement."""
+    if not vote or not vote["mismatch"]:
+        return []
+    return [{"attribute": "category", "merchant_value": merchant_category, "image_value": vote["predicted"],
+             "confidence": vote["probability"]}]
 
 
 def _run_embeddings(models: ModelBundle, items: list[ModelItem],
@@ -287,7 +303,7 @@ def _ground_and_embed(models: ModelBundle, photos: list[tuple[int, int, Any]], c
     in one detector call and one CLIP call for the rest."""
     import numpy as np
 
-    from models.boxes import padded_crop_box
+    from models.boxes import product_crop
     from models.grounding import GroundingResult
 
     todo = [k for k, r in enumerate(reused) if r is None]
@@ -300,7 +316,7 @@ def _ground_and_embed(models: ModelBundle, photos: list[tuple[int, int, Any]], c
             continue
         r = reused[k]
         box = tuple(r.box) if r.box else None
-        crop = img if r.fallback or box is None else img.crop(padded_crop_box(box, img.size, models.grounder.padding))
+        crop = product_crop(img, None if r.fallback else box, models.grounder.padding)
         grounded.append(GroundingResult(box=box, score=r.score, fallback=r.fallback, prompt=r.prompt, crop=crop))
     embed = [k for k, r in enumerate(reused) if r is None or r.embedding is None]
     vectors: list[Any] = [None] * len(photos)

@@ -209,3 +209,13 @@ def test_micro_batcher_gives_the_model_load_its_own_allowance_and_still_catches_
     finally:
         never.set()
         hung.close()
+
+
+def test_a_confident_category_disagreement_is_a_conflict_and_nothing_else_is() -> None:
+    from models.batch import category_conflict
+
+    vote = {"stated": "dress", "predicted": "shoes", "probability": 0.93, "stated_probability": 0.02, "mismatch": True}
+    assert category_conflict(vote, "Dress") == [
+        {"attribute": "category", "merchant_value": "Dress", "image_value": "shoes", "confidence": 0.93}]
+    assert category_conflict({**vote, "mismatch": False}, "Dress") == []
+    assert category_conflict(None, "socks") == []
