@@ -101,9 +101,17 @@ def test_prometheus_scrapes_stage_histograms_and_job_counters(rabbitmq, pg_url, 
         for stage in ("fetch", "dedup", "ground", "describe", "verify", "embed", "persist"):
             assert wait_value(port, f'sum(catalog_stage_duration_seconds_count{{stage="{stage}"}})', 3) == 3, stage
         # fetch and persist run on the cpu worker, the model stage on the gpu worker: both scraped
-        by_instance = {r["metric"]["instance"]: float(r["value"][1]) for r in query(
-            port, "sum by (instance) (catalog_stage_task_duration_seconds_count)")}
-        assert by_instance.get(f"127.0.0.1:{base + 1}", 0) >= 6 and by_instance.get(f"127.0.0.1:{base + 2}", 0) >= 3
+        # A task's own duration is recorded after its hand-off is relayed, so the last model task's
+        # can land a scrape after the job finished: wait for it rather than read one scrape.
+        deadline = time.monotonic() + 20
+        while True:
+            by_instance = {r["metric"]["instance"]: float(r["value"][1]) for r in query(
+                port, "sum by (instance) (catalog_stage_task_duration_seconds_count)")}
+            done = by_instance.get(f"127.0.0.1:{base + 1}", 0) >= 6 and by_instance.get(f"127.0.0.1:{base + 2}", 0) >= 3
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert done, by_instance
         assert wait_value(port, 'sum(catalog_stage_queue_wait_seconds_count{stage="persist"})', 3) == 3
         batched = value(port, "sum(catalog_model_batch_size_sum)")
         assert batched == 3, batched  # every product went through exactly one micro-batch
