@@ -23,7 +23,7 @@ _NEW_FEEDBACK = text("""
            l.id AS listing_id, l.product_id, l.category, l.schema_id, l.content, l.generated_content,
            l.dropped_attributes,
            l.model_output, l.model_input, l.model_version_id, p.merchant_id, p.external_id,
-           i.storage_uri, g.box
+           i.storage_uri, CASE WHEN g.fallback THEN NULL ELSE g.box END AS box  -- the box the listing model's crop came from
     FROM review_feedback f
     JOIN listings l ON l.id = f.listing_id AND l.tenant_id = f.tenant_id
     JOIN products p ON p.id = l.product_id AND p.tenant_id = l.tenant_id

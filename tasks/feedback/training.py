@@ -33,7 +33,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.enums import ModelKind
 from db.repositories import datasets as dataset_rows
 from db.repositories import model_versions
+from models.boxes import product_crop
 from models.categories import load_schema, validate_listing
+from models.config import ModelConfig
 from models.dpo import DpoConfig, PreferenceExample, PreferenceTuner
 from models.errors import ModelError
 from models.images import decode_image
@@ -66,12 +68,13 @@ def store_weights(directory: Path, store: BlobStore, kind: str = "vlm") -> tuple
     return store.uri_for(key), revision
 
 
-def _image(originals: BlobStore, row: dict[str, Any], cache: dict[str, Image.Image]) -> Image.Image:
+def _image(originals: BlobStore, row: dict[str, Any], cache: dict[str, Image.Image], padding: float) -> Image.Image:
+    """The crop the listing model read when it wrote the rejected listing (``models.boxes.product_crop``:
+    the padded box, or the whole photo where the grounding fell back and the row has no box)."""
     uri = row["images"][0]
     if uri not in cache:
         cache[uri] = decode_image(originals.get(uri)).image
-    image, box = cache[uri], row.get("image_box")
-    return image.crop(tuple(int(round(c)) for c in box[:4])) if box else image
+    return product_crop(cache[uri], row.get("image_box"), padding)
 
 
 def _examples(rows: list[dict[str, Any]], images: list[Image.Image]) -> list[PreferenceExample]:
@@ -127,7 +130,8 @@ def _schema_ref(schema_id: str) -> tuple[str, int | None]:
 
 def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, originals: BlobStore,
                     generator: ListingGenerator, dataset_name: str, model_store: BlobStore,
-                    config: DpoConfig = DpoConfig(), eval_max_new_tokens: int = 128) -> CandidateResult:
+                    config: DpoConfig = DpoConfig(), eval_max_new_tokens: int = 128,
+                    crop_padding: float = ModelConfig.crop_padding) -> CandidateResult:
     """Train on ``dataset_name`` from ``generator`` (the base: the active listing model), store the
     weights content-addressed in ``model_store``, evaluate base and candidate on the held-out split
     and register the candidate with its metrics."""
@@ -140,8 +144,8 @@ def train_candidate(factory: sessionmaker[Session], *, datasets: BlobStore, orig
     if not train_rows:
         raise ValueError(f"dataset {dataset_name} has no training pairs")
     cache: dict[str, Image.Image] = {}
-    train_images = [_image(originals, r, cache) for r in train_rows]
-    held_images = [_image(originals, r, cache) for r in held_rows]
+    train_images = [_image(originals, r, cache, crop_padding) for r in train_rows]
+    held_images = [_image(originals, r, cache, crop_padding) for r in held_rows]
     generator.load()
     base = generator.version()
     started = datetime.now(UTC)

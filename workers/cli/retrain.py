@@ -80,7 +80,7 @@ def train(
         try:
             result = train_candidate(_factory(), datasets=_datasets(settings), originals=originals,
                                      generator=generator, dataset_name=dataset, model_store=store, config=config,
-                                     eval_max_new_tokens=eval_tokens)
+                                     eval_max_new_tokens=eval_tokens, crop_padding=settings.models.crop_padding)
         except (LookupError, ValueError) as exc:
             raise CliError(str(exc)) from exc
     typer.echo(f"candidate vlm version {result.model_version_id} at {result.weights_uri}")
