@@ -127,16 +127,12 @@ def _run(models: ModelBundle, items: list[ModelItem], before: Callable[[list[Mod
     return [r for r in results if r is not None]
 
 
-def _run_full(models: ModelBundle, items: list[ModelItem],
-              known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
-    import numpy as np
-
+def _resolve_schemas(items: list[ModelItem], results: list[ModelResult]) -> tuple[list[int], list[Any]]:
+    """The category schema of each item; an item whose category cannot be served gets its error
+    on its result and is left out. Returns (indexes of the items kept, their schemas)."""
     from models.categories import resolve_schema
-    from models.embeddings import visual_description
     from models.errors import ModelLayerError
-    from models.listing import ListingRequest, combine
 
-    results = [ModelResult(job_id=i.job_id) for i in items]
     live: list[int] = []
     schemas = []
     for idx, item in enumerate(items):
@@ -145,6 +141,18 @@ def _run_full(models: ModelBundle, items: list[ModelItem],
             live.append(idx)
         except ModelLayerError as exc:
             results[idx].error = (exc.code, exc.detail, exc.retryable)
+    return live, schemas
+
+
+def _run_full(models: ModelBundle, items: list[ModelItem],
+              known: dict[tuple[int, str], Any] | None = None) -> list[ModelResult]:
+    import numpy as np
+
+    from models.embeddings import visual_description
+    from models.listing import ListingRequest, combine
+
+    results = [ModelResult(job_id=i.job_id) for i in items]
+    live, schemas = _resolve_schemas(items, results)
     if not live:
         return results
     photos = [(n, p, img) for n, i in enumerate(live) for p, img in enumerate([items[i].image, *items[i].extra_images])]
@@ -218,18 +226,8 @@ def _run_embeddings(models: ModelBundle, items: list[ModelItem],
     """Embeddings only: every photo's vector (of the grounded crop where the policy grounds, else of
     the whole photo), the product vector as their normalised mean (nothing verifies which photos show
     the product), and the text vector of the merchant's own title and attributes. No VLM call."""
-    from models.categories import resolve_schema
-    from models.errors import ModelLayerError
-
     results = [ModelResult(job_id=i.job_id) for i in items]
-    live: list[int] = []
-    schemas = []
-    for idx, item in enumerate(items):
-        try:
-            schemas.append(resolve_schema(item.category, unknown=item.unknown_category))
-            live.append(idx)
-        except ModelLayerError as exc:
-            results[idx].error = (exc.code, exc.detail, exc.retryable)
+    live, schemas = _resolve_schemas(items, results)
     if not live:
         return results
     clock = _Clock()
