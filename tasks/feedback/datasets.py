@@ -56,9 +56,14 @@ def encode_rows(rows: Iterable[Mapping[str, Any]]) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=True).encode() + b"\n" for r in rows)
 
 
+DPO_COLUMNS = ("prompt", "chosen", "rejected", "images")
+
+
 def write_dataset(store: BlobStore, name: str, rows_by_split: Mapping[str, list[dict[str, Any]]],
-                  manifest: dict[str, Any]) -> WrittenDataset:
-    """Write ``<name>/train.jsonl``, ``<name>/holdout.jsonl`` then ``<name>/manifest.json``."""
+                  manifest: dict[str, Any], *, format: str = FORMAT,  # noqa: A002 - the manifest's key
+                  columns: tuple[str, ...] = DPO_COLUMNS) -> WrittenDataset:
+    """Write ``<name>/train.jsonl``, ``<name>/holdout.jsonl`` then ``<name>/manifest.json`` (its
+    ``format`` and the ``columns`` a trainer reads: TRL's DPO columns unless told otherwise)."""
     digest = hashlib.sha256()
     files: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
@@ -68,8 +73,8 @@ def write_dataset(store: BlobStore, name: str, rows_by_split: Mapping[str, list[
         files[split] = {"path": f"{split}.jsonl", "rows": len(rows_by_split.get(split, [])),
                         "sha256": hashlib.sha256(data).hexdigest()}
     content_hash = digest.hexdigest()
-    full = {**manifest, "name": name, "format": FORMAT, "files": files, "content_hash": content_hash,
-            "columns": ["prompt", "chosen", "rejected", "images"]}
+    full = {**manifest, "name": name, "format": format, "files": files, "content_hash": content_hash,
+            "columns": list(columns)}
     store.put(f"{name}/{MANIFEST}", json.dumps(full, indent=2, sort_keys=True, default=str).encode())
     return WrittenDataset(uri=store.uri_for(name), content_hash=content_hash, manifest=full)
 

@@ -36,7 +36,7 @@ from db.engine import set_system_scope
 from db.enums import DatasetSplit, ListingStatus
 from db.repositories import datasets as dataset_rows
 from db.repositories import locks
-from tasks.feedback.datasets import MANIFEST, SPLITS, encode_rows, file_key
+from tasks.feedback.datasets import write_dataset
 from tasks.feedback.pairs import DEFAULT_SETTLE, BuildResult, BuildStatus, holdout_split
 from tasks.feedback.reviews import listing_schema
 
@@ -46,6 +46,7 @@ ADVISORY_LOCK_KEY = 0x0D90_7EA2  # one embedder-data builder at a time (the pair
 BUILDER = "clip-pairs"
 NAME_PREFIX = "clip-"
 FORMAT = "clip-contrastive-jsonl/1"
+COLUMNS = ("image_uri", "image_box", "category", "attributes", "product_id")
 KEPT_STATUSES = (ListingStatus.accepted.value, ListingStatus.edited.value)
 
 
@@ -88,22 +89,6 @@ def training_row(r: Any, drops: Counter[str]) -> dict[str, Any] | None:
     return row
 
 
-def _write(store: Any, name: str, by_split: dict[str, list[dict[str, Any]]],
-           manifest: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    digest = hashlib.sha256()
-    files: dict[str, dict[str, Any]] = {}
-    for split in SPLITS:
-        data = encode_rows(by_split.get(split, []))
-        digest.update(split.encode() + b"\0" + data)
-        store.put(file_key(name, split), data)
-        files[split] = {"path": f"{split}.jsonl", "rows": len(by_split.get(split, [])),
-                        "sha256": hashlib.sha256(data).hexdigest()}
-    full = {**manifest, "name": name, "format": FORMAT, "files": files, "content_hash": digest.hexdigest(),
-            "columns": ["image_uri", "image_box", "category", "attributes", "product_id"]}
-    store.put(f"{name}/{MANIFEST}", json.dumps(full, indent=2, sort_keys=True, default=str).encode())
-    return store.uri_for(name), digest.hexdigest(), full
-
-
 def build_embedder_dataset(session: Session, store: Any,
                            config: EmbedderDataConfig = EmbedderDataConfig()) -> BuildResult:
     """One incremental run (flush only; the caller commits). Cross-tenant: system scope."""
@@ -142,7 +127,8 @@ def build_embedder_dataset(session: Session, store: Any,
     }
     digest = hashlib.sha256("".join(sorted(i["row_hash"] for i in items)).encode()).hexdigest()[:8]
     name = f"{NAME_PREFIX}{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{digest}"
-    uri, content_hash, full = _write(store, name, by_split, manifest)
+    written = write_dataset(store, name, by_split, manifest, format=FORMAT, columns=COLUMNS)
+    uri, content_hash, full = written.uri, written.content_hash, written.manifest
     # watermark_feedback_id stays 0: that column is the pair builder's read floor (read_position);
     # this builder's range is in the manifest and its position in builder_watermarks.
     dataset = dataset_rows.add_dataset(session, name=name, uri=uri, content_hash=content_hash, manifest=full,

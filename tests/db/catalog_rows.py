@@ -27,6 +27,14 @@ def clustered(rng: np.random.Generator, n: int, dims: int, centres: np.ndarray, 
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32), assign
 
 
+def exact_nearest(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[int]:
+    """Row indexes of the ``k`` nearest unit vectors by cosine distance (exact), within ``mask``."""
+    distance = 1.0 - vectors @ query
+    if mask is not None:
+        distance = np.where(mask, distance, np.inf)
+    return [int(i) for i in np.argsort(distance)[:k] if np.isfinite(distance[i])]
+
+
 def add_tenant(session: Session, tenant: str, merchant: str = "m1") -> None:
     session.execute(text("INSERT INTO tenants (id) VALUES (:t) ON CONFLICT DO NOTHING"), {"t": tenant})
     session.execute(text("INSERT INTO merchants (tenant_id, id) VALUES (:t, :m) ON CONFLICT DO NOTHING"),

@@ -29,3 +29,12 @@ def scratch_engine(engine: Engine) -> Iterator[Callable[[str], Engine]]:
         scratch.dispose()
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def models(db_session) -> dict[str, int]:  # noqa: ANN001
+    """A vlm and a 512-d clip version (the catalog functions' default size) for catalog rows."""
+    from tests.db.catalog_rows import add_model_version
+
+    return {"vlm": add_model_version(db_session, "vlm", "tiny-vlm"),
+            "clip": add_model_version(db_session, "clip", "tiny-clip", dims=512)}

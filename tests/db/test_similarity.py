@@ -24,23 +24,11 @@ from tests.db.catalog_rows import (
     add_tenant,
     bulk_load,
     clustered,
+    exact_nearest,
     unit_rows,
 )
 
 DIMS = 512
-
-
-@pytest.fixture
-def models(db_session) -> dict[str, int]:  # noqa: ANN001
-    return {"vlm": add_model_version(db_session, "vlm", "tiny-vlm"),
-            "clip": add_model_version(db_session, "clip", "tiny-clip", dims=DIMS)}
-
-
-def _exact(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[int]:
-    distance = 1.0 - vectors @ query
-    if mask is not None:
-        distance = np.where(mask, distance, np.inf)
-    return [int(i) for i in np.argsort(distance)[:k] if np.isfinite(distance[i])]
 
 
 def test_similar_products_returns_nearest_of_same_tenant_only(db_session, models) -> None:  # noqa: ANN001
@@ -53,7 +41,7 @@ def test_similar_products_returns_nearest_of_same_tenant_only(db_session, models
 
     with as_role(db_session, READER_ROLE):
         hits = similarity.similar_products(db_session, "acme", "p0", k=10)
-        expected = [f"p{i}" for i in _exact(vectors, vectors[0], 11) if i != 0][:10]
+        expected = [f"p{i}" for i in exact_nearest(vectors, vectors[0], 11) if i != 0][:10]
         assert [h.external_id for h in hits] == expected
         assert all(h.title.startswith("title p") for h in hits)
         assert [h.distance for h in hits] == sorted(h.distance for h in hits)
@@ -129,7 +117,7 @@ def test_rare_category_still_gets_k_rows(db_session, models) -> None:  # noqa: A
         plan = similarity.explain_search(db_session, "acme", query, k=k, category="scarf")
         assert f"ix_embeddings_image_embedding_{DIMS}_hnsw" in plan, plan
         assert len(hits) == k
-        assert {h.external_id for h in hits} == {f"p{i}" for i in _exact(vectors, query, k, mask)}
+        assert {h.external_id for h in hits} == {f"p{i}" for i in exact_nearest(vectors, query, k, mask)}
         same = similarity.similar_products(db_session, "acme", "p100", k=k, same_category=True)
         assert len(same) == k and {h.category for h in same} == {"scarf"}
 

@@ -22,25 +22,13 @@ from tests.db.catalog_rows import (
     add_model_version,
     bulk_load,
     clustered,
+    exact_nearest,
     unit_rows,
 )
 
 DIMS = 512
 K = 10
 NEAREST = "catalog_impl.nearest_512(text, vector, integer, text, bigint, integer, text)"
-
-
-@pytest.fixture
-def models(db_session) -> dict[str, int]:  # noqa: ANN001
-    return {"vlm": add_model_version(db_session, "vlm", "tiny-vlm"),
-            "clip": add_model_version(db_session, "clip", "tiny-clip", dims=DIMS)}
-
-
-def _exact(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[int]:
-    distance = 1.0 - vectors @ query
-    if mask is not None:
-        distance = np.where(mask, distance, np.inf)
-    return [int(i) for i in np.argsort(distance)[:k] if np.isfinite(distance[i])]
 
 
 def _starve_graph_walk(session) -> None:  # noqa: ANN001
@@ -78,7 +66,7 @@ def test_small_tenant_beside_a_big_one_is_k_complete_and_isolated(db_session, mo
     for role in (READER_ROLE, WORKER_ROLE):
         with as_role(db_session, role):
             hits = similarity.search_by_embedding(db_session, "acme", query, k=K)
-            assert [h.external_id for h in hits] == [f"p{i}" for i in _exact(small, query, K)]
+            assert [h.external_id for h in hits] == [f"p{i}" for i in exact_nearest(small, query, K)]
             everything = similarity.search_by_embedding(db_session, "acme", query, k=50)
             assert len(everything) == 12 and all(h.external_id.startswith("p") for h in everything)
             assert len(similarity.similar_products(db_session, "acme", "p0", k=K)) == K
@@ -105,7 +93,7 @@ def test_filtered_search_falls_back_to_exact_when_the_walk_comes_back_short(db_s
         plan = similarity.explain_search(db_session, "acme", query, k=K, category="scarf")
         assert f"ix_embeddings_image_embedding_{DIMS}_hnsw" in plan, plan
         hits = similarity.search_by_embedding(db_session, "acme", query, k=K, category="scarf")
-        assert [h.external_id for h in hits] == [f"p{i}" for i in _exact(vectors, query, K, mask)]
+        assert [h.external_id for h in hits] == [f"p{i}" for i in exact_nearest(vectors, query, K, mask)]
         same = similarity.similar_products(db_session, "acme", "p100", k=K, same_category=True)
         assert len(same) == K and {h.category for h in same} == {"scarf"}
         assert "p100" not in {h.external_id for h in same}
@@ -157,9 +145,9 @@ def test_k_above_the_static_limit_and_text_target(db_session, models) -> None:  
                        {"pids": pids, "vs": ["[" + ",".join(f"{x:.6g}" for x in v) + "]" for v in texts]})
     with as_role(db_session, READER_ROLE):
         wide = similarity.search_by_embedding(db_session, "acme", vectors[3], k=60)
-        assert [h.external_id for h in wide] == [f"p{i}" for i in _exact(vectors, vectors[3], 60)]
+        assert [h.external_id for h in wide] == [f"p{i}" for i in exact_nearest(vectors, vectors[3], 60)]
         by_text = similarity.search_by_embedding(db_session, "acme", texts[8], k=3, target="text")
-        assert [h.external_id for h in by_text] == [f"p{i}" for i in _exact(texts, texts[8], 3)]
+        assert [h.external_id for h in by_text] == [f"p{i}" for i in exact_nearest(texts, texts[8], 3)]
 
 
 def test_per_category_indexes_are_used_by_filtered_searches(db_session, models) -> None:  # noqa: ANN001
@@ -194,7 +182,7 @@ def test_per_category_indexes_are_used_by_filtered_searches(db_session, models) 
         plan = similarity.explain_search(db_session, "acme", query, k=K, category="it's a hat")
         assert hat_index in plan, [line.strip()[:120] for line in plan.splitlines() if "Scan" in line]
         hits = similarity.search_by_embedding(db_session, "acme", query, k=K, category="it's a hat")
-        exact = {f"p{i}" for i in _exact(vectors, query, K, mask)}
+        exact = {f"p{i}" for i in exact_nearest(vectors, query, K, mask)}
         assert len(hits) == K and {h.category for h in hits} == {"it's a hat"}
         assert len({h.external_id for h in hits} & exact) >= 8  # approximate, but from the hat graph
         unfiltered = similarity.explain_search(db_session, "acme", query, k=K)
@@ -243,7 +231,7 @@ def test_halfvec_indexes_serve_the_same_searches(db_session, models) -> None:  #
         scarves = similarity.search_by_embedding(db_session, "acme", vectors[7], k=K, category="scarf")
         mask = np.array(cats) == "scarf"
         assert len(scarves) == K and {h.category for h in scarves} == {"scarf"}
-        assert len({h.external_id for h in scarves} & {f"p{i}" for i in _exact(vectors, vectors[7], K, mask)}) >= 8
+        assert len({h.external_id for h in scarves} & {f"p{i}" for i in exact_nearest(vectors, vectors[7], K, mask)}) >= 8
     with as_role(db_session, None):
         assert vector_indexes.ensure_dimension_index(db_session, DIMS) == vector_indexes.index_names(DIMS)
         assert vector_indexes.index_precision(db_session, DIMS) == "vector"
