@@ -82,6 +82,7 @@ class Answers:
 
     seen: set[str] = field(default_factory=set)
     failed: int = 0
+    reconnects: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,14 +91,33 @@ class Answers:
             return len(self.seen)
 
 
-def consume(namespace: str, answers: Answers, stop: threading.Event) -> None:
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """What a broker restart raises in pika: the connection or channel goes away under us."""
+    import pika.exceptions as pe
+
+    return (pe.AMQPConnectionError, pe.AMQPChannelError, pe.StreamLostError, ConnectionError, OSError)
+
+
+def connect(retry_for_s: float = 300.0) -> Any:
+    """A pika connection, retried while the broker is down (a restart takes seconds; give up after a while)."""
     import pika
 
     from tests.integration.harness import AMQP_URL
 
-    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    ch = conn.channel()
-    ch.basic_qos(prefetch_count=500)
+    deadline = time.monotonic() + retry_for_s
+    while True:
+        try:
+            return pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        except broker_errors() as exc:
+            if time.monotonic() > deadline:
+                raise
+            log(f"broker unreachable ({type(exc).__name__}); retrying")
+            time.sleep(2.0)
+
+
+def consume(namespace: str, answers: Answers, stop: threading.Event) -> None:
+    """Count the answers, reconnecting when the broker restarts (the answer queue is durable, so what arrived
+    while we were away is still there; an answer redelivered after a lost ack is counted once, by causation id)."""
 
     def on_message(channel: Any, method: Any, _props: Any, body: bytes) -> None:
         msg = json.loads(body)
@@ -107,10 +127,68 @@ def consume(namespace: str, answers: Answers, stop: threading.Event) -> None:
             answers.failed += msg.get("event_type") == "listing.failed"
         channel.basic_ack(method.delivery_tag)
 
-    ch.basic_consume(f"{namespace}.listing-events", on_message)
     while not stop.is_set():
-        conn.process_data_events(time_limit=0.5)
-    conn.close()
+        try:
+            conn = connect()
+            ch = conn.channel()
+            ch.basic_qos(prefetch_count=500)
+            ch.basic_consume(f"{namespace}.listing-events", on_message)
+            while not stop.is_set():
+                conn.process_data_events(time_limit=0.5)
+            conn.close()
+        except broker_errors() as exc:
+            answers.reconnects += 1
+            log(f"consumer lost the broker ({type(exc).__name__}); reconnecting")
+            time.sleep(1.0)
+
+
+class Publisher:
+    """Publishes product events with publisher confirms and survives a broker restart: an event whose confirm
+    never came is published again after reconnecting. The copy carries the same event id, so the inbox takes
+    it once (a restart during the run is itself a check of intake idempotency)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.reconnects = 0
+        self.republished = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.conn = connect()
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+
+    def publish(self, payload: dict[str, Any]) -> None:
+        import pika
+
+        body = json.dumps(payload).encode()
+        props = pika.BasicProperties(content_type="application/json", delivery_mode=2,
+                                     message_id=payload["event_id"])
+        for attempt in range(20):
+            try:
+                self.ch.basic_publish(exchange=f"{self.namespace}.events", routing_key=payload["event_type"],
+                                      body=body, properties=props)
+                self.republished += attempt > 0
+                return
+            except broker_errors() as exc:
+                self.reconnects += 1
+                log(f"publisher lost the broker ({type(exc).__name__}); reconnecting")
+                time.sleep(1.0)
+                self._open()
+        raise RuntimeError("could not publish after 20 reconnects")
+
+    def idle(self, seconds: float) -> None:
+        try:
+            self.conn.process_data_events(time_limit=seconds)
+        except broker_errors():
+            self.reconnects += 1
+            self._open()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except broker_errors():
+            pass
 
 
 def timed(samples: dict[str, list[float]], name: str, fn: Any) -> None:
@@ -272,13 +350,7 @@ def main() -> int:
         dep.start_beat()
         consumer = threading.Thread(target=consume, args=(namespace, answers, stop), daemon=True)
         consumer.start()
-        import pika
-
-        from tests.integration.harness import AMQP_URL
-
-        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        ch = conn.channel()
-        ch.confirm_delivery()
+        publisher = Publisher(namespace)
         log(f"sustained: {args.events} events over {args.products} products, {len(items)} photos, "
             f"batch {args.batch_size}, cpu concurrency {args.cpu_concurrency}; data in {work}")
         started = last_prune = time.monotonic()
@@ -293,6 +365,9 @@ def main() -> int:
                        p50={k: statistics.median(v) for k, v in probes.items()},
                        p95={k: statistics.quantiles(v, n=20)[18] for k, v in probes.items()})
             samples.append(s)
+            if args.out:  # what a run that dies later still leaves behind
+                args.out.write_text(json.dumps({"partial": True, "published": published,
+                                                "samples": [x.__dict__ for x in samples]}, indent=2, default=str))
             log(f"sample: answered {s.answered} published {s.published} ({s.answered / max(s.t_s, 1e-9):.2f}/s) "
                 f"inbox {rows['inbox_events']} jobs {rows['enrichment_jobs']} outbox {rows['outbox']} "
                 f"results {s.result_docs} | " + ", ".join(f"{k} {s.p50[k]:.2f}/{s.p95[k]:.2f}" for k in STATEMENTS))
@@ -316,10 +391,7 @@ def main() -> int:
                         merchant_id="m1", external_id=f"sku-{product}", version=version, category=category,
                         image_urls=[path.as_uri()], title=f"{category} {product} v{version}",
                         description="Photographed on a hanger.", attributes={"brand": "Acme"})
-                    ch.basic_publish(exchange=f"{namespace}.events", routing_key=payload["event_type"],
-                                     body=json.dumps(payload).encode(),
-                                     properties=pika.BasicProperties(content_type="application/json", delivery_mode=2,
-                                                                     message_id=payload["event_id"]))
+                    publisher.publish(payload)
                     published += 1
                 continue
             if (published >= args.events or out_of_time) and done >= published:
@@ -330,9 +402,9 @@ def main() -> int:
             if hasattr(main, "_drain_from") and time.monotonic() - main._drain_from > args.drain_s:  # type: ignore[attr-defined]
                 log("drain timeout")
                 break
-            conn.process_data_events(time_limit=0.2)
+            publisher.idle(0.2)
         elapsed = time.monotonic() - started
-        conn.close()
+        publisher.close()
         sample()
         with owner.connect() as c:
             statuses = dict(c.execute(text("SELECT status, count(*) FROM enrichment_jobs GROUP BY 1")).all())
@@ -348,7 +420,8 @@ def main() -> int:
         dep.stop_workers()
         dep.delete_broker_objects()
     result = {"published": published, "answered": answers.count(), "failed_events": answers.failed,
-              "answers_by_type": answers.kinds, "seconds": round(elapsed, 1),
+              "answers_by_type": answers.kinds, "broker_reconnects": {"consumer": answers.reconnects,
+              "publisher": publisher.reconnects, "republished_events": publisher.republished}, "seconds": round(elapsed, 1),
               "events_per_s": round(answers.count() / elapsed, 2), "jobs_by_status_kept": statuses,
               "job_summaries_by_status": {k: int(v) for k, v in summary.items()}, "coverage": cover,
               "products": args.products, "photos": len(items), "batch_size": args.batch_size,
