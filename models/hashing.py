@@ -78,17 +78,27 @@ _MIN_KEPT = 0.25  # never trim an image to less than this share of a side (a mos
 
 
 def _uniform_run(lines: np.ndarray) -> int:
-    """How many of ``lines`` (outermost first, shape (n, length, 3)) are uniform border."""
-    deviation = np.abs(lines - np.median(lines[0], axis=0)).max(axis=2)
-    uniform = np.percentile(deviation, _BORDER_PERCENTILE, axis=1) <= _BORDER_TOLERANCE
-    return int(np.argmin(uniform)) if not uniform.all() else len(uniform)
+    """How many of ``lines`` (outermost first, shape (n, length, 3)) are uniform border.
+
+    Lines are judged in growing blocks from the outside in, and the scan stops at the first block
+    with a non-uniform line: the answer is the same as judging every line, but a photo without a
+    border (most of them) costs a few lines per side instead of half the image."""
+    reference = np.median(lines[0], axis=0)
+    start, block = 0, 4
+    while start < len(lines):
+        deviation = np.abs(lines[start:start + block] - reference).max(axis=2)
+        uniform = np.percentile(deviation, _BORDER_PERCENTILE, axis=1) <= _BORDER_TOLERANCE
+        if not uniform.all():
+            return start + int(np.argmin(uniform))
+        start, block = start + block, min(block * 2, 64)
+    return len(lines)
 
 
 def trim_box(img: Image.Image) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of the image without its uniform borders (each side on its own:
     letterboxing pads one or two sides, with any colour); the whole image when nothing is trimmed
     or trimming would leave too little."""
-    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     h, w, _ = rgb.shape
     top = _uniform_run(rgb[: h // 2])
     bottom = _uniform_run(rgb[::-1][: h // 2])
