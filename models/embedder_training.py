@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.embeddings import encode_text_to_eot
+
 SMALL_CLIP_ARCH = "catalog-small-clip"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -295,7 +297,7 @@ def train_contrastive(model: Any, tokenizer: Callable[[list[str]], torch.Tensor]
                 batch_texts = [text_index[data.texts[i]] for i in batch]
                 present = sorted(set(batch_texts))
                 where = {t: j for j, t in enumerate(present)}
-                text_feats = F.normalize(model.encode_text(tokens[present].to(device)), dim=-1)
+                text_feats = F.normalize(encode_text_to_eot(model, tokens[present].to(device)), dim=-1)
                 text_feats = text_feats[[where[t] for t in batch_texts]]
                 image_feats = F.normalize(model.encode_image(images), dim=-1)
                 loss = contrastive_loss(image_feats, text_feats, model.logit_scale.exp().clamp(max=100.0),
@@ -347,7 +349,7 @@ def encode_texts(model: Any, tokenizer: Callable[[list[str]], torch.Tensor], tex
     device = next(model.parameters()).device
     if not texts:
         return np.zeros((0, model.text_projection.shape[-1]), dtype=np.float32)
-    feats = model.encode_text(tokenizer(list(texts)).to(device)).float()
+    feats = encode_text_to_eot(model, tokenizer(list(texts)).to(device)).float()
     return F.normalize(feats, dim=-1).cpu().numpy()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.embeddings import ClipEmbedder, visual_description
+from models.embeddings import ClipEmbedder, encode_text_to_eot, visual_description
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,28 @@ def test_text_vectors(embedder: ClipEmbedder) -> None:
     np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
     np.testing.assert_allclose(embedder.embed_texts(texts[1:2])[0], vectors[1], atol=1e-5)
     assert embedder.embed_texts([]).shape == (0, 512)
+
+
+def test_text_encoding_stops_at_the_last_end_of_text_token_and_agrees_with_open_clip(embedder: ClipEmbedder) -> None:
+    import torch
+
+    embedder.load()
+    model, tokenizer = embedder._model, embedder._tokenizer  # noqa: SLF001
+    short = ["a red dress", visual_description("shirt", {"color": "navy blue", "sleeve_length": "long"}), ""]
+    long = " ".join(["striped"] * 120)  # truncated by the tokenizer: its end-of-text token is the 77th
+    calls: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[1]))
+    try:
+        with torch.inference_mode():
+            for texts in (short, [*short, long]):
+                tokens = tokenizer(texts)
+                np.testing.assert_allclose(encode_text_to_eot(model, tokens).numpy(),
+                                           model.encode_text(tokens).numpy(), atol=1e-5)
+    finally:
+        hook.remove()
+    # the short batch ran only as far as its longest text; the batch with a full-length text needed all 77
+    assert calls[0] == int(tokenizer(short).argmax(dim=-1).max()) + 1 < 77
+    assert calls[2] == 77
 
 
 def test_visual_description_is_visual_short_and_deterministic() -> None:
