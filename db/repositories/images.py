@@ -230,6 +230,18 @@ class GroupMember:
     representative: bool
 
 
+def stored_rows(session: Session, tenant_id: str, digests: list[str]) -> dict[str, NewImage]:
+    """The tenant's stored rows of these digests, as the fetch stage would have described them (one
+    query; digests not stored are absent)."""
+    if not digests:
+        return {}
+    rows = session.execute(select(Image).where(Image.tenant_id == tenant_id, Image.sha256.in_(digests))).scalars()
+    return {r.sha256: NewImage(sha256=r.sha256, phash=r.phash, dhash=r.dhash, width=r.width, height=r.height,
+                               byte_size=r.byte_size, format=r.format, storage_uri=r.storage_uri,
+                               phash_trimmed=r.phash_trimmed, dhash_trimmed=r.dhash_trimmed,
+                               phash_centre=r.phash_centre, dhash_centre=r.dhash_centre) for r in rows}
+
+
 def ids_by_sha256(session: Session, tenant_id: str, digests: list[str]) -> dict[str, int]:
     rows = session.execute(select(Image.sha256, Image.id)
                            .where(Image.tenant_id == tenant_id, Image.sha256.in_(digests))).all()

@@ -45,8 +45,17 @@ class StoredImage:
     url: str
     role: str
     row: images.NewImage  # what the images table records
+    data: bytes = field(default=b"", repr=False)  # the fetched bytes
     image: Any = field(default=None, repr=False)  # decoded RGB, kept for dedup: never decode twice
     mirrored: tuple[str, str] | None = None  # (pHash, dHash) of the trimmed image mirrored: search only
+
+    def decoded(self, runtime: Runtime) -> Any:
+        """The decoded image, with the mirrored hashes that go with it; an image whose bytes were already
+        stored is decoded only here, when it needs a near-duplicate search after all (``_store``)."""
+        if self.image is None:
+            decoded, _, self.mirrored = _describe(runtime, self.url, self.data)
+            self.image = decoded.image
+        return self.image
 
 
 @dataclass
@@ -55,25 +64,48 @@ class FetchOutcome:
     duplicates: list[DuplicateFound] = field(default_factory=list)
 
 
-def _fetch_all(runtime: Runtime, request: EnrichRequest, tenant_id: str, merchant_id: str) -> list[StoredImage]:
+def _describe(runtime: Runtime, url: str, data: bytes) -> tuple[Any, Any, tuple[str, str]]:
+    """(decoded image, its hashes, its mirrored hashes) of fetched bytes: the stage's CPU work per new image."""
+    try:
+        decoded = decode_image(data, runtime.image_limits)
+    except ImageRejected as exc:
+        raise PipelineError(ErrorCode.image_rejected, f"{_safe(url)}: {exc.detail}") from exc
+    hashes = candidate_hashes(decoded.image)
+    return decoded, hashes, (hashes.mirrored.phash, hashes.mirrored.dhash)
+
+
+def _fetch_all(runtime: Runtime, request: EnrichRequest, tenant_id: str, merchant_id: str) -> list[tuple[str, str, bytes]]:
+    """(url, role, bytes) of each image of the request, in order: the network part, no transaction open."""
+    return [(ref.url, ref.role, runtime.fetcher.fetch(ref.url, tenant_id=tenant_id, merchant_id=merchant_id).data)
+            for ref in request.images]
+
+
+def _describe_all(runtime: Runtime, job_id: int, tenant_id: str,
+                  fetched: list[tuple[str, str, bytes]]) -> list[StoredImage]:
+    """The images rows to store. Bytes the tenant already stored (a product update that kept its photos, a
+    re-upload) take the stored row as it is, looked up in one short read: they were decoded, checked and
+    hashed when first stored, and the original is already in blob storage under its content address. Only
+    new bytes are decoded, hashed and put."""
+    digests = [sha256_hex(data) for _, _, data in fetched]
+    with job_session(runtime.session_factory, job_id) as session:
+        known = images.stored_rows(session, tenant_id, sorted(set(digests)))
     stored: list[StoredImage] = []
-    for ref in request.images:
-        url, role = ref.url, ref.role
-        fetched = runtime.fetcher.fetch(url, tenant_id=tenant_id, merchant_id=merchant_id)
-        try:
-            decoded = decode_image(fetched.data, runtime.image_limits)
-        except ImageRejected as exc:
-            raise PipelineError(ErrorCode.image_rejected, f"{_safe(url)}: {exc.detail}") from exc
-        sha = sha256_hex(fetched.data)
-        hashes = candidate_hashes(decoded.image)
-        uri = runtime.blobs.put(original_key(tenant_id, sha), fetched.data)
+    for (url, role, data), sha in zip(fetched, digests):
+        twin = next((img for img in stored if img.row.sha256 == sha), None)
+        if twin is not None:
+            stored.append(StoredImage(url, role, twin.row, data, twin.image, twin.mirrored))
+            continue
+        if sha in known:
+            stored.append(StoredImage(url, role, known[sha], data))
+            continue
+        decoded, hashes, mirrored = _describe(runtime, url, data)
+        uri = runtime.blobs.put(original_key(tenant_id, sha), data)
         row = images.NewImage(sha256=sha, phash=hashes.plain.phash, dhash=hashes.plain.dhash,
                               phash_trimmed=hashes.trimmed.phash, dhash_trimmed=hashes.trimmed.dhash,
                               phash_centre=hashes.centre.phash, dhash_centre=hashes.centre.dhash,
-                              width=decoded.width, height=decoded.height, byte_size=len(fetched.data),
+                              width=decoded.width, height=decoded.height, byte_size=len(data),
                               format=decoded.format, storage_uri=uri)
-        stored.append(StoredImage(url, role, row, decoded.image,
-                                  (hashes.mirrored.phash, hashes.mirrored.dhash)))
+        stored.append(StoredImage(url, role, row, data, decoded.image, mirrored))
     return stored
 
 
@@ -117,6 +149,7 @@ def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, produ
             # Compared with what was stored before this version and with its own earlier images, not
             # its later ones: what the first attempt saw, and what a redelivery sees again.
             later = tuple(brought[brought.index(image_id) + 1:])
+            img.decoded(runtime)  # bytes stored before but linked nowhere else (an earlier attempt's): search them
             row = img.row
             found = images.near_candidates(
                 session, tenant_id, image_id, phash=row.phash, dhash=row.dhash, k=CANDIDATE_K,
@@ -134,7 +167,7 @@ def _verify_near(runtime: Runtime, tenant_id: str, seen: _Seen) -> list[Duplicat
     The new image's features are persisted for when it is someone else's candidate."""
     verifier = runtime.dedup_verifier
     query = dedup_features.remember(runtime, tenant_id, seen.image_id, seen.img.row.sha256,
-                                    verifier.features(seen.img.image))
+                                    verifier.features(seen.img.decoded(runtime)))
     matches = [verifier.match_features(query, dedup_features.load(runtime, tenant_id, c.image_id, c.sha256,
                                                                   c.storage_uri),
                                        image_id=c.image_id, hamming=c.hamming) for c in seen.candidates]
@@ -172,7 +205,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
                         unknown_category=runtime.unknown_category)
     faults.hit("fetch.claimed", external_id=external_id, job_id=job_id)
 
-    stored = _fetch_all(runtime, request, tenant_id, merchant_id)
+    stored = _describe_all(runtime, job_id, tenant_id, _fetch_all(runtime, request, tenant_id, merchant_id))
     fetched_ms = (time.perf_counter() - started) * 1000
     image_ids, seen = _store(runtime, job_id, tenant_id, product_id, version, stored)
     near = {s.image_id: _verify_near(runtime, tenant_id, s) for s in seen if s.near_check}

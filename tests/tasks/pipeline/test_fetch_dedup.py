@@ -174,6 +174,34 @@ def test_an_exact_copy_in_another_product_is_a_duplicate_group(db_session: Sessi
     assert _groups(db_session) == [(sha, [("exact", sha, ["copy", "orig", "third"])])]
 
 
+def test_bytes_the_tenant_already_stored_are_not_decoded_or_hashed_again(db_session: Session, stage,  # noqa: ANN001
+                                                                      photos: dict[str, bytes],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A product update that keeps its photo, and another product re-using it, take the stored row: no
+    decode, no hashing, no second put of the original; the same row, groups and hand-off as before."""
+    import tasks.pipeline.fetch as fetch_module
+
+    runtime, _ = stage
+    decoded: list[int] = []
+    real = fetch_module.decode_image
+    monkeypatch.setattr(fetch_module, "decode_image", lambda data, limits: decoded.append(len(data)) or real(data, limits))
+    first = _run(db_session, runtime, "orig", ["photo", "other", "photo"])  # the same bytes twice: decoded once
+    assert len(decoded) == 2
+    before = _handoff(db_session, first)
+    decoded.clear()
+    copy = _run(db_session, runtime, "copy", ["photo"])
+    assert decoded == []
+    after = _handoff(db_session, copy)
+    assert after.primary_image_id == before.primary_image_id and after.primary_uri == before.primary_uri
+    assert [(d.kind, d.duplicate_of_product) for d in after.duplicates] == [("exact", "orig")]
+    sha = _sha(photos["photo"])
+    assert _groups(db_session) == [(sha, [("exact", sha, ["copy", "orig"])])]
+    # a new photo beside the known one: only the new bytes are decoded, and they are still searched
+    near = _run(db_session, runtime, "mixed", ["photo", "reupload"])
+    assert decoded == [len(photos["reupload"])]
+    assert [d.kind for d in _handoff(db_session, near).duplicates] == ["exact", "near"]
+
+
 def test_a_near_copy_joins_the_exact_group_of_its_original(db_session: Session, stage,  # noqa: ANN001
                                                             photos: dict[str, bytes]) -> None:
     runtime, _ = stage
