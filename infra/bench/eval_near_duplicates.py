@@ -312,9 +312,10 @@ def same_photograph(a: Image.Image, b: Image.Image) -> bool:
 
 
 class Evaluator:
-    def __init__(self, rows: list[dict[str, str]], dataset: Path, check_symmetry: bool) -> None:
+    def __init__(self, rows: list[dict[str, str]], dataset: Path, check_symmetry: bool,
+                 verifier: NearDuplicateVerifier | None = None) -> None:
         self.rows, self.dataset, self.check_symmetry = rows, dataset, check_symmetry
-        self.verifier = NearDuplicateVerifier()
+        self.verifier = verifier or NearDuplicateVerifier()
         self.features: dict[int, LocalFeatures] = {}
         self.feature_ms: list[float] = []
         # (wall, cpu) seconds per verified pair, and whether the query's features were extracted for it
@@ -375,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (1 = per-worker cost)")
     ap.add_argument("--check-symmetry", action="store_true", help="verify every pair both ways round")
+    ap.add_argument("--probe-stride", type=int, default=None,
+                    help="the verifier's probe_stride (default: the verifier's own; 0 or 1: no probe)")
     ap.add_argument("--dump", type=Path, help="write per-pair results as CSV for threshold tuning")
     args = ap.parse_args(argv)
     cv2.setNumThreads(args.threads)
@@ -382,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.dataset / "manifest.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == args.split]
-    ev = Evaluator(rows, args.dataset, args.check_symmetry)
+    probe = {} if args.probe_stride is None else {"probe_stride": args.probe_stride}
+    ev = Evaluator(rows, args.dataset, args.check_symmetry, NearDuplicateVerifier(**probe))
     t0 = time.perf_counter()
     index = HashIndex([candidate_hashes(ev.image(i)) for i in range(len(rows))])
     print(f"{args.split}: decoded+hashed {len(rows)} photos in {time.perf_counter() - t0:.1f}s")

@@ -375,3 +375,41 @@ def test_persisted_features_are_exactly_the_extracted_ones(
     np.savez(buf, format=np.array([999], np.int32))
     with pytest.raises(ValueError, match="format"):
         features_from_bytes(buf.getvalue())
+
+
+class CountingMatcher:
+    """The real brute-force matcher, counting the query descriptors it matches."""
+
+    def __init__(self) -> None:
+        import cv2
+
+        self._inner = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self.rows = 0
+
+    def knnMatch(self, query, train, k):  # noqa: ANN001, ANN201, N802 - OpenCV's name
+        self.rows += len(query)
+        return self._inner.knnMatch(query, train, k=k)
+
+
+def test_the_probe_keeps_every_decision_and_skips_full_matching_of_unrelated_photos(
+        photos: list[Image.Image], dataset_dir: Path, manifest: list[dict]) -> None:
+    probing, full = NearDuplicateVerifier(), NearDuplicateVerifier(probe_stride=0)
+    assert probing.probe_stride > 1
+    _, a, b = closest_distinct_pair(dataset_dir, manifest, "shoes")
+    pairs = [(make(img), img) for img in photos[:3] for make in (crop_8pct, mirrored, turned_4deg)]
+    pairs += [(a, b), (photos[0], photos[1]), (photos[2], photos[3])]
+    for query, stored in pairs:
+        q, s = probing.features(query), probing.features(stored)
+        with_probe = probing.match_features(q, s, image_id=1, hamming=0)
+        without = full.match_features(q, s, image_id=1, hamming=0)
+        assert with_probe.confirmed == without.confirmed
+        if without.confirmed:
+            assert (with_probe.inliers, with_probe.agreement, with_probe.mirrored) == \
+                (without.inliers, without.agreement, without.mirrored)
+    # an unrelated pair: two probes of a quarter of the keypoints, no full matching in either orientation
+    counting = CountingMatcher()
+    probing._matcher = counting  # noqa: SLF001
+    q, s = probing.features(photos[0]), probing.features(photos[1])
+    assert not probing.match_features(q, s, image_id=1, hamming=0).confirmed
+    first = q if q.key <= s.key else s
+    assert counting.rows == len(first.descriptors[::4]) + len(first.mirrored.descriptors[::4])
