@@ -39,9 +39,7 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
         app.steps["consumer"].add(IntakeStep)
     names = [topo.task_queue(TaskQueue(q)).name for q in task_queues]
     gpu = "gpu" in task_queues
-    # GPU: one process, a thread per in-flight product (prefetch 1 each) feeding one micro-batcher.
-    pool = "threads" if gpu else "prefork"
-    size = concurrency or (settings.workers.batch_size if gpu else 2)
+    pool, size = worker_pool(gpu=gpu, batch_size=settings.workers.batch_size, concurrency=concurrency)
     node = hostname or f"{'+'.join(queues)}@{socket.gethostname()}"
     argv = ["worker", f"--queues={','.join(names)}", f"--pool={pool}", f"--concurrency={size}",
             f"--loglevel={loglevel}", f"--hostname={node}", "--without-gossip", "--without-mingle"]
@@ -51,6 +49,16 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
 
     if (code := requested_exit_code()) is not None:  # e.g. a hung model thread: the supervisor restarts us
         raise SystemExit(code)
+
+
+def worker_pool(*, gpu: bool, batch_size: int, concurrency: int | None) -> tuple[str, int]:
+    """(Celery pool, concurrency) of a worker. GPU: one process, a thread per in-flight product
+    (prefetch 1 each) feeding one micro-batcher, one batch's worth of threads (two batches' worth,
+    so the next batch is queued while one runs, measured no faster: ``bench_pipeline.py
+    --gpu-concurrency``). CPU: two prefork processes. ``concurrency`` overrides the size."""
+    if gpu:
+        return "threads", concurrency or batch_size
+    return "prefork", concurrency or 2
 
 
 def declare_everything(topo) -> None:  # noqa: ANN001

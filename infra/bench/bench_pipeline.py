@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=1, help="torch/OpenCV threads, workers and bare run alike")
     ap.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the worker processes (e.g. a profiler on PYTHONPATH)")
+    ap.add_argument("--gpu-concurrency", type=int, default=None,
+                    help="threads of the gpu worker (default: the worker's own, one batch's worth)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     require_service(5672, "RabbitMQ", "start rabbitmq-server")
@@ -149,7 +151,8 @@ def main() -> None:
     dep = Deployment(env=env, data_dir=tmp, namespace=ns, engine=engine)
     items = photos(args.n)
     try:
-        roles = {"events,cpu": dep.start_worker("events,cpu"), "gpu": dep.start_worker("gpu")}
+        roles = {"events,cpu": dep.start_worker("events,cpu"),
+                 "gpu": dep.start_worker("gpu", concurrency=args.gpu_concurrency)}
         meter = CpuMeter(roles)
         warm = product_event_payload(tenant_id="bench", merchant_id="m", external_id="warmup", version=1,
                                      category=items[0][1], image_urls=[items[-1][0].as_uri()])
