@@ -16,7 +16,9 @@ architecture (open_clip ViT-B-32, random init: compute, not quality) and the sam
   the second of two runs in one process (the first loads the model).
 
 The peers run as subprocesses of their own virtual environments (``--pixeltable-python``,
-``--clip-retrieval-python``), never the project's. Every system gets ``--threads`` torch threads.
+``--clip-retrieval-python``), never the project's. Every system gets ``--threads`` torch threads (the pipeline's model worker;
+its events/CPU worker runs two prefork children with the default one thread each). The pipeline's
+CPU time is read per worker process tree over the timed window and printed per photo.
 
     .venv/bin/python infra/bench/bench_embeddings_only.py --photos 600 --batch-size 32 \\
         --pixeltable-python /tmp/h/peers-venv/bin/python --clip-retrieval-python /tmp/h/peers-cr-venv/bin/python
@@ -90,12 +92,12 @@ def bare(photos: list[tuple[Path, str]], batch: int, threads: int) -> dict[str, 
     tensors = torch.stack([preprocess(Image.open(p).convert("RGB")) for p, _ in photos])  # ready tensors
     with torch.inference_mode():
         model.encode_image(tensors[:batch])  # warm-up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(tensors), batch):
             model.encode_image(tensors[i:i + batch])
-        seconds = time.perf_counter() - started
+        seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     return {"system": "bare encode_image", "photos": len(photos), "seconds": seconds,
-            "items_per_s": len(photos) / seconds}
+            "items_per_s": len(photos) / seconds, "cpu_ms_per_item": {"bare": cpu_s * 1000 / len(photos)}}
 
 
 def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: str) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: 
     from db.embedded import start_embedded
     from db.engine import make_engine
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_pipeline import CpuMeter
     from run_sustained import Answers, consume
     from tasks.events import product_event_payload
     from tests.integration.harness import AMQP_URL, Deployment, base_env, require_service
@@ -118,8 +121,7 @@ def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: 
     (work / "data").mkdir()
     env = base_env(pg_url=url, data_dir=work / "data", namespace=ns, ENRICH_MODELS__PROFILE=profile,
                    ENRICH_ENRICHMENT__TENANTS=json.dumps({TENANT: ["dedup", "embeddings"]}),
-                   ENRICH_WORKERS__BATCH_SIZE=str(batch), ENRICH_WORKERS__BATCH_MAX_WAIT_MS="200",
-                   ENRICH_WORKERS__CPU_THREADS=str(threads))
+                   ENRICH_WORKERS__BATCH_SIZE=str(batch), ENRICH_WORKERS__BATCH_MAX_WAIT_MS="200")
     dep = Deployment(env=env, data_dir=work / "data", namespace=ns, engine=engine)
     answers, stop = Answers(), threading.Event()
 
@@ -128,8 +130,10 @@ def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: 
                                      category=category, image_urls=[path.as_uri()], title=f"{category} {external_id}",
                                      attributes={"brand": "Acme"})
     try:
-        dep.start_worker("events,cpu")
-        dep.start_worker("gpu")
+        # The model worker gets the peers' torch threads; the events/CPU worker keeps the default thread
+        # budget (one per prefork child: its two children already fill the two cores).
+        meter = CpuMeter({"events,cpu": dep.start_worker("events,cpu"),
+                          "gpu": dep.start_worker("gpu", extra_env={"ENRICH_WORKERS__CPU_THREADS": str(threads)})})
         threading.Thread(target=consume, args=(ns, answers, stop), daemon=True).start()
         warm = REPO.parent / "shared" / "datasets" / "clothing-small"
         warm_photo = next(p for p in sorted((warm / "validation").rglob("*.jpg")))
@@ -141,7 +145,7 @@ def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: 
         conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         ch = conn.channel()
         ch.confirm_delivery()
-        started = time.monotonic()
+        started, cpu0 = time.monotonic(), meter.sample()
         for i, (path, category) in enumerate(photos):
             payload = event(f"p{i}", path, category)
             ch.basic_publish(exchange=f"{ns}.events", routing_key=payload["event_type"], body=json.dumps(payload).encode(),
@@ -151,7 +155,7 @@ def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: 
         deadline = time.monotonic() + 3600
         while answers.count() < len(photos) + 1 and time.monotonic() < deadline:
             time.sleep(0.1)
-        seconds = time.monotonic() - started
+        seconds, cpu1 = time.monotonic() - started, meter.sample()
         from sqlalchemy import text
 
         with engine.connect() as c:
@@ -169,7 +173,8 @@ def pipeline(photos: list[tuple[Path, str]], batch: int, threads: int, profile: 
     return {"system": f"pipeline ({profile}, dedup+embeddings, through the queue)", "photos": done,
             "seconds": seconds, "items_per_s": done / seconds, "photo_vectors": vectors, "exact_dups": exact,
             "near_dups": near, "answers": answers.kinds, "mean_fetch_ms": stages[0], "mean_dedup_ms": stages[1],
-            "mean_persist_ms": stages[2]}
+            "mean_persist_ms": stages[2],
+            "cpu_ms_per_item": {role: (cpu1[role] - cpu0[role]) * 1000 / max(done, 1) for role in cpu0}}
 
 
 def peer(cmd: list[str], name: str) -> dict[str, Any]:
@@ -225,6 +230,14 @@ def main() -> None:
             continue
         ratio = f"{ours['items_per_s'] / r['items_per_s']:.2f}×" if ours and r is not ours else "—"
         print(f"| {r['system']} | {r['items_per_s']:.2f} | {r['seconds']:.1f} | {ratio} |")
+    print("\nCPU milliseconds per photo (every thread of the process; the pipeline's by worker process tree):")
+    for r in results:
+        if "cpu_ms_per_item" in r:
+            parts = ", ".join(f"{role} {ms:.1f}" for role, ms in r["cpu_ms_per_item"].items())
+            print(f"  {r['system']}: {parts} (all: {sum(r['cpu_ms_per_item'].values()):.1f})")
+    if ours and "mean_dedup_ms" in ours:
+        print(f"  pipeline stage wall time per product (means): fetch {ours['mean_fetch_ms']:.1f} ms, dedup "
+              f"{ours['mean_dedup_ms']:.1f} ms, persist {ours['mean_persist_ms']:.1f} ms")
     summary = {"photos": len(photos), "batch_size": args.batch_size, "threads": args.threads, "results": results,
                "random_weights": True, "targets": {"vs_pixeltable": 1.0, "vs_bare": 0.85}}
     if ours and "pixeltable" in by and "items_per_s" in by["pixeltable"]:
