@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
@@ -30,7 +31,31 @@ Bind = Session | Connection | Engine
 
 
 class DimensionError(ValueError):
-    """An embedding size the indexes cannot have."""
+    """An embedding size (or an index option) the indexes cannot have."""
+
+
+@dataclass(frozen=True)
+class HnswGraph:
+    """The HNSW build parameters of an index: neighbours per node and the build's candidate list."""
+
+    m: int = 24
+    ef_construction: int = 128
+
+    def __post_init__(self) -> None:
+        # pgvector's own bounds: m 2..100, ef_construction 4..1000 and at least 2 * m
+        if not (isinstance(self.m, int) and 2 <= self.m <= 100):
+            raise DimensionError(f"HNSW m must be an integer in 2..100, got {self.m!r}")
+        if not (isinstance(self.ef_construction, int) and 4 <= self.ef_construction <= 1000
+                and self.ef_construction >= 2 * self.m):
+            raise DimensionError(f"HNSW ef_construction must be an integer in 4..1000 and at least 2 * m "
+                                 f"({2 * self.m}), got {self.ef_construction!r}")
+
+    def with_clause(self) -> str:
+        return f"WITH (m = {int(self.m)}, ef_construction = {int(self.ef_construction)})"
+
+
+DEFAULT_GRAPH = HnswGraph()
+PGVECTOR_DEFAULT_GRAPH = HnswGraph(16, 64)  # what an index built without options has (migration 0001's)
 
 
 def check_dims(dims: int) -> int:
@@ -111,13 +136,40 @@ def index_precision(bind: Bind, dims: int) -> str | None:
     return "halfvec" if "halfvec_cosine_ops" in str(definition) else "vector"
 
 
-def ensure_dimension_index(bind: Bind, dims: int, precision: str = "vector") -> list[str]:
-    """Create the partial HNSW indexes ``((col::<precision>(dims)) <precision>_cosine_ops) WHERE dims = dims``.
+def index_graph(bind: Bind, name: str) -> HnswGraph | None:
+    """The graph an index was built with (its reloptions; pgvector's defaults where none is set);
+    None without such an index."""
+    options = _scalar(bind, "SELECT coalesce(c.reloptions, '{}') FROM pg_class c WHERE c.relname = :name "
+                            "AND c.relnamespace = 'public'::regnamespace AND c.relkind = 'i'", {"name": name})
+    if options is None:
+        return None
+    given = dict(str(o).split("=", 1) for o in options)  # type: ignore[union-attr]
+    return HnswGraph(int(given.get("m", PGVECTOR_DEFAULT_GRAPH.m)),
+                     int(given.get("ef_construction", PGVECTOR_DEFAULT_GRAPH.ef_construction)))
+
+
+def _leftover_rebuilds(bind: Bind, name: str) -> list[str]:
+    """Invalid ``<name>_ccnew*`` indexes an interrupted ``REINDEX CONCURRENTLY`` left behind."""
+    sql = text("SELECT c.relname FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid WHERE NOT i.indisvalid "
+               "AND c.relname LIKE :like AND c.relnamespace = 'public'::regnamespace ORDER BY 1")
+    like = name.replace("_", r"\_") + r"\_ccnew%"
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            return list(conn.execute(sql, {"like": like}).scalars())
+    return list(bind.execute(sql, {"like": like}).scalars())
+
+
+def ensure_dimension_index(bind: Bind, dims: int, precision: str = "vector",
+                           graph: HnswGraph = DEFAULT_GRAPH) -> list[str]:
+    """Create the partial HNSW indexes ``((col::<precision>(dims)) <precision>_cosine_ops) WHERE dims = dims``,
+    built with ``graph``.
 
     ``precision``: ``vector`` (default) or ``halfvec`` (half the index size, its graph walked in
     half precision; the stored vectors and the distances returned stay single precision).
     Idempotent; an invalid index left by an interrupted CONCURRENTLY build, or one of the other
-    precision, is rebuilt. Returns the names created. Identifiers and the dimension come from the
+    precision, is dropped and built again; a valid one of another graph gets the new options and a
+    ``REINDEX`` (``CONCURRENTLY`` on an Engine: built beside it and swapped, searches keep an index
+    throughout). Returns the names created or rebuilt. Identifiers and the dimension come from the
     validated integer only. Installs (or refreshes) the size's search function.
     """
     dims, precision = check_dims(dims), check_precision(precision)
@@ -125,15 +177,26 @@ def ensure_dimension_index(bind: Bind, dims: int, precision: str = "vector") -> 
     current = index_precision(bind, dims)
     for column, name in zip(EMBEDDING_COLUMNS, index_names(dims), strict=True):
         valid = _index_validity(bind, name)
-        if valid is True and current == precision:
+        leftovers = _leftover_rebuilds(bind, name)
+        if valid is True and current == precision and index_graph(bind, name) == graph and not leftovers:
             continue
+        regraph = valid is True and current == precision
         rebuild = valid is False or (valid is True and current != precision)
 
-        def ddl(concurrently: bool, column: str = column, name: str = name, rebuild: bool = rebuild) -> list[str]:
+        def ddl(concurrently: bool, column: str = column, name: str = name, rebuild: bool = rebuild,
+                regraph: bool = regraph, leftovers: list[str] = leftovers) -> list[str]:
             how = " CONCURRENTLY" if concurrently else ""
-            out = [f"DROP INDEX{how} IF EXISTS {name}"] if rebuild else []
+            out = [f"DROP INDEX{how} IF EXISTS {old}" for old in leftovers]
+            if regraph:
+                if index_graph(bind, name) != graph:
+                    out += [f"ALTER INDEX {name} SET (m = {graph.m}, ef_construction = {graph.ef_construction})",
+                            f"REINDEX INDEX{how} {name}"]
+                return out
+            if rebuild:
+                out.append(f"DROP INDEX{how} IF EXISTS {name}")
             out.append(f"CREATE INDEX{how} IF NOT EXISTS {name} ON embeddings USING hnsw "
-                       f"(({column}::{precision}({dims})) {precision}_cosine_ops) WHERE dims = {dims}")
+                       f"(({column}::{precision}({dims})) {precision}_cosine_ops) {graph.with_clause()} "
+                       f"WHERE dims = {dims}")
             return out
 
         _run_ddl(bind, ddl)
@@ -173,10 +236,11 @@ def category_index_names(bind: Bind, dims: int) -> list[str]:
     return list(bind.execute(sql, {"like": like}).scalars())
 
 
-def ensure_category_indexes(bind: Bind, dims: int, categories: Iterable[str]) -> list[str]:
+def ensure_category_indexes(bind: Bind, dims: int, categories: Iterable[str],
+                            graph: HnswGraph = DEFAULT_GRAPH) -> list[str]:
     """Partial HNSW indexes of the image column per category
     (``... WHERE dims = <dims> AND category = '<category>'``), on the precision of the size's index
-    (build them after choosing it). Idempotent like ``ensure_dimension_index``; returns the names
+    (build them after choosing it), built with ``graph``. Idempotent like ``ensure_dimension_index``; returns the names
     created. The category is a quoted literal (``''`` doubled), its index name a digest."""
     dims = check_dims(dims)
     precision = index_precision(bind, dims) or "vector"  # the filtered search orders by the size's precision
@@ -193,7 +257,7 @@ def ensure_category_indexes(bind: Bind, dims: int, categories: Iterable[str]) ->
             how = " CONCURRENTLY" if concurrently else ""
             out = [f"DROP INDEX{how} IF EXISTS {name}"] if valid is False else []
             out.append(f"CREATE INDEX{how} IF NOT EXISTS {name} ON embeddings USING hnsw "
-                       f"((image_embedding::{precision}({dims})) {precision}_cosine_ops) "
+                       f"((image_embedding::{precision}({dims})) {precision}_cosine_ops) {graph.with_clause()} "
                        f"WHERE dims = {dims} AND category = {literal}")
             out.append(f"COMMENT ON INDEX {name} IS {literal}")
             return out

@@ -7,6 +7,7 @@ configuration table is generated from this module's field descriptions
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +22,17 @@ _PLACEHOLDER_SECRETS = {"changeme", "change-me", "password", "secret", "xxx", "t
 
 def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("catalog-enrich", appauthor=False))
+
+
+def default_openmp_wait_policy() -> None:
+    """Ask OpenMP to wait passively unless the environment already names a policy.
+
+    Worker processes share the cores with each other (an events/CPU worker's prefork children beside
+    a model worker on one box). OpenMP threads that spin while they wait burn the very core the thread
+    they wait for needs: measured with infra/bench/bench_embeddings_only.py, the model worker used
+    135 ms of CPU per photo spinning against 93 ms passive. libgomp reads the variable once, when torch
+    loads, so ``workers/__init__.py`` calls this before anything imports torch."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class ModelProfile(StrEnum):
@@ -59,6 +71,23 @@ class DatabaseSettings(BaseModel):
         "halfvec (half the index size and memory; recall@10 within 0.01 of vector in infra/bench/bench_similarity.py "
         "--halfvec). Stored vectors and returned distances stay single precision.",
     )
+    hnsw_m: int = Field(
+        24, ge=2, le=100,
+        description="HNSW neighbours per node of the embedding indexes (enrich backfill, enrich embeddings reindex). "
+        "24 with ef_construction 128 reached recall@10 0.959 at ef_search 100 at 1M x 512, where pgvector's 16 / 64 "
+        "reached 0.942 at ef_search 800 (infra/bench/bench_similarity.py); the build takes about three times as long.",
+    )
+    hnsw_ef_construction: int = Field(
+        128, ge=4, le=1000,
+        description="HNSW build candidate list of the embedding indexes; at least 2 x ENRICH_DB__HNSW_M.",
+    )
+
+    @model_validator(mode="after")
+    def _hnsw_graph_is_buildable(self) -> "DatabaseSettings":
+        if self.hnsw_ef_construction < 2 * self.hnsw_m:
+            raise ValueError("ENRICH_DB__HNSW_EF_CONSTRUCTION must be at least 2 x ENRICH_DB__HNSW_M (pgvector refuses "
+                             "to build such an index)")
+        return self
 
     @field_validator("admin_role")
     @classmethod

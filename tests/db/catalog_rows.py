@@ -12,6 +12,8 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.vector_indexes import DEFAULT_GRAPH
+
 
 def unit_rows(rng: np.random.Generator, n: int, dims: int) -> np.ndarray:
     v = rng.standard_normal((n, dims)).astype(np.float32)
@@ -121,14 +123,15 @@ def add_catalog(session: Session, tenant: str, vectors: np.ndarray, categories: 
 
 @contextmanager
 def bulk_load(session: Session, dims: int = 512) -> Iterator[None]:
-    """Drop the partial HNSW indexes for ``dims`` and rebuild them after the load (much faster than
+    """Drop the partial HNSW indexes for ``dims`` and rebuild them (with the project's graph) after the load (much faster than
     inserting row by row into the graph); transactional DDL, so the test's rollback restores them."""
     session.execute(text(f"DROP INDEX IF EXISTS ix_embeddings_image_embedding_{dims}_hnsw, "
                          f"ix_embeddings_text_embedding_{dims}_hnsw"))
     yield
     for column in ("image_embedding", "text_embedding"):
         session.execute(text(f"CREATE INDEX ix_embeddings_{column}_{dims}_hnsw ON embeddings USING hnsw "
-                             f"(({column}::vector({dims})) vector_cosine_ops) WHERE dims = {dims}"))
+                             f"(({column}::vector({dims})) vector_cosine_ops) {DEFAULT_GRAPH.with_clause()} "
+                             f"WHERE dims = {dims}"))
     session.execute(text("ANALYZE embeddings, listings, products"))  # the search joins all three
 
 

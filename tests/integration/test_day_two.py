@@ -291,6 +291,22 @@ def test_day_two(scenario: Scenario, sample_photos: list[tuple[Path, str]], tmp_
         assert found == set(exts), (tenant, found)
     s.check("9. compare, activate, every product searchable")
 
+    # 9b. the operator changes the HNSW graph: reindex rebuilds the active size's indexes CONCURRENTLY,
+    # a second run is idle, and searches keep working
+    graph = {"ENRICH_DB__HNSW_M": "12", "ENRICH_DB__HNSW_EF_CONSTRUCTION": "40"}
+    rebuilt = s.enrich("embeddings", "reindex", env=graph)
+    assert "rebuilt" in rebuilt.stdout and "m=12, ef_construction=40" in rebuilt.stdout, rebuilt.stdout
+    assert "already are" in s.enrich("embeddings", "reindex", env=graph).stdout
+    dims = s.sql("SELECT dims FROM model_versions WHERE id = :v", v=new_clip)[0][0]
+    options = s.sql("SELECT reloptions FROM pg_class WHERE relname = :n", n=f"ix_embeddings_image_embedding_{dims}_hnsw")
+    assert sorted(options[0][0]) == ["ef_construction=40", "m=12"]
+    tenant, exts = next(iter(products.items()))
+    found = set()
+    for ext in exts:
+        found |= {r.external_id for r in s.sql("SELECT external_id FROM catalog.similar_products(:t, :p, 10)",
+                                               t=tenant, p=ext)}
+    assert found == set(exts), found
+
     # 10. drop the old clip version; a product created now is embedded by the active one
     s.enrich("embeddings", "drop", str(clip_before), "--yes")
     assert s.sql("SELECT count(*) FROM embeddings WHERE model_version_id = :v", v=clip_before)[0][0] == 0

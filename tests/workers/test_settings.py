@@ -31,6 +31,17 @@ def test_time_limit_must_stay_below_consumer_timeout(monkeypatch: pytest.MonkeyP
         Settings()
 
 
+def test_hnsw_graph_defaults_and_an_unbuildable_one_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from db.vector_indexes import DEFAULT_GRAPH
+
+    s = Settings()
+    assert (s.db.hnsw_m, s.db.hnsw_ef_construction) == (DEFAULT_GRAPH.m, DEFAULT_GRAPH.ef_construction)
+    monkeypatch.setenv("ENRICH_DB__HNSW_M", "32")
+    monkeypatch.setenv("ENRICH_DB__HNSW_EF_CONSTRUCTION", "60")
+    with pytest.raises(ValidationError, match="HNSW_EF_CONSTRUCTION must be at least 2 x ENRICH_DB__HNSW_M"):
+        Settings()
+
+
 def test_defaults_derive_from_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
     monkeypatch.setenv("ENRICH_DATA_DIR", str(tmp_path))
     s = Settings()

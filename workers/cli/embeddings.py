@@ -7,6 +7,7 @@ DDL needs the table owner and runs on an owner connection (``get_owner_engine()`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,6 +89,15 @@ def _as_owner(ddl: Any, dims: int) -> list[str]:
         engine.dispose()
 
 
+def ensure_size_indexes(settings: Any, dims: int) -> list[str]:
+    """The size's HNSW indexes as the settings say (precision and graph), on a fresh owner connection,
+    CONCURRENTLY (writers keep writing; a rebuild is swapped in, searches keep an index). The one way
+    the backfill, the embedder rollout and ``enrich embeddings reindex`` build them."""
+    graph = vector_indexes.HnswGraph(settings.db.hnsw_m, settings.db.hnsw_ef_construction)
+    precision = settings.db.vector_index_precision
+    return _as_owner(lambda engine, d: vector_indexes.ensure_dimension_index(engine, d, precision, graph), dims)
+
+
 def backfill(
     model: str = typer.Option(..., "--model", help="Clip model reference: ARCH/pretrained-tag, directory or s3:// URI."),
     batch_size: int = typer.Option(64, min=1, help="Listings per model call and per committed transaction."),
@@ -105,9 +115,7 @@ def backfill(
         factory = _factory()
         with admin_session(factory) as s:
             version_id = ev.register_version(s, spec)
-        precision = settings.db.vector_index_precision
-        created = _as_owner(lambda engine, dims: vector_indexes.ensure_dimension_index(engine, dims, precision),
-                            spec.dims)  # CONCURRENTLY: writers keep writing
+        created = ensure_size_indexes(settings, spec.dims)
         if created:
             typer.echo(f"created HNSW indexes {', '.join(created)}")
         with admin_session(factory) as s:
@@ -177,9 +185,33 @@ def index_categories(min_rows: int = typer.Option(1000, min=1, help="Only catego
             dims = int(ev.get_version(s, version_id).dims or 0)
             counts = ev.category_counts(s, version_id)
         chosen = sorted(c for c, n in counts.items() if n >= min_rows)
-        created = _as_owner(lambda engine, d: vector_indexes.ensure_category_indexes(engine, d, chosen), dims)
+        db = get_settings().db
+        graph = vector_indexes.HnswGraph(db.hnsw_m, db.hnsw_ef_construction)
+        created = _as_owner(lambda engine, d: vector_indexes.ensure_category_indexes(engine, d, chosen, graph), dims)
     typer.echo(f"{len(chosen)} of {len(counts)} categories have at least {min_rows} rows; "
                f"created {len(created)} indexes" + (f": {', '.join(created)}" if created else ""))
+
+
+@embeddings_app.command("reindex")
+def reindex() -> None:
+    """Bring the active clip size's HNSW indexes to the configured precision and graph
+    (ENRICH_DB__VECTOR_INDEX_PRECISION, ENRICH_DB__HNSW_M, ENRICH_DB__HNSW_EF_CONSTRUCTION), CONCURRENTLY.
+    Idempotent: an index that already matches is left alone; run again after an interrupted run."""
+    with one_line_errors():
+        settings = get_settings()
+        with admin_session(_factory()) as s:
+            version_id = ev.active_version_id(s)
+            if version_id is None:
+                raise CliError("no active clip version; activate one first")
+            dims = int(ev.get_version(s, version_id).dims or 0)
+        started = time.monotonic()
+        rebuilt = ensure_size_indexes(settings, dims)
+    graph = f"m={settings.db.hnsw_m}, ef_construction={settings.db.hnsw_ef_construction}"
+    if rebuilt:
+        typer.echo(f"rebuilt {', '.join(rebuilt)} ({settings.db.vector_index_precision}, {graph}) "
+                   f"in {time.monotonic() - started:.1f}s")
+    else:
+        typer.echo(f"the {dims}-dim indexes already are {settings.db.vector_index_precision}, {graph}")
 
 
 @embeddings_app.command("drop")

@@ -250,16 +250,15 @@ def _active_clip(settings: Settings):  # noqa: ANN202
 
 def _roll_out_clip(settings: Settings, version_id: int, decision) -> None:  # noqa: ANN001
     """The gate approved a clip candidate: backfill → compare → activate (resumable: run promote again)."""
-    from db import vector_indexes
     from db.engine import system_session
     from db.repositories import model_versions
     from tasks.feedback.embedder_rollout import RolloutRefused, roll_out
-    from workers.cli.embeddings import _as_owner, load_embedder
+    from workers.cli.embeddings import ensure_size_indexes, load_embedder
 
     with system_session(_factory()) as session:
         row = model_versions.get(session, version_id)
         ref, dims = row.weights_uri, int(row.dims or 0)
-    _as_owner(vector_indexes.ensure_dimension_index, dims)
+    ensure_size_indexes(settings, dims)  # the configured precision and graph, as the backfill builds them
     _, embed = load_embedder(ref, settings, "pretrained")
     try:
         result = roll_out(_factory(), version_id, embed)
