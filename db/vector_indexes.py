@@ -180,15 +180,16 @@ def ensure_dimension_index(bind: Bind, dims: int, precision: str = "vector",
         leftovers = _leftover_rebuilds(bind, name)
         if valid is True and current == precision and index_graph(bind, name) == graph and not leftovers:
             continue
-        regraph = valid is True and current == precision
+        regraph = valid is True and current == precision  # the same index, another graph (or only leftovers)
+        stale = regraph and index_graph(bind, name) != graph
         rebuild = valid is False or (valid is True and current != precision)
 
         def ddl(concurrently: bool, column: str = column, name: str = name, rebuild: bool = rebuild,
-                regraph: bool = regraph, leftovers: list[str] = leftovers) -> list[str]:
+                regraph: bool = regraph, stale: bool = stale, leftovers: list[str] = leftovers) -> list[str]:
             how = " CONCURRENTLY" if concurrently else ""
             out = [f"DROP INDEX{how} IF EXISTS {old}" for old in leftovers]
             if regraph:
-                if index_graph(bind, name) != graph:
+                if stale:
                     out += [f"ALTER INDEX {name} SET (m = {graph.m}, ef_construction = {graph.ef_construction})",
                             f"REINDEX INDEX{how} {name}"]
                 return out

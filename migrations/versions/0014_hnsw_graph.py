@@ -10,8 +10,8 @@ built from now on.
 
 This migration gives the existing per-size indexes (``ix_embeddings_<column>_<dims>_hnsw``) the new
 options and rebuilds them, but only while the table is small (at most ``REBUILD_MAX_ROWS``
-embeddings, ``ENRICH_MIGRATE_REINDEX_MAX_ROWS`` to change it): a plain ``REINDEX`` locks out writes, and at a million rows it runs for a quarter of an
-hour. A larger table keeps its indexes as they are, and the migration says so: the operator runs
+embeddings; ``ENRICH_MIGRATE_REINDEX_MAX_ROWS`` changes the limit): a plain ``REINDEX`` locks out
+writes, and at a million rows it runs for a quarter of an hour. A larger table keeps its indexes as they are, and the migration says so: the operator runs
 ``enrich embeddings reindex``, which rebuilds them ``CONCURRENTLY`` (built beside, then swapped).
 The graph is a physical property, so searches give correct results either way; only recall at a
 given ef_search differs. Downgrade resets the options to pgvector's defaults under the same rule.

@@ -89,12 +89,16 @@ def _as_owner(ddl: Any, dims: int) -> list[str]:
         engine.dispose()
 
 
+def configured_graph(settings: Any) -> vector_indexes.HnswGraph:
+    """The HNSW graph every embedding index is built with (``ENRICH_DB__HNSW_M`` / ``_EF_CONSTRUCTION``)."""
+    return vector_indexes.HnswGraph(settings.db.hnsw_m, settings.db.hnsw_ef_construction)
+
+
 def ensure_size_indexes(settings: Any, dims: int) -> list[str]:
     """The size's HNSW indexes as the settings say (precision and graph), on a fresh owner connection,
     CONCURRENTLY (writers keep writing; a rebuild is swapped in, searches keep an index). The one way
     the backfill, the embedder rollout and ``enrich embeddings reindex`` build them."""
-    graph = vector_indexes.HnswGraph(settings.db.hnsw_m, settings.db.hnsw_ef_construction)
-    precision = settings.db.vector_index_precision
+    graph, precision = configured_graph(settings), settings.db.vector_index_precision
     return _as_owner(lambda engine, d: vector_indexes.ensure_dimension_index(engine, d, precision, graph), dims)
 
 
@@ -185,8 +189,7 @@ def index_categories(min_rows: int = typer.Option(1000, min=1, help="Only catego
             dims = int(ev.get_version(s, version_id).dims or 0)
             counts = ev.category_counts(s, version_id)
         chosen = sorted(c for c, n in counts.items() if n >= min_rows)
-        db = get_settings().db
-        graph = vector_indexes.HnswGraph(db.hnsw_m, db.hnsw_ef_construction)
+        graph = configured_graph(get_settings())
         created = _as_owner(lambda engine, d: vector_indexes.ensure_category_indexes(engine, d, chosen, graph), dims)
     typer.echo(f"{len(chosen)} of {len(counts)} categories have at least {min_rows} rows; "
                f"created {len(created)} indexes" + (f": {', '.join(created)}" if created else ""))
