@@ -42,6 +42,8 @@ from pgvector.psycopg import register_vector
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from db.vector_indexes import DEFAULT_GRAPH  # noqa: E402  (the project's graph, the benchmark's default)
+
 DIMS = 512
 TENANT = "bench"
 READER = "enrich_reader"
@@ -113,7 +115,7 @@ def load(conn: psycopg.Connection, vectors: np.ndarray, cats: np.ndarray) -> Non
 
 
 def build_index(conn: psycopg.Connection, name: str, expression: str, where: str, workers: int,
-                graph: tuple[int, int] = (24, 128)) -> float:
+                graph: tuple[int, int] = (DEFAULT_GRAPH.m, DEFAULT_GRAPH.ef_construction)) -> float:
     """Seconds to build one partial HNSW index; ``graph`` is (m, ef_construction), the project's
     (``db.vector_indexes.DEFAULT_GRAPH``) unless the run asks for another graph."""
     conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
@@ -252,9 +254,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1,
                     help="max_parallel_maintenance_workers for the index builds (2 cores here: leader + 1)")
     ap.add_argument("--maintenance-work-mem", default="2GB")
-    ap.add_argument("--m", type=int, default=24, help="HNSW m of the global index (24: the project's; pgvector's is 16)")
-    ap.add_argument("--ef-construction", type=int, default=128,
-                    help="HNSW ef_construction of the global index (128: the project's; pgvector's is 64)")
+    ap.add_argument("--m", type=int, default=DEFAULT_GRAPH.m,
+                    help="HNSW m of the global index (default: the project's; pgvector's is 16)")
+    ap.add_argument("--ef-construction", type=int, default=DEFAULT_GRAPH.ef_construction,
+                    help="HNSW ef_construction of the global index (default: the project's; pgvector's is 64)")
     ap.add_argument("--grouped", action="store_true", help="also measure per-category partial HNSW indexes")
     ap.add_argument("--halfvec", action="store_true", help="also measure a halfvec(512) HNSW index")
     ap.add_argument("--filtered-queries", type=int, default=50,

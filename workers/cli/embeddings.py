@@ -96,7 +96,8 @@ def configured_graph(settings: Any) -> vector_indexes.HnswGraph:
 
 def ensure_size_indexes(settings: Any, dims: int) -> list[str]:
     """The size's HNSW indexes as the settings say (precision and graph), on a fresh owner connection,
-    CONCURRENTLY (writers keep writing; a rebuild is swapped in, searches keep an index). The one way
+    CONCURRENTLY (writers keep writing; a graph change is rebuilt beside and swapped in, so searches
+    keep an index; a precision change drops and builds, exact scans meanwhile). The one way
     the backfill, the embedder rollout and ``enrich embeddings reindex`` build them."""
     graph, precision = configured_graph(settings), settings.db.vector_index_precision
     return _as_owner(lambda engine, d: vector_indexes.ensure_dimension_index(engine, d, precision, graph), dims)
