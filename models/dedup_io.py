@@ -16,7 +16,8 @@ from models.dedup import LocalFeatures
 
 # The layout of persisted features (``features_to_bytes``); bump it with any change to what
 # ``NearDuplicateVerifier.features`` extracts, so features stored by an older build are recomputed.
-FEATURES_FORMAT = 1
+# 2: 500 ORB keypoints per orientation (1: 1,000).
+FEATURES_FORMAT = 2
 _ARRAYS = ("points", "descriptors", "thumb")
 
 

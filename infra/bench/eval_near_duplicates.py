@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-symmetry", action="store_true", help="verify every pair both ways round")
     ap.add_argument("--probe-stride", type=int, default=None,
                     help="the verifier's probe_stride (default: the verifier's own; 0 or 1: no probe)")
+    ap.add_argument("--max-features", type=int, default=None,
+                    help="the verifier's ORB keypoints per image (default: the verifier's own)")
+    ap.add_argument("--min-inliers", type=int, default=None,
+                    help="the verifier's min_inliers (default: the verifier's own)")
     ap.add_argument("--dump", type=Path, help="write per-pair results as CSV for threshold tuning")
     args = ap.parse_args(argv)
     cv2.setNumThreads(args.threads)
@@ -385,8 +389,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with open(args.dataset / "manifest.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["split"] == args.split]
-    probe = {} if args.probe_stride is None else {"probe_stride": args.probe_stride}
-    ev = Evaluator(rows, args.dataset, args.check_symmetry, NearDuplicateVerifier(**probe))
+    overrides = {name: value for name, value in (("probe_stride", args.probe_stride),
+                                                 ("max_features", args.max_features),
+                                                 ("min_inliers", args.min_inliers)) if value is not None}
+    ev = Evaluator(rows, args.dataset, args.check_symmetry, NearDuplicateVerifier(**overrides))
     t0 = time.perf_counter()
     index = HashIndex([candidate_hashes(ev.image(i)) for i in range(len(rows))])
     print(f"{args.split}: decoded+hashed {len(rows)} photos in {time.perf_counter() - t0:.1f}s")

@@ -5,7 +5,7 @@ Extracting them means reading the original from blob storage, decoding it and ru
 (image and mirror): about 18 ms of CPU per candidate on the clothing photos, up to
 ``2 * CANDIDATE_K`` candidates per new image, and once a catalogue outgrows the per-process cache
 nearly every candidate misses it. So the fetch stage writes each new image's features beside its
-original (``features/v<FEATURES_FORMAT>/<tenant>/<aa>/<sha256>.npz``, about 80 KB,
+original (``features/v<FEATURES_FORMAT>/<tenant>/<aa>/<sha256>.npz``, about 55 KB,
 content-addressed like the original) when it extracts them for its own verification, and a later
 candidate load reads them back (one blob read, 1.3-1.8 ms CPU: infra/bench/bench_dedup_scaling.py)
 instead. An image stored before this, or by another feature format, is extracted from its
