@@ -291,9 +291,10 @@ class NearDuplicateVerifier:
 
     ``max_features`` ORB keypoints per image: matching costs the product of the two images' counts, and
     the photometric check, not the inlier count, is what tells a copy from a different garment on the
-    same background (negatives reach 300-600 inliers). 500 keypoints with ``min_inliers`` 10 gave the
-    same precision, recall and symmetry as 1,000 with 25 on both splits, at a third of the matching
-    cost (README, "Near duplicates").
+    same background (negatives reach 300-600 inliers). 500 keypoints with ``min_inliers`` 16 gave the
+    same precision and recall as 1,000 with 25 on the validation split (and symmetric decisions), and
+    within one pair of it on the train split, at a third of the matching cost (README, "Near
+    duplicates"). Persisted features hold this many keypoints (``models.dedup_io.FEATURES_FORMAT``).
     """
 
     def __init__(
