@@ -329,8 +329,10 @@ class NearDuplicateVerifier:
         self._orb = cv2.ORB_create(nfeatures=max_features)
         self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
 
-    def _one_orientation(self, gray: np.ndarray) -> LocalFeatures:
-        keypoints, descriptors = self._orb.detectAndCompute(_stretch_contrast(gray), None)
+    def _one_orientation(self, gray: np.ndarray, stretched: np.ndarray) -> LocalFeatures:
+        """Features of one orientation: ORB on ``stretched`` (``_stretch_contrast`` of ``gray``), the
+        thumbnail of ``gray`` itself."""
+        keypoints, descriptors = self._orb.detectAndCompute(stretched, None)
         if descriptors is None or not keypoints:
             points = np.empty((0, 2), np.float32)
             descriptors = np.empty((0, 32), np.uint8)
@@ -346,8 +348,9 @@ class NearDuplicateVerifier:
     def features(self, img: Image.Image) -> LocalFeatures:
         """Keypoints, descriptors and thumbnail of one image and of its mirror (cache them)."""
         gray = _working_gray(img)
-        mirrored = self._one_orientation(np.ascontiguousarray(gray[:, ::-1]))
-        plain = self._one_orientation(gray)
+        stretched = _stretch_contrast(gray)  # the mirror's percentiles are the same pixels': stretch once
+        mirrored = self._one_orientation(np.ascontiguousarray(gray[:, ::-1]), np.ascontiguousarray(stretched[:, ::-1]))
+        plain = self._one_orientation(gray, stretched)
         return LocalFeatures(plain.points, plain.descriptors, plain.thumb, plain.work_shape, plain.key,
                              mirrored)
 

@@ -234,6 +234,8 @@ class PairResult:
     confirmed: bool
     agreement: float
     symmetric: bool = True  # the decision is the same with query and stored swapped (when checked)
+    rank: int = -1  # the stored photo's place among the query's nearest (0 = nearest; the better of the
+    # two hash kinds, ties by index); -1 when not ranked (not a candidate, or a transformed negative)
 
 
 @dataclass
@@ -287,16 +289,25 @@ class HashIndex:
                                           d(getattr(query.centre, k), self.centre[k])]))
         return out[0], out[1]
 
-    def candidates(self, query: CandidateHashes, exclude: int | None = None) -> dict[int, int]:
-        """{photo index: distance} of the query's candidates: the k nearest per kind (ties by
-        index, as the SQL orders by id), within CANDIDATE_MAX_HAMMING on the nearer kind."""
+    def ranked(self, query: CandidateHashes, exclude: int | None = None) -> dict[int, tuple[int, int]]:
+        """{photo index: (distance, rank)} of the query's candidates: the k nearest per kind (ties by
+        index, as the SQL orders by id), within CANDIDATE_MAX_HAMMING on the nearer kind; rank is
+        the photo's place in the better of the two kinds' orders (what a smaller k would keep)."""
         dp, dd = self.distances(query)
         if exclude is not None:
             dp, dd = dp.copy(), dd.copy()
             dp[exclude] = dd[exclude] = 10_000
         index = np.arange(len(dp))
-        picked = set(np.lexsort((index, dp))[:CANDIDATE_K]) | set(np.lexsort((index, dd))[:CANDIDATE_K])
-        return {int(i): int(min(dp[i], dd[i])) for i in picked if min(dp[i], dd[i]) <= CANDIDATE_MAX_HAMMING}
+        rank: dict[int, int] = {}
+        for order in (np.lexsort((index, dp))[:CANDIDATE_K], np.lexsort((index, dd))[:CANDIDATE_K]):
+            for place, i in enumerate(order):
+                rank[int(i)] = min(place, rank.get(int(i), place))
+        return {i: (int(min(dp[i], dd[i])), r) for i, r in rank.items()
+                if min(dp[i], dd[i]) <= CANDIDATE_MAX_HAMMING}
+
+    def candidates(self, query: CandidateHashes, exclude: int | None = None) -> dict[int, int]:
+        """{photo index: distance} of the query's candidates (``ranked`` without the ranks)."""
+        return {i: dist for i, (dist, _) in self.ranked(query, exclude).items()}
 
 
 def same_photograph(a: Image.Image, b: Image.Image) -> bool:
@@ -333,10 +344,11 @@ class Evaluator:
             self.feature_ms.append((time.process_time() - start) * 1000)
         return self.features[i]
 
-    def run(self, kind: str, transform: str, query: int, stored: int, candidate: dict[int, int],
+    def run(self, kind: str, transform: str, query: int, stored: int, candidate: dict[int, tuple[int, int]],
             query_img: Image.Image | None) -> None:
-        """One pair; ``query_img`` None: the stored photo ``query`` itself (cached features)."""
-        dist = candidate.get(stored)
+        """One pair; ``candidate``: {photo: (distance, rank)} (rank -1: not ranked); ``query_img`` None:
+        the stored photo ``query`` itself (cached features)."""
+        dist, rank = candidate.get(stored, (None, -1))
         inliers, confirmed, agreement, symmetric = 0, False, 0.0, True
         if dist is not None:
             wall, cpu = time.perf_counter(), time.process_time()
@@ -350,17 +362,19 @@ class Evaluator:
                 symmetric = swapped.confirmed == match.confirmed
         self.results.append(PairResult(transform, kind, self.rows[query]["path"], self.rows[stored]["path"],
                                        -1 if dist is None else dist, dist is not None, inliers, confirmed,
-                                       agreement, symmetric))
+                                       agreement, symmetric, rank if dist is not None else -1))
 
 
-def candidate_rule_pairs(index: HashIndex) -> list[tuple[int, int, int]]:
-    """Every distinct (i, j, distance), i < j, that the candidate search of some photo returns."""
-    pairs: dict[tuple[int, int], int] = {}
+def candidate_rule_pairs(index: HashIndex) -> list[tuple[int, int, int, int]]:
+    """Every distinct (i, j, distance, rank), i < j, that the candidate search of some photo returns;
+    rank: the better of the two directions' (a smaller k keeps the pair while either search does)."""
+    pairs: dict[tuple[int, int], tuple[int, int]] = {}
     for i, h in enumerate(index.hashes):
-        for j, dist in index.candidates(h, exclude=i).items():
+        for j, (dist, rank) in index.ranked(h, exclude=i).items():
             key = (min(i, j), max(i, j))
-            pairs[key] = min(dist, pairs.get(key, dist))
-    return sorted((i, j, d) for (i, j), d in pairs.items())
+            old_dist, old_rank = pairs.get(key, (dist, rank))
+            pairs[key] = (min(dist, old_dist), min(rank, old_rank))
+    return sorted((i, j, d, r) for (i, j), (d, r) in pairs.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,13 +413,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     negatives, excluded = [], []
-    for i, j, dist in candidate_rule_pairs(index):
+    for i, j, dist, rank in candidate_rule_pairs(index):
         same = rows[i]["sha256"] == rows[j]["sha256"] or same_photograph(ev.image(i), ev.image(j))
-        (excluded if same else negatives).append((i, j, dist))
+        (excluded if same else negatives).append((i, j, dist, rank))
     print(f"candidate-rule pairs: {len(negatives) + len(excluded)}; excluded {len(excluded)} that are one "
-          f"photograph stored twice: {[(rows[i]['path'], rows[j]['path']) for i, j, _ in excluded]}")
-    for i, j, dist in negatives:
-        ev.run("candidate_negative", "none", i, j, {j: dist}, None)
+          f"photograph stored twice: {[(rows[i]['path'], rows[j]['path']) for i, j, _, _ in excluded]}")
+    for i, j, dist, rank in negatives:
+        ev.run("candidate_negative", "none", i, j, {j: (dist, rank)}, None)
     hardest = sorted(ev.results, key=lambda r: -r.inliers)[: args.transformed_negatives]
     by_path = {r["path"]: k for k, r in enumerate(rows)}
     hard_pairs = [(by_path[r.query_photo], by_path[r.stored_photo]) for r in hardest]
@@ -415,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in TRANSFORMS.items():
         for src in sources:
             query = fn(ev.image(src), rng)
-            ev.run("positive", name, src, src, index.candidates(candidate_hashes(query)), query)
+            ev.run("positive", name, src, src, index.ranked(candidate_hashes(query)), query)
         for a, b in hard_pairs:
             query = fn(ev.image(a), rng)
             ev.run("transformed_negative", name, a, b, _only(index, candidate_hashes(query), b), query)
@@ -423,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.combos):
             first, second = rng.sample(singles, 2)
             query = TRANSFORMS[second](TRANSFORMS[first](ev.image(src), rng), rng)
-            found = index.candidates(candidate_hashes(query))
+            found = index.ranked(candidate_hashes(query))
             ev.run("positive", f"{first}+{second}", src, src, found, query)
     swaps = 0
     while swaps < args.swap_negatives:
@@ -443,12 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _only(index: HashIndex, query: CandidateHashes, stored: int) -> dict[int, int]:
+def _only(index: HashIndex, query: CandidateHashes, stored: int) -> dict[int, tuple[int, int]]:
     """A transformed negative is verified when the stored photo would be its candidate by distance
     (the k-nearest cut is left out: it depends on the rest of the catalog)."""
     dp, dd = index.distances(query)
     dist = int(min(dp[stored], dd[stored]))
-    return {stored: dist} if dist <= CANDIDATE_MAX_HAMMING else {}
+    return {stored: (dist, -1)} if dist <= CANDIDATE_MAX_HAMMING else {}
 
 
 def _best_hash_threshold(results: list[PairResult]) -> tuple[int, Counts] | None:
