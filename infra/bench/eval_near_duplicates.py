@@ -305,10 +305,6 @@ class HashIndex:
         return {i: (int(min(dp[i], dd[i])), r) for i, r in rank.items()
                 if min(dp[i], dd[i]) <= CANDIDATE_MAX_HAMMING}
 
-    def candidates(self, query: CandidateHashes, exclude: int | None = None) -> dict[int, int]:
-        """{photo index: distance} of the query's candidates (``ranked`` without the ranks)."""
-        return {i: dist for i, (dist, _) in self.ranked(query, exclude).items()}
-
 
 def same_photograph(a: Image.Image, b: Image.Image) -> bool:
     """True when the dataset holds one photograph twice (re-encoded, e.g. under two categories).
