@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -55,8 +55,26 @@ class VersionRow:
 
 
 @dataclass(frozen=True)
+class BackfillPhoto:
+    """One photo the pipeline embedded for a listing, as it recorded it (``photo_embeddings``):
+    where it sits, the box it was cut to (None: the whole photo) and whether it shows the product.
+    The backfill carries ``on_product`` over rather than asking the new model again, so the new
+    product vector averages the same photos as the one it replaces."""
+
+    image_id: int
+    position: int
+    storage_uri: str
+    box: list[float] | None
+    on_product: bool
+    product_probability: float | None
+    grounding_id: int | None
+
+
+@dataclass(frozen=True)
 class BackfillItem:
-    """What an embedder needs to embed one listing: its image (and crop box) and its text."""
+    """What an embedder needs to embed one listing: its image (and crop box) and its text, and every
+    photo the pipeline embedded for it (``photos``, in position order; empty for a listing stored
+    without photo rows, whose product vector is its primary photo's)."""
 
     listing_id: int
     tenant_id: str
@@ -68,6 +86,7 @@ class BackfillItem:
     # whole photo (a fallback grounding: no box scored above the threshold, or no grounding).
     box: list[float] | None
     text_input: str
+    photos: tuple[BackfillPhoto, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,8 +129,10 @@ class Comparison:
     ef_search: int
 
 
-EmbedBatch = Callable[[Sequence[BackfillItem]], tuple[np.ndarray, np.ndarray]]
-"""Returns (image vectors, text vectors), one row per item, in item order."""
+EmbedBatch = Callable[[Sequence[BackfillItem]], tuple[np.ndarray, ...]]
+"""Returns (product image vectors, text vectors), one row per item, in item order, and optionally
+a third element: per item, one row per ``item.photos`` entry (that photo's own vector), which the
+backfill stores as the version's ``photo_embeddings``."""
 
 
 # ---------------------------------------------------------------- registry
@@ -193,15 +214,19 @@ def coverage(session: Session, version_id: int) -> Coverage:
 
 def pending_items(session: Session, version_id: int, *, after_listing_id: int = 0,
                   limit: int = 256) -> list[BackfillItem]:
-    """Target listings that lack ``version_id``, in listing-id order after a cursor."""
+    """Target listings that lack ``version_id``, in listing-id order after a cursor, each with the
+    text and the photos the pipeline embedded for it, read from the active clip version's rows where
+    it has them, else from the newest version's (``recorded_photos``)."""
     rows = session.execute(
         text(f"""
             WITH targets AS ({_TARGETS})
             SELECT l.id, l.tenant_id, l.product_id, l.category, l.image_id, i.storage_uri,
                    CASE WHEN g.fallback THEN NULL ELSE g.box END AS box,
                    coalesce((SELECT ae.text_input FROM embeddings ae
-                             JOIN model_versions mv ON mv.id = ae.model_version_id AND mv.status = 'active'
-                             WHERE ae.listing_id = l.id), l.content ->> 'title', '') AS text_input
+                             JOIN model_versions mv ON mv.id = ae.model_version_id
+                             WHERE ae.listing_id = l.id
+                             ORDER BY (mv.status = 'active') DESC, ae.model_version_id DESC LIMIT 1),
+                            l.content ->> 'title', '') AS text_input
             FROM targets t
             JOIN listings l ON l.id = t.listing_id
             JOIN images i ON i.id = l.image_id
@@ -213,18 +238,54 @@ def pending_items(session: Session, version_id: int, *, after_listing_id: int = 
         """),
         {"v": version_id, "after": after_listing_id, "limit": limit},
     )
-    return [BackfillItem(*r) for r in rows]
+    items = [BackfillItem(*r) for r in rows]
+    photos = recorded_photos(session, [it.listing_id for it in items])
+    return [replace(it, photos=photos.get(it.listing_id, ())) for it in items]
+
+
+def recorded_photos(session: Session, listing_ids: list[int]) -> dict[int, tuple[BackfillPhoto, ...]]:
+    """Each listing's photos as the pipeline recorded them, one query for a batch: the rows of the
+    active clip version where it has them, else of the newest version that has them."""
+    if not listing_ids:
+        return {}
+    rows = session.execute(
+        text("""
+            WITH source AS (
+                SELECT DISTINCT ON (pe.listing_id) pe.listing_id, pe.model_version_id
+                FROM photo_embeddings pe JOIN model_versions mv ON mv.id = pe.model_version_id
+                WHERE pe.listing_id = ANY(:ids)
+                ORDER BY pe.listing_id, (mv.status = 'active') DESC, pe.model_version_id DESC)
+            SELECT pe.listing_id, pe.image_id, pe.position, i.storage_uri,
+                   CASE WHEN g.fallback THEN NULL ELSE g.box END AS box,
+                   pe.on_product, pe.product_probability, pe.grounding_id
+            FROM source s
+            JOIN photo_embeddings pe ON pe.listing_id = s.listing_id AND pe.model_version_id = s.model_version_id
+            JOIN images i ON i.id = pe.image_id
+            LEFT JOIN groundings g ON g.id = pe.grounding_id
+            ORDER BY pe.listing_id, pe.position
+        """),
+        {"ids": listing_ids},
+    )
+    out: dict[int, list[BackfillPhoto]] = {}
+    for r in rows:
+        out.setdefault(r.listing_id, []).append(BackfillPhoto(r.image_id, r.position, r.storage_uri, r.box,
+                                                              r.on_product, r.product_probability, r.grounding_id))
+    return {lid: tuple(ps) for lid, ps in out.items()}
 
 
 def write_embeddings(session: Session, version_id: int, dims: int, items: Sequence[BackfillItem],
-                     image_vectors: np.ndarray, text_vectors: np.ndarray) -> int:
-    """Idempotent insert of one batch (ON CONFLICT on (listing, version) does nothing)."""
+                     image_vectors: np.ndarray, text_vectors: np.ndarray,
+                     photo_vectors: Sequence[np.ndarray] | None = None) -> int:
+    """Idempotent insert of one batch (ON CONFLICT on (listing, version) does nothing), and of each
+    item's photo vectors under the version where given (ON CONFLICT on (listing, image, version))."""
     image_vectors, text_vectors = np.asarray(image_vectors), np.asarray(text_vectors)
     expected = (len(items), dims)
     if image_vectors.shape != expected or text_vectors.shape != expected:
         raise VersionError(f"embedder returned {image_vectors.shape}/{text_vectors.shape}, expected {expected}")
     if not items:
         return 0
+    if photo_vectors is not None:
+        _write_photo_embeddings(session, version_id, dims, items, photo_vectors)
     result = session.execute(
         text("INSERT INTO embeddings (tenant_id, product_id, listing_id, model_version_id, category, dims, "
              "image_embedding, text_embedding, text_input) VALUES (:tenant_id, :product_id, :listing_id, :v, "
@@ -237,6 +298,29 @@ def write_embeddings(session: Session, version_id: int, dims: int, items: Sequen
     )
     session.flush()
     return int(result.rowcount or 0)
+
+
+def _write_photo_embeddings(session: Session, version_id: int, dims: int, items: Sequence[BackfillItem],
+                            photo_vectors: Sequence[np.ndarray]) -> None:
+    if len(photo_vectors) != len(items):
+        raise VersionError(f"embedder returned photo vectors for {len(photo_vectors)} of {len(items)} listings")
+    rows = []
+    for it, vectors in zip(items, photo_vectors):
+        vectors = np.asarray(vectors)
+        if vectors.shape != (len(it.photos), dims):
+            raise VersionError(f"embedder returned {vectors.shape} photo vectors for listing {it.listing_id}, "
+                               f"expected {(len(it.photos), dims)}")
+        rows.extend({"tenant_id": it.tenant_id, "product_id": it.product_id, "listing_id": it.listing_id,
+                     "image_id": p.image_id, "v": version_id, "position": p.position, "on_product": p.on_product,
+                     "probability": p.product_probability, "grounding_id": p.grounding_id, "dims": dims,
+                     "embedding": vectors[n].astype(np.float32)} for n, p in enumerate(it.photos))
+    if rows:
+        session.execute(
+            text("INSERT INTO photo_embeddings (tenant_id, product_id, listing_id, image_id, model_version_id, "
+                 "position, on_product, product_probability, grounding_id, dims, embedding) VALUES (:tenant_id, "
+                 ":product_id, :listing_id, :image_id, :v, :position, :on_product, :probability, :grounding_id, "
+                 ":dims, CAST(:embedding AS vector)) ON CONFLICT (listing_id, image_id, model_version_id) DO NOTHING"),
+            rows)
 
 
 def _mark_backfilling(session: Session, version_id: int) -> VersionRow:
@@ -273,8 +357,9 @@ def run_backfill(factory: sessionmaker[Session], version_id: int, embed: EmbedBa
             items = pending_items(s, version_id, after_listing_id=cursor, limit=size)
             if not items:
                 break
-            image_vectors, text_vectors = embed(items)
-            write_embeddings(s, version_id, dims, items, image_vectors, text_vectors)
+            image_vectors, text_vectors, *photo_vectors = embed(items)
+            write_embeddings(s, version_id, dims, items, image_vectors, text_vectors,
+                             photo_vectors[0] if photo_vectors else None)
         written += len(items)
         cursor = items[-1].listing_id
         if on_progress is not None:

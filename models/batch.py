@@ -164,7 +164,7 @@ def _run_full(models: ModelBundle, items: list[ModelItem],
     per_product: list[list[int]] = [[] for _ in live]
     for k, (n, _, _) in enumerate(photos):
         per_product[n].append(k)
-    product_vectors = [_mean_unit([crop_vectors[k] for k in ks if k == ks[0] or shows[k][0]]) for ks in per_product]
+    product_vectors = [product_vector([crop_vectors[k] for k in ks if k == ks[0] or shows[k][0]]) for ks in per_product]
     clock.lap("embed")
     crops = [grounded[ks[0]].crop for ks in per_product]  # the listing model reads the primary crop
     groundings = [grounded[ks[0]] for ks in per_product]
@@ -254,11 +254,11 @@ def _run_embeddings(models: ModelBundle, items: list[ModelItem],
     timings = clock.shares(len(live))
     for n, i in enumerate(live):
         item, ks = items[i], per_product[n]
-        product_vector = _mean_unit([vectors[k] for k in ks])
+        item_vector = product_vector([vectors[k] for k in ks])
         results[i] = ModelResult(
             job_id=item.job_id, schema_id=schemas[n].schema_id,
             grounding=_grounding(groundings[ks[0]]) if ks[0] in groundings else {},
-            content=merchant_content(item), image_embedding=[float(x) for x in product_vector],
+            content=merchant_content(item), image_embedding=[float(x) for x in item_vector],
             text_embedding=[float(x) for x in text_vecs[n]], text_input=texts[n], timings_ms=timings,
             images=[_embedded_photo(item, photos[k][1], groundings.get(k), vectors[k]) for k in ks])
     return results
@@ -336,7 +336,9 @@ def _photo(item: ModelItem, position: int, g: Any, vector: Any, shows: tuple[boo
             "product_probability": shows[1], "grounding": _grounding(g), "embedding": [float(x) for x in vector]}
 
 
-def _mean_unit(vectors: list[Any]) -> Any:
+def product_vector(vectors: list[Any]) -> Any:
+    """A product's vector: the unit-length mean of the vectors of its photos that show it (the
+    primary photo always does). The one rule for the pipeline and the embedding backfill."""
     import numpy as np
 
     mean = np.mean(np.stack(vectors), axis=0)

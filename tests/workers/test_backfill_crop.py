@@ -54,7 +54,8 @@ def test_backfill_recomputes_the_vector_the_pipeline_stored(clip: ClipEmbedder, 
     # What pending_items hands the backfill: the box unless the grounding fell back.
     item = ev.BackfillItem(1, "acme", 1, category, 1, "originals/x", None if result.fallback else list(result.box), "")
     backfill = ModelEmbedder(clip, lambda uri: stored, crop_padding=grounder.padding)
-    image_vectors, _ = backfill([item])
+    image_vectors, _, photo_vectors = backfill([item])
+    assert len(photo_vectors[0]) == 0  # no recorded photos: none written, the primary alone makes the vector
     np.testing.assert_allclose(image_vectors[0], pipeline_vector, rtol=1e-5, atol=1e-6)
 
     if not result.fallback:

@@ -24,24 +24,39 @@ embeddings_app = typer.Typer(help="Embedding model versions: list, compare, acti
 
 
 class ModelEmbedder:
-    """Embeds backfill items with a loaded clip wrapper: the listing's image cut exactly as the
-    pipeline cut it (its grounding box padded by ``crop_padding``, ``models.boxes.padded_crop_box``;
-    the whole photo where the grounding fell back) through the image tower, its stored visual text
-    through the text tower."""
+    """Embeds backfill items with a loaded clip wrapper as the pipeline did: every photo the
+    pipeline embedded for the listing, each cut exactly as it cut it (its grounding box padded by
+    ``crop_padding``, ``models.boxes.padded_crop_box``; the whole photo where the grounding fell back
+    or none was made) through the image tower; the product vector by the pipeline's own rule
+    (``models.batch.product_vector`` over the photos recorded as showing the product); its stored
+    visual text through the text tower. Returns (product vectors, text vectors, photo vectors)."""
 
     def __init__(self, clip: Any, read_bytes: Any, crop_padding: float) -> None:
         self.clip = clip
         self.read_bytes = read_bytes
         self.crop_padding = crop_padding
 
-    def __call__(self, items: Sequence[ev.BackfillItem]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, items: Sequence[ev.BackfillItem]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        from models.batch import product_vector
         from models.boxes import product_crop
         from models.images import decode_image
 
+        # A listing stored without photo rows: its primary photo alone, from the listing's own row.
+        photos = [it.photos or (ev.BackfillPhoto(it.image_id, 0, it.storage_uri, it.box, True, None, None),)
+                  for it in items]
         # Decoded as fetch decoded it (EXIF orientation applied: the stored box refers to that frame).
-        images = [product_crop(decode_image(self.read_bytes(item.storage_uri)).image, item.box, self.crop_padding)
-                  for item in items]
-        return self.clip.embed_images(images), self.clip.embed_texts([i.text_input for i in items])
+        crops = [product_crop(decode_image(self.read_bytes(p.storage_uri)).image, p.box, self.crop_padding)
+                 for ps in photos for p in ps]
+        vectors = self.clip.embed_images(crops) if crops else np.zeros((0, 0), dtype=np.float32)
+        per_item, start = [], 0
+        for ps in photos:
+            per_item.append(vectors[start:start + len(ps)])
+            start += len(ps)
+        products = np.stack([product_vector([v for v, p in zip(vs, ps) if p.on_product or p.position == 0])
+                             for vs, ps in zip(per_item, photos)]).astype(np.float32)
+        texts = self.clip.embed_texts([i.text_input for i in items])
+        # Photo vectors only for the photos the listing recorded (none for a listing without rows).
+        return products, texts, [vs if it.photos else vs[:0] for vs, it in zip(per_item, items)]
 
 
 def load_embedder(model: str, settings: Settings, profile: str = "pretrained") -> tuple[ev.VersionSpec, ev.EmbedBatch]:

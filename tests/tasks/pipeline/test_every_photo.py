@@ -16,9 +16,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import tenant_session
+from db import embedding_versions as ev
+from db.engine import admin_session, tenant_session
 from db.tables import Embedding, Grounding, Listing, PhotoEmbedding
 from models.batch import ModelItem, ModelResult
 from models.config import ModelConfig
@@ -32,7 +34,8 @@ from tasks.pipeline.model import model_stage
 from tasks.pipeline.persist import persist
 from tasks.pipeline.serving import ModelServer
 from tasks.runtime import Runtime
-from tests.conftest import WORKER_ROLE, as_role
+from tests.conftest import ADMIN_ROLE, WORKER_ROLE, as_role
+from workers.cli.embeddings import ModelEmbedder
 from tests.db.catalog_rows import add_model_version, add_tenant
 from tests.tasks.pipeline.test_superseded import FakeFetcher
 
@@ -110,6 +113,67 @@ def test_a_product_with_four_photos_uses_all_four(env: SimpleNamespace) -> None:
         expected = voting.mean(axis=0) / np.linalg.norm(voting.mean(axis=0))
         assert np.allclose(np.asarray(product.image_embedding, dtype=np.float64), expected, atol=1e-5)
         assert all(p.dims == 512 and abs(np.linalg.norm(np.asarray(p.embedding)) - 1) < 1e-4 for p in photos)
+
+
+def test_a_backfill_recomputes_every_photo_and_the_product_vector_the_pipeline_stored(
+        env: SimpleNamespace, bundle, db_session: Session) -> None:  # noqa: ANN001
+    """Blue/green seam: a new clip version backfilled beside the one the pipeline used must give
+    the same vectors when it is the same model (here: the same tiny weights under another revision),
+    for each photo and for the product (the mean of the photos recorded as showing it), and write
+    the photo rows the new version's searches and stage reuse read. As the maintenance role."""
+    listing_id = _enrich(env, "sku-bf", URLS[:4])
+    with as_role(db_session, ADMIN_ROLE):
+        with admin_session(env.factory) as s:
+            info = bundle.embedder.version()
+            new_id = ev.register_version(s, ev.VersionSpec(info.name, "same-weights", 512, "tiny", True))
+            [item] = [it for it in ev.pending_items(s, new_id) if it.listing_id == listing_id]
+            # Recorded as the zero-shot check might have decided (random weights decide at random):
+            # the third photo does not show the product, so it keeps its row but stays out of the mean.
+            s.execute(text("UPDATE photo_embeddings SET on_product = (position <> 2) WHERE listing_id = :l"),
+                      {"l": listing_id})
+        assert [p.position for p in item.photos] == [0, 1, 2, 3]
+        embed = ModelEmbedder(bundle.embedder, env.runtime.blobs.get, bundle.grounder.padding)
+        report = ev.run_backfill(env.factory, new_id, embed)
+        assert report.written >= 1
+        assert ev.run_backfill(env.factory, new_id, embed).written == 0  # the second run converges
+        with admin_session(env.factory) as s:
+            rows = {(p.model_version_id, p.position): p for p in
+                    s.query(PhotoEmbedding).filter_by(listing_id=listing_id)}
+            products = {e.model_version_id: e for e in s.query(Embedding).filter_by(listing_id=listing_id)}
+    [active] = set(products) - {new_id}  # the clip version the pipeline served
+    assert sorted(pos for v, pos in rows if v == new_id) == [0, 1, 2, 3]
+    for pos in range(4):
+        old, new = rows[(active, pos)], rows[(new_id, pos)]
+        assert (new.image_id, new.grounding_id, new.product_probability) == (old.image_id, old.grounding_id,
+                                                                            old.product_probability)
+        assert new.on_product == (pos != 2)
+        np.testing.assert_allclose(np.asarray(new.embedding), np.asarray(old.embedding), atol=1e-5)
+    # The backfill averages the three recorded as shown, whatever the new model would say of them.
+    shown = np.stack([np.asarray(rows[(active, pos)].embedding, dtype=np.float64) for pos in (0, 1, 3)])
+    expected = shown.mean(axis=0) / np.linalg.norm(shown.mean(axis=0))
+    np.testing.assert_allclose(np.asarray(products[new_id].image_embedding), expected, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(products[new_id].text_embedding),
+                               np.asarray(products[active].text_embedding), atol=1e-5)
+    assert products[new_id].text_input == products[active].text_input
+
+
+def test_a_backfill_matches_the_stored_product_vector_when_every_photo_shows_it(
+        env: SimpleNamespace, bundle, db_session: Session) -> None:  # noqa: ANN001
+    listing_id = _enrich(env, "sku-bf2", URLS[:3])
+    with as_role(db_session, ADMIN_ROLE):
+        with admin_session(env.factory) as s:
+            info = bundle.embedder.version()
+            new_id = ev.register_version(s, ev.VersionSpec(info.name, "same-weights-2", 512, "tiny", True))
+            shown = [p.on_product for p in s.query(PhotoEmbedding).filter_by(listing_id=listing_id)]
+        ev.run_backfill(env.factory, new_id, ModelEmbedder(bundle.embedder, env.runtime.blobs.get,
+                                                           bundle.grounder.padding))
+        with admin_session(env.factory) as s:
+            products = {e.model_version_id: e for e in s.query(Embedding).filter_by(listing_id=listing_id)}
+    [active] = set(products) - {new_id}
+    assert len(shown) == 3
+    # Whatever the zero-shot check decided, the backfill averages the same photos: the same vector.
+    np.testing.assert_allclose(np.asarray(products[new_id].image_embedding),
+                               np.asarray(products[active].image_embedding), atol=1e-5)
 
 
 def test_photos_beyond_the_limit_are_not_read_and_a_different_photo_set_is_not_a_relisting(env: SimpleNamespace) -> None:
