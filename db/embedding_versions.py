@@ -415,10 +415,23 @@ def compare(session: Session, version_id: int, *, k: int = 10, queries: int = 10
     return result
 
 
+def gate_refusal(params: dict[str, Any] | None, metrics: dict[str, Any] | None) -> str | None:
+    """Why a clip version trained here (its params name the dataset it was fine-tuned on) may not
+    serve yet: its gate decision is missing or a refusal; None when it may (a gate-approved
+    candidate, or a model that was not trained here, e.g. a new pretrained architecture)."""
+    if (params or {}).get("dataset") is None:
+        return None
+    gate = (metrics or {}).get("gate") or {}
+    if gate.get("promoted"):
+        return None
+    return "; ".join(gate.get("reasons") or []) or "no gate decision yet (`enrich retrain promote`)"
+
+
 def activate(session: Session, version_id: int, *, force: bool = False) -> int | None:
     """Make ``version_id`` the active clip version in the caller's transaction; returns the old id.
 
-    Refuses below 100 % coverage or without its dimension index unless ``force``. Never, not even
+    Refuses below 100 % coverage, without its dimension index, or (a version fine-tuned here)
+    without a passing gate decision, unless ``force``. Never, not even
     with ``force``, activates a version that covers none of the listings while listings exist
     (every similarity search would return nothing); on an empty catalog any version may become
     active (the very first one), provided the transaction sees every tenant (an empty catalog is
@@ -443,6 +456,11 @@ def activate(session: Session, version_id: int, *, force: bool = False) -> int |
                            "sees every tenant, so an empty catalog cannot be told from hidden rows; run it as "
                            "the maintenance role (db.engine.admin_session, ENRICH_DB__ADMIN_ROLE)")
     if not force:
+        params = session.execute(text("SELECT params FROM model_versions WHERE id = :id"),
+                                 {"id": version_id}).scalar_one()
+        if (why := gate_refusal(params, version.metrics)) is not None:
+            raise VersionError(f"clip version {version_id} has not passed the embedder gate: {why}; "
+                               "pass --force to activate it anyway")
         if cov.embedded < cov.target:
             raise VersionError(f"clip version {version_id} covers {cov.embedded}/{cov.target} listings "
                                f"({cov.ratio:.1%}); finish the backfill or pass --force")

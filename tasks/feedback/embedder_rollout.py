@@ -40,9 +40,7 @@ class RolloutResult:
 def check_approved(row: Any) -> None:
     if row is None or row.kind != ModelKind.clip.value:
         raise RolloutRefused("only clip versions are rolled out this way")
-    gate = (row.metrics or {}).get("gate")
-    if (row.params or {}).get("dataset") is not None and not (gate or {}).get("promoted"):
-        why = "; ".join((gate or {}).get("reasons") or []) or "no gate decision yet (`enrich retrain promote`)"
+    if (why := ev.gate_refusal(row.params, row.metrics)) is not None:
         raise RolloutRefused(f"clip version {row.id} has not passed the gate: {why}")
 
 

@@ -8,6 +8,7 @@ HNSW index DDL runs as the table owner (the test's superuser connection, ``as_ro
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 
@@ -256,3 +257,48 @@ def test_the_owner_without_the_admin_role_sees_no_listings(db_session, catalog) 
     with as_role(db_session, ADMIN_ROLE):
         report = ev.run_backfill(_factory(db_session), new_id, embedder, batch_size=60)
         assert report.written == 120 and report.coverage == ev.Coverage(120, 120, 120)
+
+
+def test_activate_refuses_a_fine_tuned_candidate_until_its_gate_passed(admin_db_session, catalog) -> None:  # noqa: ANN001
+    """``enrich embeddings activate`` applies the rollout's gate rule: a version trained here
+    (params name its dataset) serves only after a passing gate decision, or with --force."""
+    db_session = admin_db_session
+    ids, vectors, pids = catalog
+    embedder = ProjectingEmbedder(dict(zip(pids, vectors, strict=True)), NEW_DIMS)
+    with admin_session(_factory(db_session)) as s:
+        new_id = ev.register_version(s, ev.VersionSpec("clip-ft", "r1", NEW_DIMS, "tiny", True,
+                                                       params={"dataset": "datasets/embedder/1"}))
+    with as_role(db_session, None):
+        vector_indexes.ensure_dimension_index(db_session, NEW_DIMS)
+    assert ev.run_backfill(_factory(db_session), new_id, embedder).coverage.ratio == 1.0
+
+    def set_gate(gate: dict | None) -> None:
+        db_session.execute(text("UPDATE model_versions SET metrics = metrics || CAST(:m AS jsonb) WHERE id = :id"),
+                           {"id": new_id, "m": json.dumps({"gate": gate})})
+
+    with admin_session(_factory(db_session)) as s:
+        with pytest.raises(ev.VersionError, match=r"not passed the embedder gate: no gate decision yet"):
+            ev.activate(s, new_id)
+    set_gate({"promoted": False, "reasons": ["image MRR 0.41 < active 0.44 + margin"]})
+    with admin_session(_factory(db_session)) as s:
+        with pytest.raises(ev.VersionError, match=r"image MRR 0\.41 < active"):
+            ev.activate(s, new_id)
+        assert ev.active_version_id(s) == ids["clip"]  # nothing switched
+    set_gate({"promoted": True, "reasons": []})
+    with admin_session(_factory(db_session)) as s:
+        assert ev.activate(s, new_id) == ids["clip"]
+    # The rule is one function, shared with the rollout: a pretrained model is never gated here.
+    assert ev.gate_refusal({"ref": "ViT-L-14/laion2b"}, {}) is None
+    assert ev.gate_refusal({"dataset": "d"}, {"gate": {"promoted": False, "reasons": ["a", "b"]}}) == "a; b"
+
+
+def test_activate_force_overrides_a_refused_gate(admin_db_session, catalog) -> None:  # noqa: ANN001
+    db_session = admin_db_session
+    ids, vectors, pids = catalog
+    embedder = ProjectingEmbedder(dict(zip(pids, vectors, strict=True)), NEW_DIMS)
+    with admin_session(_factory(db_session)) as s:
+        new_id = ev.register_version(s, ev.VersionSpec("clip-ft2", "r1", NEW_DIMS, "tiny", True,
+                                                       params={"dataset": "datasets/embedder/2"}))
+    ev.run_backfill(_factory(db_session), new_id, embedder)
+    with admin_session(_factory(db_session)) as s:
+        assert ev.activate(s, new_id, force=True) == ids["clip"]

@@ -180,8 +180,9 @@ def compare(version_id: int = typer.Argument(..., help="Clip model version id (s
 
 @embeddings_app.command("activate")
 def activate(version_id: int = typer.Argument(...),
-             force: bool = typer.Option(False, "--force", help="Activate below 100% coverage / without index "
-                                        "(never a version that covers no listing).")) -> None:
+             force: bool = typer.Option(False, "--force", help="Activate below 100% coverage, without index, or a "
+                                        "fine-tuned candidate without a passing gate decision (never a version "
+                                        "that covers no listing).")) -> None:
     """Switch SQL searches to this version, atomically (one transaction)."""
     with one_line_errors():
         try:
