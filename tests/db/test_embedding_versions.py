@@ -259,18 +259,25 @@ def test_the_owner_without_the_admin_role_sees_no_listings(db_session, catalog) 
         assert report.written == 120 and report.coverage == ev.Coverage(120, 120, 120)
 
 
+def _backfilled_fine_tuned(db_session: Session, catalog, name: str) -> int:  # noqa: ANN001
+    """A clip version as the embedder loop registers one (params name its dataset), backfilled."""
+    _, vectors, pids = catalog
+    with admin_session(_factory(db_session)) as s:
+        new_id = ev.register_version(s, ev.VersionSpec(name, "r1", NEW_DIMS, "tiny", True,
+                                                       params={"dataset": f"datasets/embedder/{name}"}))
+    embedder = ProjectingEmbedder(dict(zip(pids, vectors, strict=True)), NEW_DIMS)
+    assert ev.run_backfill(_factory(db_session), new_id, embedder).coverage.ratio == 1.0
+    return new_id
+
+
 def test_activate_refuses_a_fine_tuned_candidate_until_its_gate_passed(admin_db_session, catalog) -> None:  # noqa: ANN001
     """``enrich embeddings activate`` applies the rollout's gate rule: a version trained here
     (params name its dataset) serves only after a passing gate decision, or with --force."""
     db_session = admin_db_session
-    ids, vectors, pids = catalog
-    embedder = ProjectingEmbedder(dict(zip(pids, vectors, strict=True)), NEW_DIMS)
-    with admin_session(_factory(db_session)) as s:
-        new_id = ev.register_version(s, ev.VersionSpec("clip-ft", "r1", NEW_DIMS, "tiny", True,
-                                                       params={"dataset": "datasets/embedder/1"}))
+    ids = catalog[0]
     with as_role(db_session, None):
         vector_indexes.ensure_dimension_index(db_session, NEW_DIMS)
-    assert ev.run_backfill(_factory(db_session), new_id, embedder).coverage.ratio == 1.0
+    new_id = _backfilled_fine_tuned(db_session, catalog, "clip-ft")
 
     def set_gate(gate: dict | None) -> None:
         db_session.execute(text("UPDATE model_versions SET metrics = metrics || CAST(:m AS jsonb) WHERE id = :id"),
@@ -294,11 +301,7 @@ def test_activate_refuses_a_fine_tuned_candidate_until_its_gate_passed(admin_db_
 
 def test_activate_force_overrides_a_refused_gate(admin_db_session, catalog) -> None:  # noqa: ANN001
     db_session = admin_db_session
-    ids, vectors, pids = catalog
-    embedder = ProjectingEmbedder(dict(zip(pids, vectors, strict=True)), NEW_DIMS)
-    with admin_session(_factory(db_session)) as s:
-        new_id = ev.register_version(s, ev.VersionSpec("clip-ft2", "r1", NEW_DIMS, "tiny", True,
-                                                       params={"dataset": "datasets/embedder/2"}))
-    ev.run_backfill(_factory(db_session), new_id, embedder)
+    ids = catalog[0]
+    new_id = _backfilled_fine_tuned(db_session, catalog, "clip-ft2")
     with admin_session(_factory(db_session)) as s:
         assert ev.activate(s, new_id, force=True) == ids["clip"]
