@@ -32,6 +32,7 @@ from models.images import decode_image
 from tasks import faults
 from tasks.pipeline import decisions, dedup_features, jobs
 from tasks.errors import ErrorCode, PipelineError
+from tasks.pipeline.policy import generates_listing
 from tasks.pipeline.reuse import reuse_key, with_photos
 from tasks.pipeline.work import Claims, DuplicateFound, EnrichRequest, FetchedImages
 from tasks.runtime import Runtime
@@ -203,6 +204,10 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
         key = reuse_key(category=product.category, title=product.title, description=product.description,
                         attributes=dict(product.attributes), locale=product.locale,
                         unknown_category=runtime.unknown_category)
+        # Reuse copies a generated listing: only a product whose policy generates one may take it
+        # (the others get their own policy's record from the model stage, however alike the inputs).
+        if not generates_listing(runtime.enrichment.resolve(tenant_id, product.category, request.stages_hint)):
+            key = None
     faults.hit("fetch.claimed", external_id=external_id, job_id=job_id)
 
     stored = _describe_all(runtime, job_id, tenant_id, _fetch_all(runtime, request, tenant_id, merchant_id))

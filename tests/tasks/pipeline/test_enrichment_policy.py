@@ -273,3 +273,28 @@ def test_the_coverage_view_counts_only_a_policy_record_of_the_active_clip(env: S
     with system_session(env.factory) as session:
         assert [(p.external_id, p.reason.value) for p in find_incomplete_products(session)] == [
             ("sku-c", "missing_listing")]
+
+
+def test_a_generated_listing_is_copied_only_to_a_product_whose_policy_generates_one(env: SimpleNamespace) -> None:
+    """Reuse copies a generated listing (same photo, same inputs, same models). A product whose
+    policy generates none must get its own policy's record, not a copy of someone else's listing."""
+    from tasks.pipeline.jobs import Stage
+
+    full = _run(env, _accept(env, FULL, "sku-r1", URLS[2:3]))
+    lite_job = _accept(env, FULL, "sku-r2", URLS[2:3], stages=EMBEDDINGS_ONLY)
+    assert fetch_and_dedup(env.runtime, lite_job, f"fetch-{lite_job}").next_stage == Stage.model  # not persist
+    assert model_stage(env.runtime, lite_job, f"model-{lite_job}") is True
+    lite = persist(env.runtime, lite_job, f"persist-{lite_job}")
+    assert env.batcher.items[-1].stages == frozenset(EMBEDDINGS_ONLY)
+    with tenant_session(env.factory, FULL) as session:
+        record = session.get(Listing, lite)
+        assert record is not None and record.model_versions.get("policy") == "dedup+embeddings"
+        assert "reused_from_listing_id" not in record.model_versions
+    # The same inputs under the full policy still copy the first listing: no model work.
+    copy_job = _accept(env, FULL, "sku-r3", URLS[2:3])
+    assert fetch_and_dedup(env.runtime, copy_job, f"fetch-{copy_job}").next_stage == Stage.persist
+    copy = persist(env.runtime, copy_job, f"persist-{copy_job}")
+    with tenant_session(env.factory, FULL) as session:
+        listing = session.get(Listing, copy)
+        assert listing is not None and listing.model_versions["reused_from_listing_id"] == full
+    assert [e["event_type"] for e in _events(env, FULL)] == ["listing.enriched", "product.indexed", "listing.enriched"]
