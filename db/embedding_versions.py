@@ -215,20 +215,22 @@ def coverage(session: Session, version_id: int) -> Coverage:
 def pending_items(session: Session, version_id: int, *, after_listing_id: int = 0,
                   limit: int = 256) -> list[BackfillItem]:
     """Target listings that lack ``version_id``, in listing-id order after a cursor, each with the
-    text and the photos the pipeline embedded for it, read from the active clip version's rows where
-    it has them, else from the newest version's (``recorded_photos``)."""
+    text and the photos the pipeline embedded for it, both read from one version: the active clip
+    version where it embedded the listing, else the newest that did (``recorded_photos``)."""
     rows = session.execute(
         text(f"""
             WITH targets AS ({_TARGETS})
             SELECT l.id, l.tenant_id, l.product_id, l.category, l.image_id, i.storage_uri,
                    CASE WHEN g.fallback THEN NULL ELSE g.box END AS box,
-                   coalesce((SELECT ae.text_input FROM embeddings ae
-                             JOIN model_versions mv ON mv.id = ae.model_version_id
-                             WHERE ae.listing_id = l.id
-                             ORDER BY (mv.status = 'active') DESC, ae.model_version_id DESC LIMIT 1),
-                            l.content ->> 'title', '') AS text_input
+                   coalesce(src.text_input, l.content ->> 'title', '') AS text_input, src.version_id
             FROM targets t
             JOIN listings l ON l.id = t.listing_id
+            -- What the pipeline recorded, from one version: the active one where it embedded the
+            -- listing, else the newest that did (text here, photos in recorded_photos).
+            LEFT JOIN LATERAL (SELECT ae.text_input, ae.model_version_id AS version_id FROM embeddings ae
+                               JOIN model_versions mv ON mv.id = ae.model_version_id
+                               WHERE ae.listing_id = l.id
+                               ORDER BY (mv.status = 'active') DESC, ae.model_version_id DESC LIMIT 1) src ON true
             JOIN images i ON i.id = l.image_id
             LEFT JOIN groundings g ON g.id = l.grounding_id
             WHERE l.id > :after
@@ -238,33 +240,29 @@ def pending_items(session: Session, version_id: int, *, after_listing_id: int = 
         """),
         {"v": version_id, "after": after_listing_id, "limit": limit},
     )
-    items = [BackfillItem(*r) for r in rows]
-    photos = recorded_photos(session, [it.listing_id for it in items])
+    rows = rows.all()
+    items = [BackfillItem(*r[:-1]) for r in rows]
+    photos = recorded_photos(session, {r.id: r.version_id for r in rows if r.version_id is not None})
     return [replace(it, photos=photos.get(it.listing_id, ())) for it in items]
 
 
-def recorded_photos(session: Session, listing_ids: list[int]) -> dict[int, tuple[BackfillPhoto, ...]]:
-    """Each listing's photos as the pipeline recorded them, one query for a batch: the rows of the
-    active clip version where it has them, else of the newest version that has them."""
-    if not listing_ids:
+def recorded_photos(session: Session, sources: dict[int, int]) -> dict[int, tuple[BackfillPhoto, ...]]:
+    """Each listing's photos as the pipeline recorded them under its source clip version
+    (``{listing id: version id}``, as ``pending_items`` picks it), one query for a batch."""
+    if not sources:
         return {}
     rows = session.execute(
         text("""
-            WITH source AS (
-                SELECT DISTINCT ON (pe.listing_id) pe.listing_id, pe.model_version_id
-                FROM photo_embeddings pe JOIN model_versions mv ON mv.id = pe.model_version_id
-                WHERE pe.listing_id = ANY(:ids)
-                ORDER BY pe.listing_id, (mv.status = 'active') DESC, pe.model_version_id DESC)
             SELECT pe.listing_id, pe.image_id, pe.position, i.storage_uri,
                    CASE WHEN g.fallback THEN NULL ELSE g.box END AS box,
                    pe.on_product, pe.product_probability, pe.grounding_id
-            FROM source s
-            JOIN photo_embeddings pe ON pe.listing_id = s.listing_id AND pe.model_version_id = s.model_version_id
+            FROM unnest(CAST(:listings AS bigint[]), CAST(:versions AS bigint[])) AS s(listing_id, version_id)
+            JOIN photo_embeddings pe ON pe.listing_id = s.listing_id AND pe.model_version_id = s.version_id
             JOIN images i ON i.id = pe.image_id
             LEFT JOIN groundings g ON g.id = pe.grounding_id
             ORDER BY pe.listing_id, pe.position
         """),
-        {"ids": listing_ids},
+        {"listings": list(sources), "versions": list(sources.values())},
     )
     out: dict[int, list[BackfillPhoto]] = {}
     for r in rows:
