@@ -241,6 +241,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--bare-only", action="store_true", help=argparse.SUPPRESS)  # one bare run, JSON out
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.bare_only:
         import torch  # loaded first, so that the limit below reaches it (as the worker's model build does)
 
