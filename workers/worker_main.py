@@ -53,11 +53,12 @@ def run_worker(queues: list[str], *, device: str | None, concurrency: int | None
 
 def worker_pool(*, gpu: bool, batch_size: int, concurrency: int | None) -> tuple[str, int]:
     """(Celery pool, concurrency) of a worker. GPU: one process, a thread per in-flight product
-    (prefetch 1 each) feeding one micro-batcher, one batch's worth of threads (two batches' worth,
-    so the next batch is queued while one runs, measured no faster: ``bench_pipeline.py
-    --gpu-concurrency``). CPU: two prefork processes. ``concurrency`` overrides the size."""
+    (prefetch 1 each) feeding one micro-batcher, two batches' worth of threads, so the next batch is
+    claimed, decoded and queued while one runs (with one batch's worth the model thread sat idle
+    about 0.2 s between batches: README, "GPU workers: pool and CUDA"). CPU: two prefork
+    processes. ``concurrency`` overrides the size."""
     if gpu:
-        return "threads", concurrency or batch_size
+        return "threads", concurrency or 2 * batch_size
     return "prefork", concurrency or 2
 
 

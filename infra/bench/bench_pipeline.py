@@ -12,7 +12,9 @@ What the orchestration costs, per product, over the timed run (warm-up excluded)
   product at the same thread budget): the difference is the cost outside the models;
 * database transactions (``pg_stat_database`` commits + rollbacks of the catalog database);
 * broker messages: Celery task messages the workers executed (their ``succeeded``/``retry``/
-  ``raised`` log lines, by task), plus the product event in and the listing event out.
+  ``raised`` log lines, by task), plus the product event in and the listing event out;
+* the gpu worker's model thread, from its ``batch.done`` lines: batches and their mean size, the
+  share of the window it spent inside a batch, and its idle time between batches.
 
     .venv/bin/python infra/bench/bench_pipeline.py --n 64 --batch-size 8 --profile tiny
     .venv/bin/python infra/bench/bench_pipeline.py --n 32 --profile random-full --device cuda   # on a GPU
@@ -135,6 +137,7 @@ def transactions(engine) -> int:
 
 
 _TASK_LINE = re.compile(r"Task (\S+)\[[0-9a-f-]+\] (succeeded|retry|raised)")
+_BATCH_LINE = re.compile(r"^(\S+)Z .*batch\.done .*size=(\d+) took_ms=([\d.]+)", re.M)
 
 
 def task_messages(data_dir: Path) -> dict[str, int]:
@@ -144,6 +147,27 @@ def task_messages(data_dir: Path) -> dict[str, int]:
         for m in _TASK_LINE.finditer(log.read_text(errors="replace")):
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
+
+
+def model_thread(data_dir: Path, start: float, end: float) -> dict[str, object]:
+    """The gpu worker's model thread over a window (wall-clock seconds), from its ``batch.done``
+    lines: batches, their mean size, the share of the window spent inside a batch, and the idle
+    time between consecutive batches (what the thread waited for its next batch to fill)."""
+    from datetime import UTC, datetime
+
+    runs = []
+    for log in data_dir.glob("worker-gpu*.log"):
+        for m in _BATCH_LINE.finditer(log.read_text(errors="replace")):
+            done = datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC).timestamp()
+            took = float(m.group(3)) / 1000
+            if start <= done - took and done <= end:
+                runs.append((done - took, done, int(m.group(2))))
+    runs.sort()
+    gaps = [b[0] - a[1] for a, b in zip(runs, runs[1:])]
+    return {"batches": len(runs), "mean_batch_size": round(sum(r[2] for r in runs) / max(1, len(runs)), 2),
+            "busy_share": round(sum(r[1] - r[0] for r in runs) / max(1e-9, end - start), 3),
+            "gap_ms_p50": round(statistics.median(gaps) * 1000, 1) if gaps else None,
+            "gap_ms_total": round(sum(gaps) * 1000, 1)}
 
 
 def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, str]], *,  # noqa: ANN001
@@ -156,7 +180,7 @@ def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, 
 
     cpu0, xact0, tasks0 = meter.sample(), transactions(engine), task_messages(tmp)
     sent: dict[str, float] = {}
-    start = time.monotonic()
+    start, wall_start = time.monotonic(), time.time()
     for i, (path, cat) in enumerate(items):
         p = product_event_payload(tenant_id=tenant, merchant_id="m", external_id=f"p{i}", version=1,
                                   category=cat, image_urls=[path.as_uri()], title=f"{cat} {i}",
@@ -178,12 +202,13 @@ def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, 
             seen.add(cid)
             latencies.append(time.monotonic() - sent[cid])
     conn.close()
-    elapsed = time.monotonic() - start
+    elapsed, wall_end = time.monotonic() - start, time.time()
     time.sleep(2)  # the last relay and acks
     cpu1, xact1, tasks1 = meter.sample(), transactions(engine), task_messages(tmp)
     return {"seen": len(seen), "elapsed": elapsed, "latencies": latencies,
             "cpu_s": {role: cpu1[role] - cpu0[role] for role in cpu0}, "transactions": xact1 - xact0,
-            "tasks": {name: tasks1.get(name, 0) - tasks0.get(name, 0) for name in tasks1}}
+            "tasks": {name: tasks1.get(name, 0) - tasks0.get(name, 0) for name in tasks1},
+            "model_thread": model_thread(tmp, wall_start, wall_end)}
 
 
 def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int) -> dict[str, object]:
@@ -221,7 +246,8 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
             "db_transactions_per_product": round(r["transactions"] / done, 2),
             "task_messages_per_product": round(task_total / done, 2),
             "broker_messages_per_product": round(task_total / done + 2, 2),
-            "task_messages_by_name": {k: v for k, v in sorted(r["tasks"].items()) if v}}
+            "task_messages_by_name": {k: v for k, v in sorted(r["tasks"].items()) if v},
+            "model_thread": r["model_thread"]}
 
 
 def main() -> None:
@@ -235,7 +261,7 @@ def main() -> None:
     ap.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the worker processes (e.g. a profiler on PYTHONPATH)")
     ap.add_argument("--gpu-concurrency", type=int, default=None,
-                    help="threads of the gpu worker (default: the worker's own, one batch's worth)")
+                    help="threads of the gpu worker (default: the worker's own, two batches' worth)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="timed windows, each for a fresh tenant and followed by its own bare runs; the median round is printed")
     ap.add_argument("--out", type=Path)
@@ -311,6 +337,7 @@ def main() -> None:
     result["ratio_to_bare_model_all_cores_by_round"] = [r["ratio_to_bare_model_all_cores"] for r in summaries]
     result["events_per_s_by_round"] = [r["events_per_s"] for r in summaries]
     result["bare_model_items_per_s_by_round"] = [r["bare_model_items_per_s"] for r in summaries]
+    result["model_thread_busy_share_by_round"] = [r["model_thread"]["busy_share"] for r in summaries]
     print(f"{'metric':28} value")
     for k, v in result.items():
         print(f"{k:28} {v}")

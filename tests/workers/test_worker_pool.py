@@ -5,9 +5,9 @@ from __future__ import annotations
 from workers.worker_main import worker_pool
 
 
-def test_a_gpu_worker_holds_one_batch_of_products_in_flight() -> None:
-    assert worker_pool(gpu=True, batch_size=8, concurrency=None) == ("threads", 8)
-    assert worker_pool(gpu=True, batch_size=32, concurrency=None) == ("threads", 32)
+def test_a_gpu_worker_holds_two_batches_of_products_in_flight() -> None:
+    assert worker_pool(gpu=True, batch_size=8, concurrency=None) == ("threads", 16)
+    assert worker_pool(gpu=True, batch_size=32, concurrency=None) == ("threads", 64)
 
 
 def test_cpu_workers_fork_and_an_explicit_concurrency_wins() -> None:
