@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import datetime
 
 import pytest
 
@@ -59,6 +60,4 @@ def _gap_between_first_batches(log: str) -> float:
 
 
 def _ts(line: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(line[:26]).timestamp()
