@@ -32,6 +32,7 @@ class ModelConfig:
     verify_margin: float = 0.05
     conflict_margin: float = 0.5
     max_new_tokens: int = 1024
+    grammar_threads: int = 0  # 0: one per available core (models.constrained.MaskFiller)
     seed: int = 0
     # Per-kind exceptions to ``profile``: a registry version names its own (e.g. a candidate tuned
     # from the tiny VLM is loaded from its directory, profile "pretrained", beside tiny detectors).

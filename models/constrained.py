@@ -27,6 +27,7 @@ Here one rule, ``listing_char`` (see ``STRING_ESCAPES``), is the character of ev
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -243,12 +244,53 @@ def worst_case_chars(json_schema: Mapping[str, Any]) -> int:
     return 2 + pairs + len(SEPARATORS[0]) * max(0, len(props) - 1)
 
 
+def mask_fill_threads(configured: int) -> int:
+    """The mask filler's thread count: ``configured``, or with 0 every core this process may use."""
+    if configured:
+        return configured
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class MaskFiller:
+    """Fills the token bitmask of a batch's rows at one decoding step: with more than one thread,
+    all live rows at once on xgrammar's native batch matcher (its own threads); with one, row by
+    row on the calling thread. The rows' masks are independent, so both give the same bits; on the
+    tiny profile the fill is about half the model thread's time, and doing the rows in parallel
+    raised batch throughput (README, "Grammar masks in parallel")."""
+
+    def __init__(self, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"mask filler threads must be at least 1, got {threads}")
+        self.threads = threads
+        self._batch = xgr.BatchGrammarMatcher(max_threads=threads) if threads > 1 else None
+        self._lock = threading.Lock()  # one batch matcher; a generator may be shared by threads
+
+    def fill(self, matchers: Sequence[xgr.GrammarMatcher], bitmask: torch.Tensor) -> None:
+        live = []
+        for row, matcher in enumerate(matchers):
+            if matcher.is_terminated():
+                bitmask[row].fill_(-1)  # finished row: generate() pads it anyway
+            else:
+                live.append(row)
+        if self._batch is not None and len(live) > 1:
+            with self._lock:
+                self._batch.batch_fill_next_token_bitmask([matchers[r] for r in live], bitmask, indices=live)
+            return
+        for row in live:
+            matchers[row].fill_next_token_bitmask(bitmask, row)
+
+
 class GrammarCache:
     """One compiled grammar per (schema_id, part), shared by all rows and calls (compilation is the
-    slow part). ``part``: the whole listing, or one generation phase (``categories.part_schema``)."""
+    slow part). ``part``: the whole listing, or one generation phase (``categories.part_schema``).
+    ``filler`` fills the masks of the rows decoded with these grammars."""
 
-    def __init__(self, vocab: GrammarVocab) -> None:
+    def __init__(self, vocab: GrammarVocab, *, fill_threads: int = 1) -> None:
         self.vocab = vocab
+        self.filler = MaskFiller(fill_threads)
         self._compiler = xgr.GrammarCompiler(vocab.info)
         self._compiled: dict[tuple[str, str], xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
@@ -284,9 +326,10 @@ class SchemaLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, matchers: list[xgr.GrammarMatcher], vocab: GrammarVocab, *, closing: bool = False,
-                 bans: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+                 bans: Sequence[Sequence[Sequence[int]]] | None = None, filler: MaskFiller | None = None) -> None:
         self.matchers = matchers
         self.vocab = vocab
+        self.filler = filler or MaskFiller()
         self.vocab_size = vocab.vocab_size
         self.bitmask = xgr.allocate_token_bitmask(len(matchers), vocab.vocab_size)
         self.closing = closing
@@ -306,11 +349,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
             for matcher, token in zip(self.matchers, last):
                 if not matcher.is_terminated() and not matcher.accept_token(token):
                     raise ModelError("decoder produced a token outside the grammar mask")
-        for row, matcher in enumerate(self.matchers):
-            if matcher.is_terminated():
-                self.bitmask[row].fill_(-1)  # finished row: generate() pads it anyway
-            else:
-                matcher.fill_next_token_bitmask(self.bitmask, row)
+        self.filler.fill(self.matchers, self.bitmask)
         self.vocab.mask(self.bitmask)
         if self.closing:
             for row in range(len(self.matchers)):

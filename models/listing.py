@@ -35,6 +35,7 @@ from models.constrained import (
     forced_fields,
     replay,
     grammar_vocab,
+    mask_fill_threads,
     worst_case_chars,
 )
 from models.devices import halve_on_oom, select_device
@@ -124,6 +125,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         cache_dir: Path | str | None = None,
         s3_endpoint_url: str | None = None,
         max_new_tokens: int | None = None,
+        grammar_threads: int | None = None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -139,6 +141,8 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         self.cache_dir = Path(cache) if cache else None
         self.s3_endpoint_url = s3_endpoint_url or _config_value(config, "s3_endpoint_url", None)
         self.max_new_tokens = int(max_new_tokens or _config_value(config, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+        self.grammar_threads = mask_fill_threads(int(
+            grammar_threads if grammar_threads is not None else _config_value(config, "grammar_threads", 0)))
         self.seed = int(seed if seed is not None else _config_value(config, "seed", 0))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model: Any = None
@@ -164,7 +168,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         tokenizer.padding_side = "left"  # generation appends on the right; prompts must end aligned
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self._grammars = GrammarCache(self._grammar_vocab())
+        self._grammars = GrammarCache(self._grammar_vocab(), fill_threads=self.grammar_threads)
 
     def _load_pretrained(self) -> tuple[Any, Any]:
         # A hub id passes through unchanged; s3:// is mirrored to the cache; a missing path raises.
@@ -272,11 +276,13 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
 
     def _decode(self, inputs: dict[str, torch.Tensor], matchers: list[Any], bans: list[list[list[int]]],
                 max_new: int, closing: bool) -> list[list[int]]:
-        vocab = self._grammars.vocab  # type: ignore[union-attr]
-        processor = SchemaLogitsProcessor(matchers, vocab, closing=closing, bans=bans)
+        grammars = self._grammars
+        assert grammars is not None
+        processor = SchemaLogitsProcessor(matchers, grammars.vocab, closing=closing, bans=bans,
+                                          filler=grammars.filler)
         gen_config = GenerationConfig(
             max_new_tokens=max_new, do_sample=False, num_beams=1,
-            eos_token_id=list(vocab.stop_token_ids), pad_token_id=self.processor.tokenizer.pad_token_id,
+            eos_token_id=list(grammars.vocab.stop_token_ids), pad_token_id=self.processor.tokenizer.pad_token_id,
         )
         with torch.inference_mode():
             sequences = self.model.generate(**inputs, generation_config=gen_config,

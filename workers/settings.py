@@ -176,6 +176,9 @@ class ModelSettings(BaseModel):
     max_new_tokens: int = Field(1024, ge=16, description=(
         "Ceiling of one generation phase's token budget (attributes, then text); each phase's budget is its "
         "schema's worst case below it. Fields finished past the budget are flagged forced."))
+    grammar_threads: int = Field(0, ge=0, description=(
+        "Native threads that fill the grammar masks of a batch's rows in parallel at each decoding step "
+        "(0 = one per core this process may use; 1 = row by row on the model thread)."))
     unknown_category: str = Field("generic", description="'generic' (use the generic schema) or 'reject' (unsupported_category).")
     pinned: list[str] = Field(default_factory=list, description=(
         "GPU workers: model kinds (detector, vlm, clip) served from this worker's own settings instead of the "

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import xgrammar as xgr
 from PIL import Image
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from models.categories import CATEGORIES, CategorySchema
-from models.constrained import SchemaLogitsProcessor, finish_row
+from models.constrained import MaskFiller, SchemaLogitsProcessor, finish_row
 from models.listing import ListingGenerator, ListingRequest, PhaseOutput
 from models.prompting import build_attribute_prompt
 
@@ -225,3 +226,78 @@ def test_listings_and_every_admitted_escape_are_accepted_by_postgres_jsonb(
     back = db_session.execute(text("SELECT n, raw, obj FROM listing_docs ORDER BY n")).all()
     assert [(r.raw, r.obj) for r in back] == [(json.loads(d), json.loads(d)) for d in docs]
     assert any("\\" in d for d in docs)
+
+
+# --- the masks of a batch's rows, filled in parallel ---------------------------------------------
+
+
+def test_the_parallel_mask_filler_sets_the_same_bits_as_the_row_by_row_fill(generator: ListingGenerator) -> None:
+    """Six rows under six schemas walk the grammar on seeded random allowed tokens; at every step
+    the batch matcher's mask (two threads) equals the row-by-row one bit for bit, finished rows
+    included (all ones, as generate() pads them)."""
+    grammars = generator._grammars
+    assert grammars is not None
+    vocab = grammars.vocab
+    names = sorted(CATEGORIES)[:6]
+    matchers = [grammars.matcher(CATEGORIES[name]) for name in names]
+    serial, parallel = MaskFiller(1), MaskFiller(2)
+    expected = xgr.allocate_token_bitmask(len(matchers), vocab.vocab_size)
+    got = xgr.allocate_token_bitmask(len(matchers), vocab.vocab_size)
+    closers = [*vocab.quote_ids, *vocab.brace_ids, *vocab.stop_token_ids]
+    rng = torch.Generator().manual_seed(7)
+    finished_while_others_ran = 0
+    for step in range(400):
+        serial.fill(matchers, expected)
+        got.fill_(0)
+        parallel.fill(matchers, got)
+        assert torch.equal(got, expected), f"step {step}"
+        live = [m for m in matchers if not m.is_terminated()]
+        if not live:
+            break
+        finished_while_others_ran += len(live) < len(matchers)
+        scores = torch.randn(len(matchers), vocab.vocab_size, generator=rng)
+        for row in range(len(matchers)):  # row r heads for the end from step 15 r: rows end apart
+            if step >= 15 * row:
+                scores[row, closers] += 50.0
+        xgr.apply_token_bitmask_inplace(scores, expected, vocab_size=vocab.vocab_size)
+        for row, matcher in enumerate(matchers):
+            if not matcher.is_terminated():
+                assert matcher.accept_token(int(scores[row].argmax()))
+    assert all(m.is_terminated() for m in matchers)  # every row reached its end
+    assert finished_while_others_ran  # the mixed batch (some rows done) was exercised
+
+
+def test_listings_decoded_with_parallel_masks_are_the_ones_decoded_row_by_row(
+        generator: ListingGenerator, sample_photos: list[tuple[Path, str]]) -> None:
+    """Greedy decoding of one mixed-schema batch gives the same listings, token for token, whether
+    its masks are filled by two threads or row by row."""
+    grammars = generator._grammars
+    assert grammars is not None
+    names = sorted(CATEGORIES)
+    requests = [ListingRequest(image=Image.open(path).convert("RGB"), schema=CATEGORIES[names[i % len(names)]],
+                               merchant_title=f"{category} {i}", image_ref=f"sha256:par{i}")
+                for i, (path, category) in enumerate(sample_photos[:5])]
+    before = grammars.filler
+    try:
+        grammars.filler = MaskFiller(1)
+        serial = generator.predict(requests, max_new_tokens=40)
+        grammars.filler = MaskFiller(2)
+        parallel = generator.predict(requests, max_new_tokens=40)
+    finally:
+        grammars.filler = before
+    assert [r.raw_text for r in parallel] == [r.raw_text for r in serial]
+    assert [r.output for r in parallel] == [r.output for r in serial]
+
+
+def test_the_grammar_thread_setting_reaches_the_generator_and_zero_means_every_core() -> None:
+    import os
+
+    from models.config import ModelConfig
+    from workers.settings import Settings
+    from workers.wiring import model_config
+
+    assert model_config(Settings(models={"grammar_threads": 3})).grammar_threads == 3
+    assert ListingGenerator(model_config(Settings(models={"grammar_threads": 3})), profile="tiny").grammar_threads == 3
+    assert ListingGenerator(ModelConfig(), profile="tiny").grammar_threads == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="at least 1"):
+        MaskFiller(0)
