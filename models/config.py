@@ -3,6 +3,7 @@ in processes that never load torch; only ``models.factory`` turns it into loaded
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class ModelConfig:
     verify_margin: float = 0.05
     conflict_margin: float = 0.5
     max_new_tokens: int = 1024
-    grammar_threads: int = 0  # 0: one per available core (models.constrained.MaskFiller)
+    grammar_threads: int = 0  # threads of models.constrained.MaskFiller; 0: see mask_fill_threads
     seed: int = 0
     # Per-kind exceptions to ``profile``: a registry version names its own (e.g. a candidate tuned
     # from the tiny VLM is loaded from its directory, profile "pretrained", beside tiny detectors).
@@ -48,3 +49,13 @@ class ModelConfig:
 
     def ref_of(self, kind: str) -> str:
         return {"detector": self.detector, "vlm": self.vlm, "clip": self.clip}[kind]
+
+
+def mask_fill_threads(configured: int) -> int:
+    """The mask filler's thread count: ``configured``, or with 0 every core this process may use."""
+    if configured:
+        return configured
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -27,7 +27,6 @@ Here one rule, ``listing_char`` (see ``STRING_ESCAPES``), is the character of ev
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -242,16 +241,6 @@ def worst_case_chars(json_schema: Mapping[str, Any]) -> int:
     props = list(json_schema.get("properties", {}).items())
     pairs = sum(len(json.dumps(k)) + len(SEPARATORS[1]) + worst_case_chars(v) for k, v in props)
     return 2 + pairs + len(SEPARATORS[0]) * max(0, len(props) - 1)
-
-
-def mask_fill_threads(configured: int) -> int:
-    """The mask filler's thread count: ``configured``, or with 0 every core this process may use."""
-    if configured:
-        return configured
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class MaskFiller:

@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator, ValidationError
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, LogitsProcessorList
 
-from models.config import DEFAULT_CACHE_DIR
+from models.config import DEFAULT_CACHE_DIR, mask_fill_threads
 from models.base import ModelVersionInfo, ModelWrapper
 from models.categories import CategorySchema, ListingPart, part_schema, validate_listing
 from models.constrained import (
@@ -35,7 +35,6 @@ from models.constrained import (
     forced_fields,
     replay,
     grammar_vocab,
-    mask_fill_threads,
     worst_case_chars,
 )
 from models.devices import halve_on_oom, select_device

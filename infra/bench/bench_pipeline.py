@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests.integration.harness import AMQP_URL, Deployment, base_env, require_service  # noqa: E402
+from models.config import mask_fill_threads  # noqa: E402 - light (no model libraries)
 
 
 def photos(n: int) -> list[tuple[Path, str]]:
@@ -238,7 +239,7 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
             "ratio_to_bare_model_all_cores": round(eps / all_cores["items_per_s"], 3),
             "batch_size": args.batch_size, "profile": args.profile, "device": args.device,
             "cpu_threads": args.cpu_threads,
-            "grammar_threads": args.grammar_threads or len(os.sched_getaffinity(0)),
+            "grammar_threads": mask_fill_threads(args.grammar_threads),
             "bare_items_per_s_by_omp_wait_policy": {p: round(v["items_per_s"], 3) for p, v in runs.items()},
             "random_weights": args.profile != "pretrained",
             "cpu_ms_per_product_all_workers": round(total_cpu_ms, 1),
@@ -273,6 +274,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    if args.grammar_threads < 0:
+        ap.error("--grammar-threads must be 0 (every core) or more")
     if args.bare_only:
         import torch  # loaded first, so that the limit below reaches it (as the worker's model build does)
 
