@@ -253,7 +253,6 @@ class MaskFiller:
     def __init__(self, threads: int = 1) -> None:
         if threads < 1:
             raise ValueError(f"mask filler threads must be at least 1, got {threads}")
-        self.threads = threads
         self._batch = xgr.BatchGrammarMatcher(max_threads=threads) if threads > 1 else None
         self._lock = threading.Lock()  # one batch matcher; a generator may be shared by threads
 
