@@ -34,6 +34,7 @@ class ModelConfig:
     conflict_margin: float = 0.5
     max_new_tokens: int = 1024
     grammar_threads: int = 0  # threads of models.constrained.MaskFiller; 0: see mask_fill_threads
+    grammar_overlap: bool = True  # masks filled during the forward pass (models.constrained.MaskLookahead)
     seed: int = 0
     # Per-kind exceptions to ``profile``: a registry version names its own (e.g. a candidate tuned
     # from the tiny VLM is loaded from its directory, profile "pretrained", beside tiny detectors).

@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import xgrammar as xgr
-from transformers import LogitsProcessor, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from models.categories import CategorySchema, ListingPart, part_schema
 from models.errors import ModelError
@@ -248,13 +250,21 @@ class MaskFiller:
     all live rows at once on xgrammar's native batch matcher (its own threads); with one, row by
     row on the calling thread. The rows' masks are independent, so both give the same bits; on the
     tiny profile the fill is about half the model thread's time, and doing the rows in parallel
-    raised batch throughput (README, "Grammar masks in parallel")."""
+    raised batch throughput (README, "Grammar masks in parallel").
 
-    def __init__(self, threads: int = 1) -> None:
+    ``overlap``: each step's masks are prepared on a thread of the filler's own
+    (``SchemaLogitsProcessor.look_ahead``) while the model computes the logits they will mask,
+    instead of after (README, "Grammar masks during the forward pass"). The thread is started on
+    first use, so a process may fork before it."""
+
+    def __init__(self, threads: int = 1, *, overlap: bool = False) -> None:
         if threads < 1:
             raise ValueError(f"mask filler threads must be at least 1, got {threads}")
         self._batch = xgr.BatchGrammarMatcher(max_threads=threads) if threads > 1 else None
         self._lock = threading.Lock()  # one batch matcher; a generator may be shared by threads
+        self.overlap = overlap
+        self._ahead: ThreadPoolExecutor | None = None
+        self._starting = threading.Lock()
 
     def fill(self, matchers: Sequence[xgr.GrammarMatcher], bitmask: torch.Tensor) -> None:
         live = []
@@ -270,15 +280,22 @@ class MaskFiller:
         for row in live:
             matchers[row].fill_next_token_bitmask(bitmask, row)
 
+    def submit(self, prepare: Callable[[], None]) -> Future[None]:
+        """Run ``prepare`` (one step's mask) on the filler's own thread."""
+        with self._starting:
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-mask")
+        return self._ahead.submit(prepare)
+
 
 class GrammarCache:
     """One compiled grammar per (schema_id, part), shared by all rows and calls (compilation is the
     slow part). ``part``: the whole listing, or one generation phase (``categories.part_schema``).
     ``filler`` fills the masks of the rows decoded with these grammars."""
 
-    def __init__(self, vocab: GrammarVocab, *, fill_threads: int = 1) -> None:
+    def __init__(self, vocab: GrammarVocab, *, fill_threads: int = 1, overlap: bool = False) -> None:
         self.vocab = vocab
-        self.filler = MaskFiller(fill_threads)
+        self.filler = MaskFiller(fill_threads, overlap=overlap)
         self._compiler = xgr.GrammarCompiler(vocab.info)
         self._compiled: dict[tuple[str, str], xgr.CompiledGrammar] = {}
         self._lock = threading.Lock()
@@ -324,16 +341,56 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.bans = [list(b) for b in bans] if bans is not None else [[] for _ in matchers]
         self._prompt_len: int | None = None
         self._staged: torch.Tensor | None = None  # pinned host copy of the mask (CUDA only)
+        self._ahead: Future[None] | None = None  # the next step's mask, being prepared (overlap)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[0] != len(self.matchers):
             raise ModelError(f"batch of {input_ids.shape[0]} rows for {len(self.matchers)} grammar matchers")
-        # The matchers run on the host: one device-to-host copy of the batch's last tokens per step
-        # (and of the recent tails only when some row has bans), never one synchronisation per row.
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.result()  # this step's mask, prepared while the model computed ``scores``
+        else:
+            self._prepare(*self._sampled(input_ids))
+        masked = scores if scores.dtype in (torch.float32, torch.float16, torch.bfloat16) else scores.float()
+        # The whole batch's mask goes to the device in one copy (pinned, asynchronous on CUDA) and is
+        # applied by one kernel.
+        xgr.apply_token_bitmask_inplace(masked, self._device_bitmask(masked.device), vocab_size=self.vocab_size)
+        return masked if masked is scores else masked.to(scores.dtype)
+
+    def look_ahead(self, input_ids: torch.LongTensor) -> None:
+        """Start the next step's mask on the filler's thread, from the tokens just appended
+        (``MaskLookahead`` calls this between a step's sampling and the next forward pass)."""
+        sampled = self._sampled(input_ids)
+        self._ahead = self.filler.submit(lambda: self._prepare(*sampled))
+
+    def stopping_criteria(self) -> StoppingCriteriaList:
+        """What ``generate()`` is given beside this processor: the look-ahead when the filler overlaps."""
+        return StoppingCriteriaList([MaskLookahead(self)] if self.filler.overlap else [])
+
+    def settle(self) -> None:
+        """Wait for a mask still being prepared after ``generate()`` returned or failed (the look-ahead
+        of its last step, which nothing reads: the tokens are replayed into fresh matchers)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            wait_for([ahead])
+
+    def _sampled(self, input_ids: torch.LongTensor) -> tuple[list[int] | None, list[list[int]] | None]:
+        """What the mask depends on, read off the device: the tokens sampled at the last step
+        (None at the first call, whose input is the prompt) and, only when some row has bans, the
+        rows' recent tails. The matchers run on the host: one device-to-host copy of the batch's
+        last tokens per step, never one synchronisation per row."""
         if self._prompt_len is None:
             self._prompt_len = input_ids.shape[1]
+            last = None
         else:
             last = input_ids[:, -1].tolist()
+        tails = input_ids[:, -_BAN_TAIL:].tolist() if any(self.bans) else None
+        return last, tails
+
+    def _prepare(self, last: list[int] | None, tails: list[list[int]] | None) -> None:
+        """The host bitmask of the next step: advance the matchers by ``last``, fill, then apply the
+        vocabulary's bans, the closing restriction and the rows' banned phrases."""
+        if last is not None:
             for matcher, token in zip(self.matchers, last):
                 if not matcher.is_terminated() and not matcher.accept_token(token):
                     raise ModelError("decoder produced a token outside the grammar mask")
@@ -342,29 +399,36 @@ class SchemaLogitsProcessor(LogitsProcessor):
         if self.closing:
             for row in range(len(self.matchers)):
                 _keep_only(self.bitmask[row], _closers(self.bitmask[row], self.vocab))
-        if any(self.bans):
-            tails = input_ids[:, -_BAN_TAIL:].tolist()
+        if tails is not None:
             for row, bans in enumerate(self.bans):
                 if bans:
                     _ban_sequences(self.bitmask[row], bans, tails[row])
-        masked = scores if scores.dtype in (torch.float32, torch.float16, torch.bfloat16) else scores.float()
-        # The whole batch's mask goes to the device in one copy (pinned, asynchronous on CUDA) and is
-        # applied by one kernel.
-        xgr.apply_token_bitmask_inplace(masked, self._device_bitmask(masked.device), vocab_size=self.vocab_size)
-        return masked if masked is scores else masked.to(scores.dtype)
 
     def _device_bitmask(self, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
             return self.bitmask
         if self._staged is None:
             self._staged = self.bitmask.pin_memory()
-        # Safe to overwrite: the previous step's copy has landed, since this step began by reading
-        # the sampled tokens back (``tolist`` waits for the stream).
+        # Safe to overwrite: the previous step's copy has landed, since this step's mask began by
+        # reading the sampled tokens back (``tolist`` waits for the stream).
         self._staged.copy_(self.bitmask)
         return self._staged.to(device, non_blocking=True)
 
 
 _BAN_TAIL = 16  # banned phrases are a few tokens long
+
+
+class MaskLookahead(StoppingCriteria):
+    """Not a stopping rule: ``generate()`` calls its stopping criteria right after appending a
+    step's tokens and before the next forward pass, the one point where the next step's mask can
+    start so that it is filled while the model computes the logits it will mask. Stops no row."""
+
+    def __init__(self, processor: SchemaLogitsProcessor) -> None:
+        self.processor = processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.processor.look_ahead(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _closers(row: torch.Tensor, vocab: GrammarVocab) -> list[int]:

@@ -125,6 +125,7 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         s3_endpoint_url: str | None = None,
         max_new_tokens: int | None = None,
         grammar_threads: int | None = None,
+        grammar_overlap: bool | None = None,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -142,6 +143,8 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         self.max_new_tokens = int(max_new_tokens or _config_value(config, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
         self.grammar_threads = mask_fill_threads(int(
             grammar_threads if grammar_threads is not None else _config_value(config, "grammar_threads", 0)))
+        self.grammar_overlap = bool(
+            grammar_overlap if grammar_overlap is not None else _config_value(config, "grammar_overlap", True))
         self.seed = int(seed if seed is not None else _config_value(config, "seed", 0))
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model: Any = None
@@ -167,7 +170,8 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         tokenizer.padding_side = "left"  # generation appends on the right; prompts must end aligned
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self._grammars = GrammarCache(self._grammar_vocab(), fill_threads=self.grammar_threads)
+        self._grammars = GrammarCache(self._grammar_vocab(), fill_threads=self.grammar_threads,
+                                      overlap=self.grammar_overlap)
 
     def _load_pretrained(self) -> tuple[Any, Any]:
         # A hub id passes through unchanged; s3:// is mirrored to the cache; a missing path raises.
@@ -283,9 +287,13 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
             max_new_tokens=max_new, do_sample=False, num_beams=1,
             eos_token_id=list(grammars.vocab.stop_token_ids), pad_token_id=self.processor.tokenizer.pad_token_id,
         )
-        with torch.inference_mode():
-            sequences = self.model.generate(**inputs, generation_config=gen_config,
-                                            logits_processor=LogitsProcessorList([processor]))
+        try:
+            with torch.inference_mode():
+                sequences = self.model.generate(**inputs, generation_config=gen_config,
+                                                logits_processor=LogitsProcessorList([processor]),
+                                                stopping_criteria=processor.stopping_criteria())
+        finally:
+            processor.settle()
         return sequences[:, inputs["input_ids"].shape[1]:].tolist()
 
     def _generate(self, part: ListingPart, batch: list[ListingRequest], prompts: list[ListingPrompt],

@@ -179,6 +179,9 @@ class ModelSettings(BaseModel):
     grammar_threads: int = Field(0, ge=0, description=(
         "Native threads that fill the grammar masks of a batch's rows in parallel at each decoding step "
         "(0 = one per core this process may use; 1 = row by row on the model thread)."))
+    grammar_overlap: bool = Field(True, description=(
+        "Fill each decoding step's grammar masks on a thread of their own while the model computes that step's "
+        "logits, instead of after them (false: one after the other, on the model thread)."))
     unknown_category: str = Field("generic", description="'generic' (use the generic schema) or 'reject' (unsupported_category).")
     pinned: list[str] = Field(default_factory=list, description=(
         "GPU workers: model kinds (detector, vlm, clip) served from this worker's own settings instead of the "

@@ -20,7 +20,8 @@ def model_config(settings: Settings):  # noqa: ANN201
                        cache_dir=settings.model_cache_dir, s3_endpoint_url=settings.storage.s3_endpoint_url,
                        detection_threshold=m.detection_threshold, crop_padding=m.crop_padding,
                        verify_margin=m.verify_margin, conflict_margin=m.conflict_margin,
-                       max_new_tokens=m.max_new_tokens, grammar_threads=m.grammar_threads)
+                       max_new_tokens=m.max_new_tokens, grammar_threads=m.grammar_threads,
+                       grammar_overlap=m.grammar_overlap)
 
 
 def fetch_policy(settings: Settings):  # noqa: ANN201

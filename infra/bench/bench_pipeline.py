@@ -64,7 +64,8 @@ def photos(n: int) -> list[tuple[Path, str]]:
 
 
 def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: str, device: str,
-                          max_new_tokens: int, grammar_threads: int = 0) -> tuple[float, float]:
+                          max_new_tokens: int, grammar_threads: int = 0,
+                          grammar_overlap: bool = True) -> tuple[float, float]:
     """(items/s, CPU seconds per item) of the GPU worker's batch function in this process, timed
     after a warm-up (weights loaded, every category's grammars compiled)."""
     from models.factory import ModelConfig, build_models
@@ -72,7 +73,7 @@ def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: st
     from models.batch import ModelItem, run_model_batch
 
     bundle = build_models(ModelConfig(profile=profile, device=device, max_new_tokens=max_new_tokens,
-                                      grammar_threads=grammar_threads,
+                                      grammar_threads=grammar_threads, grammar_overlap=grammar_overlap,
                                       cache_dir=Path(tempfile.mkdtemp())))
     decoded = [load_image_file(p, ImageLimits()).image for p, _ in items]
     work = [ModelItem(job_id=i, image=img, category=cat, title=f"{cat} {i}", description="Photographed on a hanger.",
@@ -122,7 +123,8 @@ def bare_run(args: argparse.Namespace, omp_wait_policy: str, threads: int) -> di
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--bare-only", "--n", str(args.n), "--batch-size",
            str(args.batch_size), "--profile", args.profile, "--device", args.device, "--max-new-tokens",
-           str(args.max_new_tokens), "--cpu-threads", str(threads), "--grammar-threads", str(args.grammar_threads)]
+           str(args.max_new_tokens), "--cpu-threads", str(threads), "--grammar-threads", str(args.grammar_threads),
+           "--grammar-overlap", args.grammar_overlap]
     done = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": omp_wait_policy}, capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
@@ -240,6 +242,7 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
             "batch_size": args.batch_size, "profile": args.profile, "device": args.device,
             "cpu_threads": args.cpu_threads,
             "grammar_threads": mask_fill_threads(args.grammar_threads),
+            "grammar_overlap": args.grammar_overlap == "on",
             "bare_items_per_s_by_omp_wait_policy": {p: round(v["items_per_s"], 3) for p, v in runs.items()},
             "random_weights": args.profile != "pretrained",
             "cpu_ms_per_product_all_workers": round(total_cpu_ms, 1),
@@ -263,6 +266,8 @@ def main() -> None:
     ap.add_argument("--cpu-threads", type=int, default=1, help="torch/OpenCV threads, workers and bare run alike")
     ap.add_argument("--grammar-threads", type=int, default=0,
                     help="threads filling a batch's grammar masks, workers and bare run alike (0: every core)")
+    ap.add_argument("--grammar-overlap", choices=("on", "off"), default="on",
+                    help="grammar masks filled during the forward pass, workers and bare run alike")
     ap.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for the worker processes (e.g. a profiler on PYTHONPATH)")
     ap.add_argument("--gpu-concurrency", type=int, default=None,
@@ -283,7 +288,7 @@ def main() -> None:
 
         limit_cpu_threads(args.cpu_threads)  # the bare run gets the same thread budget as a worker
         rate, cpu_s = bare_model_throughput(photos(args.n), args.batch_size, args.profile, args.device,
-                                            args.max_new_tokens, args.grammar_threads)
+                                            args.max_new_tokens, args.grammar_threads, args.grammar_overlap == "on")
         print(json.dumps({"items_per_s": rate, "cpu_s_per_item": cpu_s, "torch_threads": torch.get_num_threads()}))
         return
     require_service(5672, "RabbitMQ", "start rabbitmq-server")
@@ -305,6 +310,7 @@ def main() -> None:
                    ENRICH_MODELS__DEVICE=args.device, ENRICH_WORKERS__BATCH_SIZE=str(args.batch_size),
                    ENRICH_MODELS__MAX_NEW_TOKENS=str(args.max_new_tokens),
                    ENRICH_MODELS__GRAMMAR_THREADS=str(args.grammar_threads),
+                   ENRICH_MODELS__GRAMMAR_OVERLAP=str(args.grammar_overlap == "on").lower(),
                    ENRICH_WORKERS__CPU_THREADS=str(args.cpu_threads),
                    **dict(kv.split("=", 1) for kv in args.worker_env))
     if not any(kv.startswith("OMP_WAIT_POLICY=") for kv in args.worker_env):

@@ -21,7 +21,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from models.categories import CATEGORIES, CategorySchema
 from models.constrained import MaskFiller, SchemaLogitsProcessor, finish_row
-from models.listing import ListingGenerator, ListingRequest, PhaseOutput
+from models.errors import ModelError
+from models.listing import ListingGenerator, ListingRequest, PhaseOutput, TextRequest
 from models.prompting import build_attribute_prompt
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -267,16 +268,21 @@ def test_the_parallel_mask_filler_sets_the_same_bits_as_the_row_by_row_fill(gene
     assert finished_while_others_ran  # the mixed batch (some rows done) was exercised
 
 
+def _mixed_batch(photos: list[tuple[Path, str]], tag: str) -> list[ListingRequest]:
+    """One request per photo, each under the next category's schema (so rows end apart)."""
+    names = sorted(CATEGORIES)
+    return [ListingRequest(image=Image.open(path).convert("RGB"), schema=CATEGORIES[names[i % len(names)]],
+                           merchant_title=f"{category} {i}", image_ref=f"sha256:{tag}{i}")
+            for i, (path, category) in enumerate(photos)]
+
+
 def test_listings_decoded_with_parallel_masks_are_the_ones_decoded_row_by_row(
         generator: ListingGenerator, sample_photos: list[tuple[Path, str]]) -> None:
     """Greedy decoding of one mixed-schema batch gives the same listings, token for token, whether
     its masks are filled by two threads or row by row."""
     grammars = generator._grammars
     assert grammars is not None
-    names = sorted(CATEGORIES)
-    requests = [ListingRequest(image=Image.open(path).convert("RGB"), schema=CATEGORIES[names[i % len(names)]],
-                               merchant_title=f"{category} {i}", image_ref=f"sha256:par{i}")
-                for i, (path, category) in enumerate(sample_photos[:5])]
+    requests = _mixed_batch(sample_photos[:5], "par")
     before = grammars.filler
     try:
         grammars.filler = MaskFiller(1)
@@ -301,3 +307,95 @@ def test_the_grammar_thread_setting_reaches_the_generator_and_zero_means_every_c
     assert ListingGenerator(ModelConfig(), profile="tiny").grammar_threads == len(os.sched_getaffinity(0))
     with pytest.raises(ValueError, match="at least 1"):
         MaskFiller(0)
+
+
+# --- the next step's masks, filled during the forward pass ---------------------------------------
+
+
+class _CountingFiller(MaskFiller):
+    """A mask filler that counts the steps prepared on its look-ahead thread."""
+
+    def __init__(self, threads: int, *, overlap: bool) -> None:
+        super().__init__(threads, overlap=overlap)
+        self.ahead = 0
+
+    def submit(self, prepare):  # noqa: ANN001, ANN201
+        self.ahead += 1
+        return super().submit(prepare)
+
+
+def test_listings_decoded_with_masks_filled_during_the_forward_pass_are_the_ones_filled_after(
+        generator: ListingGenerator, sample_photos: list[tuple[Path, str]]) -> None:
+    """Both phases of a mixed-schema batch, with a budget short enough that rows are finished
+    under the closing mask and a text retry whose phrases are banned: the same tokens whether each
+    step's masks are prepared on the look-ahead thread (one or two fill threads) or after the
+    forward pass on the model thread, and the look-ahead did run every step."""
+    grammars = generator._grammars
+    assert grammars is not None
+    requests = _mixed_batch(sample_photos[:5], "ahead")
+    before = grammars.filler
+
+    def decode(filler: MaskFiller) -> tuple[list[PhaseOutput], list[PhaseOutput]]:
+        grammars.filler = filler
+        attributes = generator.describe_attributes(requests, max_new_tokens=40)
+        retry = [TextRequest(r, {k: v for k, v in a.output.items() if isinstance(v, str)},
+                             avoid=("soft", "classic fit"))
+                 for r, a in zip(requests, attributes, strict=True)]
+        return attributes, generator.write_text(retry, max_new_tokens=40)
+
+    try:
+        after = decode(_CountingFiller(1, overlap=False))
+        fillers = [_CountingFiller(1, overlap=True), _CountingFiller(2, overlap=True)]
+        during = [decode(f) for f in fillers]
+    finally:
+        grammars.filler = before
+    assert any(out.forced_tokens for phase in after for out in phase)  # the closing pass ran
+    for got in during:
+        for phase, expected in zip(got, after, strict=True):
+            assert [o.raw_text for o in phase] == [o.raw_text for o in expected]
+            assert [o.output for o in phase] == [o.output for o in expected]
+    tokens = sum(o.tokens for phase in after for o in phase)
+    assert all(f.ahead >= tokens // len(requests) for f in fillers)  # at least one look-ahead per step
+
+
+def test_a_look_ahead_that_fails_fails_the_next_step_and_settle_leaves_nothing_running(
+        generator: ListingGenerator) -> None:
+    """A token outside the grammar, met on the look-ahead thread, raises at the next step as it
+    would without overlap; ``settle`` after a failed or unread look-ahead returns quietly."""
+    grammars = generator._grammars
+    assert grammars is not None
+    vocab = grammars.vocab
+    filler = MaskFiller(1, overlap=True)
+    processor = SchemaLogitsProcessor([grammars.matcher(CATEGORIES[sorted(CATEGORIES)[0]])], vocab, filler=filler)
+    assert len(processor.stopping_criteria()) == 1
+    prompt = torch.tensor([[1, 2, 3]])
+    scores = processor(prompt, torch.zeros(1, vocab.vocab_size))
+    allowed = int(scores[0].argmax())
+    refused = int(scores[0].argmin())
+    assert scores[0, refused] == float("-inf")
+    processor.look_ahead(torch.cat([prompt, torch.tensor([[refused]])], dim=1))
+    with pytest.raises(ModelError, match="outside the grammar mask"):
+        processor(prompt, torch.zeros(1, vocab.vocab_size))
+    processor.settle()  # nothing left pending
+
+    fresh = SchemaLogitsProcessor([grammars.matcher(CATEGORIES[sorted(CATEGORIES)[0]])], vocab, filler=filler)
+    fresh(prompt, torch.zeros(1, vocab.vocab_size))
+    fresh.look_ahead(torch.cat([prompt, torch.tensor([[refused]])], dim=1))
+    fresh.settle()  # the failure is dropped: generate() is over and nothing reads that mask
+    assert fresh._ahead is None
+    fresh.look_ahead(torch.cat([prompt, torch.tensor([[allowed]])], dim=1))
+    fresh.settle()
+    assert not SchemaLogitsProcessor([grammars.matcher(CATEGORIES[sorted(CATEGORIES)[0]])], vocab,
+                                     filler=MaskFiller(1)).stopping_criteria()
+
+
+def test_the_grammar_overlap_setting_reaches_the_generator_and_is_on_by_default() -> None:
+    from models.config import ModelConfig
+    from workers.settings import Settings
+    from workers.wiring import model_config
+
+    assert model_config(Settings()).grammar_overlap is True
+    off = model_config(Settings(models={"grammar_overlap": False}))
+    assert off.grammar_overlap is False
+    assert ListingGenerator(off, profile="tiny").grammar_overlap is False
+    assert ListingGenerator(ModelConfig(), profile="tiny").grammar_overlap is True
