@@ -173,6 +173,13 @@ class ListingGenerator(ModelWrapper[ListingRequest, GeneratedListing]):
         self._grammars = GrammarCache(self._grammar_vocab(), fill_threads=self.grammar_threads,
                                       overlap=self.grammar_overlap)
 
+    def set_grammar_overlap(self, on: bool) -> None:
+        """Switch the grammar look-ahead for later calls, loaded or not (a benchmark's A/B in one
+        process; the listings are the same either way)."""
+        self.grammar_overlap = on
+        if self._grammars is not None:
+            self._grammars.filler.overlap = on
+
     def _load_pretrained(self) -> tuple[Any, Any]:
         # A hub id passes through unchanged; s3:// is mirrored to the cache; a missing path raises.
         ref = resolve_model_ref(self.ref, cache_dir=self.cache_dir or DEFAULT_CACHE_DIR,

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=64, help="distinct photos (products) per batch-size cell")
     ap.add_argument("--batch-sizes", default="8,32")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--grammar-overlap", choices=("on", "off", "both"), default="on",
+                    help="grammar masks filled during the forward pass; both: each batch size twice, off then on")
     ap.add_argument("--dataset", type=Path, default=DATASET)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -71,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     run_model_batch(bundle, items[:2])  # load every model and compile the grammars out of the timing
     load_s = time.perf_counter() - t0
     print(f"models loaded and warmed in {load_s:.1f} s ({args.profile}, {args.device})", flush=True)
-    print(f"{'batch':>5} {'products':>8} {'products/s':>10} {'peak_MiB':>9}  ms per product by stage", flush=True)
+    print(f"{'batch':>5} {'overlap':>7} {'products':>8} {'products/s':>10} {'peak_MiB':>9}  ms per product by stage",
+          flush=True)
     cells = []
-    for batch in [int(b) for b in args.batch_sizes.split(",") if b]:
+    modes = ["off", "on"] if args.grammar_overlap == "both" else [args.grammar_overlap]
+    for batch, mode in [(int(b), m) for b in args.batch_sizes.split(",") if b for m in modes]:
+        bundle.generator.set_grammar_overlap(mode == "on")
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -90,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
         per_product = {k: round(v / len(items), 1) for k, v in sorted(stage_ms.items())}
-        cell = {"batch": batch, "products": len(items), "errors": errors, "seconds": round(seconds, 3),
+        cell = {"batch": batch, "grammar_overlap": mode == "on", "products": len(items), "errors": errors, "seconds": round(seconds, 3),
                 "products_per_s": round(len(items) / seconds, 3), "peak_mib": None if peak is None else round(peak),
                 "stage_ms_per_product": per_product}
         cells.append(cell)
         stages = " ".join(f"{k}={v}" for k, v in per_product.items())
-        print(f"{batch:5d} {len(items):8d} {cell['products_per_s']:10.2f} {cell['peak_mib'] or '-':>9}  {stages}"
+        print(f"{batch:5d} {mode:>7} {len(items):8d} {cell['products_per_s']:10.2f} {cell['peak_mib'] or '-':>9}  {stages}"
               + (f"  ({errors} errors)" if errors else ""), flush=True)
     if args.out:
         meta = {"profile": args.profile, "device": args.device, "torch": torch.__version__,

@@ -11,7 +11,8 @@
 #   1. models.json  bench_models.py: each model stage alone on ready inputs (bf16/fp16 autocast on
 #                   CUDA, as the workers run), batch sweep 1-64: items/s and peak GPU memory;
 #   2. worker.json  bench_gpu_worker.py: the GPU worker's batch function (every stage, in the
-#                   worker's order) at batch 8 and 32: products/s and ms per product per stage;
+#                   worker's order) at batch 8 and 32, each with the grammar look-ahead off and on
+#                   (ENRICH_MODELS__GRAMMAR_OVERLAP): products/s and ms per product per stage;
 #   3. pipeline.json bench_pipeline.py with the GPU worker on cuda:0, when RabbitMQ runs here;
 #   4. gpu.csv      nvidia-smi samples (utilisation, memory) every 250 ms, summarised per phase.
 #
@@ -71,14 +72,14 @@ phase() {  # phase NAME LIMIT_S COMMAND...: run one phase under its limit, mark 
 : > "$OUT/phases.txt"
 START=$(date +%s)
 # Each model alone. The listing stage decodes up to 64 tokens per row, so it sweeps fewer sizes.
-phase models 150 "$PY" infra/bench/bench_models.py --profiles "$PROFILE" --device "$DEVICE" \
+phase models 140 "$PY" infra/bench/bench_models.py --profiles "$PROFILE" --device "$DEVICE" \
   --stages grounding,clip_image,clip_text,verify --batch-sizes "$SWEEP" --full-batch-sizes "$SWEEP" \
   --min-iters 2 --max-seconds 2 --out "$OUT/models.json"
-phase listing 90 "$PY" infra/bench/bench_models.py --profiles "$PROFILE" --device "$DEVICE" \
+phase listing 80 "$PY" infra/bench/bench_models.py --profiles "$PROFILE" --device "$DEVICE" \
   --stages listing --batch-sizes "$LISTING_SWEEP" --full-batch-sizes "$LISTING_SWEEP" \
   --min-iters 1 --max-seconds 2 --out "$OUT/listing.json"
-phase worker 100 "$PY" infra/bench/bench_gpu_worker.py --profile "$PROFILE" --device "$DEVICE" --n "$N" \
-  --batch-sizes "$WORKER_SWEEP" --out "$OUT/worker.json"
+phase worker 120 "$PY" infra/bench/bench_gpu_worker.py --profile "$PROFILE" --device "$DEVICE" --n "$N" \
+  --batch-sizes "$WORKER_SWEEP" --grammar-overlap both --out "$OUT/worker.json"
 if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
   phase pipeline 120 "$PY" infra/bench/bench_pipeline.py --profile "$PROFILE" --device "$DEVICE" --n "$N" \
     --batch-size 8 --out "$OUT/pipeline.json"
@@ -120,8 +121,8 @@ for name in ("models", "listing"):
         for c in cells:
             print(f"  {c['stage']:10} {c['batch']:5d} {c['items_per_s'] or 0:9.2f} {c['peak_mb'] or 0:9.0f}")
 if (out / "worker.json").exists():
-    print("\nworker: batch products/s peak_MiB ms-per-product-by-stage")
+    print("\nworker: batch overlap products/s peak_MiB ms-per-product-by-stage")
     for c in json.loads((out / "worker.json").read_text())["cells"]:
-        print(f"  {c['batch']:5d} {c['products_per_s']:9.2f} {c['peak_mib'] or 0:9} {c['stage_ms_per_product']}")
+        print(f"  {c['batch']:5d} {str(c.get('grammar_overlap', True)):>7} {c['products_per_s']:9.2f} {c['peak_mib'] or 0:9} {c['stage_ms_per_product']}")
 EOF
 echo "gpu.sh: done in $(( $(date +%s) - START )) s; files in $OUT/"

@@ -389,7 +389,7 @@ def test_a_look_ahead_that_fails_fails_the_next_step_and_settle_leaves_nothing_r
                                      filler=MaskFiller(1)).stopping_criteria()
 
 
-def test_the_grammar_overlap_setting_reaches_the_generator_and_is_on_by_default() -> None:
+def test_the_grammar_overlap_setting_reaches_the_generator_and_is_on_by_default(generator: ListingGenerator) -> None:
     from models.config import ModelConfig
     from workers.settings import Settings
     from workers.wiring import model_config
@@ -399,3 +399,11 @@ def test_the_grammar_overlap_setting_reaches_the_generator_and_is_on_by_default(
     assert off.grammar_overlap is False
     assert ListingGenerator(off, profile="tiny").grammar_overlap is False
     assert ListingGenerator(ModelConfig(), profile="tiny").grammar_overlap is True
+    grammars = generator._grammars
+    assert grammars is not None and grammars.filler.overlap is True
+    try:  # the benchmark's switch reaches a loaded generator's filler
+        generator.set_grammar_overlap(False)
+        assert generator.grammar_overlap is False and grammars.filler.overlap is False
+    finally:
+        generator.set_grammar_overlap(True)
+    assert grammars.filler.overlap is True
