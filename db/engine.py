@@ -119,10 +119,6 @@ def sees_every_tenant(session: Session) -> bool:
     return bool(session.execute(_SEES_EVERY_TENANT).scalar_one_or_none())
 
 
-def _clear_system_scope(session: Session) -> None:
-    session.execute(text("SELECT set_config('enrich.scope', '', true)"))
-
-
 @contextmanager
 def tenant_session(factory: sessionmaker[Session], tenant_id: str) -> Iterator[Session]:
     """One transaction scoped to ``tenant_id``: commit on success, roll back on error."""
@@ -166,16 +162,23 @@ def job_session(factory: sessionmaker[Session], job_id: int) -> Iterator[Session
     """One transaction scoped to the tenant that owns enrichment job ``job_id``.
 
     Stage messages carry job ids only, so the tenant is looked up first: one primary-key read in
-    the system scope, which is then dropped before any other statement runs. An unknown job
-    leaves the transaction with no tenant at all (it sees nothing)."""
+    the system scope, which is dropped before any other statement runs. An unknown job leaves the
+    transaction with no tenant at all (it sees nothing). The three steps go to the server as one
+    simple-protocol query (``_job_scope``): every stage transaction starts here, several times per
+    product, and each step alone was a round trip of its own."""
     with factory() as session, session.begin():
-        set_system_scope(session)
-        tenant_id = session.execute(text("SELECT tenant_id FROM enrichment_jobs WHERE id = :id"),
-                                    {"id": job_id}).scalar_one_or_none()
-        _clear_system_scope(session)
-        if tenant_id is not None:
-            set_tenant(session, tenant_id)
+        session.connection().exec_driver_sql(_job_scope(job_id))
         yield session
+
+
+def _job_scope(job_id: int) -> str:
+    """The system scope, the job's tenant read under it, the scope dropped: three statements run
+    in order in one query. The id is formatted as an integer (the simple protocol takes no
+    parameters); an unknown job sets the tenant to '', which matches no row."""
+    return ("SELECT set_config('enrich.scope', 'system', true); "
+            "SELECT set_config('enrich.tenant_id', coalesce((SELECT tenant_id FROM enrichment_jobs "
+            f"WHERE id = {int(job_id)}), ''), true); "
+            "SELECT set_config('enrich.scope', '', true)")
 
 
 def check_database(engine: Engine) -> dict[str, str | None]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 from sqlalchemy.orm import Session
 
@@ -282,6 +282,15 @@ def test_session_helpers_scope_each_transaction(engine) -> None:  # noqa: ANN001
             assert _count(s, "products", tb) == 1 and _count(s, "products", ta) == 0
         with job_session(factory, 2**62) as s:  # unknown job: no tenant at all
             assert _count(s, "products", ta) == 0 and _count(s, "products", tb) == 0
+        statements: list[str] = []
+        listen = lambda *args: statements.append(args[2])  # noqa: E731 - (conn, cursor, statement, ...)
+        event.listen(worker, "before_cursor_execute", listen)
+        try:  # the scope and the tenant lookup are one query: the stage's first statement follows it
+            with job_session(factory, job_id) as s:
+                assert len(statements) == 1
+                assert _count(s, "products", tb) == 1
+        finally:
+            event.remove(worker, "before_cursor_execute", listen)
     finally:
         worker.dispose()
         with Session(engine) as s, s.begin():
