@@ -95,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
         per_product = {k: round(v / len(items), 1) for k, v in sorted(stage_ms.items())}
-        cell = {"batch": batch, "grammar_overlap": mode == "on", "products": len(items), "errors": errors, "seconds": round(seconds, 3),
+        cell = {"batch": batch, "grammar_overlap": mode == "on", "products": len(items), "errors": errors,
+                "seconds": round(seconds, 3),
                 "products_per_s": round(len(items) / seconds, 3), "peak_mib": None if peak is None else round(peak),
                 "stage_ms_per_product": per_product}
         cells.append(cell)
         stages = " ".join(f"{k}={v}" for k, v in per_product.items())
-        print(f"{batch:5d} {mode:>7} {len(items):8d} {cell['products_per_s']:10.2f} {cell['peak_mib'] or '-':>9}  {stages}"
+        print(f"{batch:5d} {mode:>7} {len(items):8d} {cell['products_per_s']:10.2f} {cell['peak_mib'] or '-':>9}"
+              f"  {stages}"
               + (f"  ({errors} errors)" if errors else ""), flush=True)
     if args.out:
         meta = {"profile": args.profile, "device": args.device, "torch": torch.__version__,
