@@ -123,6 +123,7 @@ for name in ("models", "listing"):
 if (out / "worker.json").exists():
     print("\nworker: batch overlap products/s peak_MiB ms-per-product-by-stage")
     for c in json.loads((out / "worker.json").read_text())["cells"]:
-        print(f"  {c['batch']:5d} {str(c.get('grammar_overlap', True)):>7} {c['products_per_s']:9.2f} {c['peak_mib'] or 0:9} {c['stage_ms_per_product']}")
+        overlap = str(c.get("grammar_overlap", True))
+        print(f"  {c['batch']:5d} {overlap:>7} {c['products_per_s']:9.2f} {c['peak_mib'] or 0:9} {c['stage_ms_per_product']}")
 EOF
 echo "gpu.sh: done in $(( $(date +%s) - START )) s; files in $OUT/"
