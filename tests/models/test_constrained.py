@@ -20,7 +20,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from models.categories import CATEGORIES, CategorySchema
-from models.constrained import MaskFiller, SchemaLogitsProcessor, finish_row
+from models.categories import part_schema
+from models.constrained import MaskFiller, SchemaLogitsProcessor, finish_row, listing_ebnf, pack_bitmask
 from models.errors import ModelError
 from models.listing import ListingGenerator, ListingRequest, PhaseOutput, TextRequest
 from models.prompting import build_attribute_prompt
@@ -274,6 +275,56 @@ def _mixed_batch(photos: list[tuple[Path, str]], tag: str) -> list[ListingReques
     return [ListingRequest(image=Image.open(path).convert("RGB"), schema=CATEGORIES[names[i % len(names)]],
                            merchant_title=f"{category} {i}", image_ref=f"sha256:{tag}{i}")
             for i, (path, category) in enumerate(photos)]
+
+
+def test_the_chained_length_bounds_set_the_same_mask_bits_as_xgrammars_counted_repetition(
+        generator: ListingGenerator) -> None:
+    """The text phase's grammar (a 10..80 title, a 20..400 description) written both ways, walked
+    together on seeded random allowed tokens: at every step the two masks are equal bit for bit.
+    Rows head for the closing quote from different steps, one never does (it is stopped by the
+    400-character bound, past xgrammar's 128-character unrolling), and one favours escapes."""
+    grammars = generator._grammars
+    assert grammars is not None
+    vocab = grammars.vocab
+    text_part = part_schema(CATEGORIES["dress"], "text")
+    compiler = xgr.GrammarCompiler(vocab.info)
+    ways = {way: compiler.compile_grammar(listing_ebnf(text_part, strings=way)) for way in ("chain", "repetition")}
+    rows = 3
+    matchers = {way: [xgr.GrammarMatcher(g, override_stop_tokens=list(vocab.stop_token_ids)) for _ in range(rows)]
+                for way, g in ways.items()}
+    masks = {way: xgr.allocate_token_bitmask(rows, vocab.vocab_size) for way in ways}
+    escapes = [i for i, tok in enumerate(vocab.token_bytes) if b"\\" in tok]
+    assert escapes
+    in_vocab = pack_bitmask(torch.ones(vocab.vocab_size, dtype=torch.bool))
+    rng = torch.Generator().manual_seed(11)
+    lengths = [0] * rows
+    for step in range(2000):
+        for way in ways:
+            for row, m in enumerate(matchers[way]):
+                if m.is_terminated():
+                    masks[way][row].fill_(-1)
+                else:
+                    m.fill_next_token_bitmask(masks[way], row)
+        # the bits of real tokens (the two set the padding bits past the vocabulary differently)
+        assert torch.equal(masks["chain"] & in_vocab, masks["repetition"] & in_vocab), f"step {step}"
+        if all(m.is_terminated() for m in matchers["chain"]):
+            break
+        scores = torch.randn(rows, vocab.vocab_size, generator=rng)
+        scores[:, list(vocab.quote_ids)] -= 50.0  # strings run long unless a row heads for the end
+        scores[2, escapes] += 3.0
+        for row, start in ((0, 20), (2, 70)):  # row 1 never heads for the end
+            if step >= start:
+                scores[row, [*vocab.quote_ids, *vocab.brace_ids, *vocab.stop_token_ids]] += 100.0
+        xgr.apply_token_bitmask_inplace(scores, masks["chain"], vocab_size=vocab.vocab_size)
+        for row in range(rows):
+            if matchers["chain"][row].is_terminated():
+                continue
+            token = int(scores[row].argmax())
+            for way in ways:
+                assert matchers[way][row].accept_token(token), (way, step, row)
+            lengths[row] += len(vocab.token_bytes[token])
+    assert all(m.is_terminated() for way in ways for m in matchers[way])
+    assert max(lengths) > 400 + 80  # some row ran the description to its bound
 
 
 def test_listings_decoded_with_parallel_masks_are_the_ones_decoded_row_by_row(
