@@ -65,8 +65,9 @@ def photos(n: int) -> list[tuple[Path, str]]:
 
 def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: str, device: str,
                           max_new_tokens: int, grammar_threads: int = 0,
-                          grammar_overlap: bool = True) -> tuple[float, float]:
-    """(items/s, CPU seconds per item) of the GPU worker's batch function in this process, timed
+                          grammar_overlap: bool = True) -> tuple[float, float, float]:
+    """(items/s, CPU seconds per item, this thread's own CPU seconds per item: the model thread's
+    share, without the grammar fill threads) of the GPU worker's batch function in this process, timed
     after a warm-up (weights loaded, every category's grammars compiled)."""
     from models.factory import ModelConfig, build_models
     from models.images import ImageLimits, load_image_file
@@ -83,10 +84,11 @@ def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: st
     warm = list({item.category: item for item in work}.values())
     for i in range(0, len(warm), batch):
         run_model_batch(bundle, warm[i:i + batch])
-    start, cpu = time.perf_counter(), time.process_time()
+    start, cpu, own = time.perf_counter(), time.process_time(), time.thread_time()
     for i in range(0, len(work), batch):
         run_model_batch(bundle, work[i:i + batch])
-    return len(work) / (time.perf_counter() - start), (time.process_time() - cpu) / len(work)
+    n = len(work)
+    return n / (time.perf_counter() - start), (time.process_time() - cpu) / n, (time.thread_time() - own) / n
 
 
 class CpuMeter:
@@ -141,7 +143,8 @@ def transactions(engine) -> int:
 
 
 _TASK_LINE = re.compile(r"Task (\S+)\[[0-9a-f-]+\] (succeeded|retry|raised)")
-_BATCH_LINE = re.compile(r"^(\S+)Z .*batch\.done .*size=(\d+) took_ms=([\d.]+)", re.M)
+_BATCH_LINE = re.compile(r"^(\S+)Z .*batch\.done (.*)$", re.M)
+_FIELD = re.compile(r"(\w+)=([\d.]+)")
 
 
 def task_messages(data_dir: Path) -> dict[str, int]:
@@ -163,15 +166,23 @@ def model_thread(data_dir: Path, start: float, end: float) -> dict[str, object]:
     for log in data_dir.glob("worker-gpu*.log"):
         for m in _BATCH_LINE.finditer(log.read_text(errors="replace")):
             done = datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC).timestamp()
-            took = float(m.group(3)) / 1000
+            fields = {k: float(v) for k, v in _FIELD.findall(m.group(2))}
+            took = fields["took_ms"] / 1000
             if start <= done - took and done <= end:
-                runs.append((done - took, done, int(m.group(2))))
+                runs.append((done - took, done, int(fields["size"]), fields.get("cpu_ms", float("nan")) / 1000))
     runs.sort()
     gaps = [b[0] - a[1] for a, b in zip(runs, runs[1:])]
-    return {"batches": len(runs), "mean_batch_size": round(sum(r[2] for r in runs) / max(1, len(runs)), 2),
-            "busy_share": round(sum(r[1] - r[0] for r in runs) / max(1e-9, end - start), 3),
+    busy = sum(r[1] - r[0] for r in runs)
+    items = sum(r[2] for r in runs)
+    cpu = sum(r[3] for r in runs)
+    return {"batches": len(runs), "mean_batch_size": round(items / max(1, len(runs)), 2),
+            "busy_share": round(busy / max(1e-9, end - start), 3),
             "gap_ms_p50": round(statistics.median(gaps) * 1000, 1) if gaps else None,
-            "gap_ms_total": round(sum(gaps) * 1000, 1)}
+            "gap_ms_total": round(sum(gaps) * 1000, 1),
+            # the model thread's own CPU over its time inside batches, and per item (bare: the same)
+            "cpu_share_in_batch": round(cpu / max(1e-9, busy), 3),
+            "wall_ms_per_item": round(busy * 1000 / max(1, items), 1),
+            "cpu_ms_per_item": round(cpu * 1000 / max(1, items), 1)}
 
 
 def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, str]], *,  # noqa: ANN001
@@ -253,7 +264,9 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
             "task_messages_per_product": round(task_total / done, 2),
             "broker_messages_per_product": round(task_total / done + 2, 2),
             "task_messages_by_name": {k: v for k, v in sorted(r["tasks"].items()) if v},
-            "model_thread": r["model_thread"]}
+            "model_thread": r["model_thread"],
+            "bare_model_thread": {"wall_ms_per_item": round(1000 / bare, 1),
+                                  "cpu_ms_per_item": round(same[bare_policy]["thread_cpu_s_per_item"] * 1000, 1)}}
 
 
 def main() -> None:
@@ -272,6 +285,8 @@ def main() -> None:
                     help="extra environment for the worker processes (e.g. a profiler on PYTHONPATH)")
     ap.add_argument("--gpu-concurrency", type=int, default=None,
                     help="threads of the gpu worker (default: the worker's own, two batches' worth)")
+    ap.add_argument("--events-concurrency", type=int, default=None,
+                    help="prefork processes of the events/CPU worker (default: the worker's own)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="timed windows, each for a fresh tenant and followed by its own bare runs; the median round is printed")
     ap.add_argument("--out", type=Path)
@@ -287,9 +302,10 @@ def main() -> None:
         from workers.wiring import limit_cpu_threads
 
         limit_cpu_threads(args.cpu_threads)  # the bare run gets the same thread budget as a worker
-        rate, cpu_s = bare_model_throughput(photos(args.n), args.batch_size, args.profile, args.device,
+        rate, cpu_s, thread_cpu_s = bare_model_throughput(photos(args.n), args.batch_size, args.profile, args.device,
                                             args.max_new_tokens, args.grammar_threads, args.grammar_overlap == "on")
-        print(json.dumps({"items_per_s": rate, "cpu_s_per_item": cpu_s, "torch_threads": torch.get_num_threads()}))
+        print(json.dumps({"items_per_s": rate, "cpu_s_per_item": cpu_s, "thread_cpu_s_per_item": thread_cpu_s,
+                          "torch_threads": torch.get_num_threads()}))
         return
     require_service(5672, "RabbitMQ", "start rabbitmq-server")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -318,7 +334,7 @@ def main() -> None:
     dep = Deployment(env=env, data_dir=tmp, namespace=ns, engine=engine)
     items = photos(args.n)
     try:
-        roles = {"events,cpu": dep.start_worker("events,cpu"),
+        roles = {"events,cpu": dep.start_worker("events,cpu", concurrency=args.events_concurrency),
                  "gpu": dep.start_worker("gpu", concurrency=args.gpu_concurrency)}
         meter = CpuMeter(roles)
         # Model load and every timed category's grammar compile out of the timing (one product per
