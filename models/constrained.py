@@ -275,9 +275,10 @@ def worst_case_chars(json_schema: Mapping[str, Any]) -> int:
 class MaskFiller:
     """Fills the token bitmask of a batch's rows at one decoding step: with more than one thread,
     all live rows at once on xgrammar's native batch matcher (its own threads); with one, row by
-    row on the calling thread. The rows' masks are independent, so both give the same bits; on the
-    tiny profile the fill is about half the model thread's time, and doing the rows in parallel
-    raised batch throughput (README, "Grammar masks in parallel").
+    row on the calling thread. The rows' masks are independent, so both give the same bits. Doing the
+    rows in parallel raised batch throughput while the string bounds were counted repetitions, whose
+    fill was half the model thread's time; with the chained bounds it makes little difference on
+    the CPU (README, "Grammar masks in parallel").
 
     ``overlap``: each step's masks are prepared on a thread of the filler's own
     (``SchemaLogitsProcessor.look_ahead``) while the model computes the logits they will mask,
