@@ -55,7 +55,9 @@ FORCE_COMPLETION_CAP = 4096
 # characters. Each escape is one character, as json.loads and the schema's length bounds count it.
 STRING_ESCAPES = ('\\"', "\\\\", "\\/")
 FORBIDDEN_CHARACTERS = "U+0000-U+001F, U+007F-U+009F, U+D800-U+DFFF"
-LISTING_GRAMMAR = "xgrammar.ebnf:listing-v2"  # recorded in model_input (v1: xgrammar's own JSON Schema rules)
+# Recorded in model_input (v1: xgrammar's own JSON Schema rules). It names the language, not its
+# spelling: the chained string bounds (``_Rules.string``) accept exactly what v2 accepted.
+LISTING_GRAMMAR = "xgrammar.ebnf:listing-v2"
 _CHAR_RULE = r'listing_char ::= [^"\\\0-\x1f\x7f-\x9f\uD800-\uDFFF] | "\\" ["\\/]'
 _ANNOTATIONS = frozenset({"$schema", "$id", "$comment", "title", "description", "examples"})
 
