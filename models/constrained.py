@@ -20,8 +20,8 @@ a listing's strings are narrower than JSON's. xgrammar's unbounded string rule a
 failed), and its bounded one admits the UTF-8 spelling of a surrogate (``ED A0 80``): one character
 to the grammar, three U+FFFD after decoding, so the length bounds disagreed with ``json.loads``.
 Here one rule, ``listing_char`` (see ``STRING_ESCAPES``), is the character of every string, and
-``minLength``/``maxLength`` count it (``_Rules.string``), so the grammar counts characters as ``json.loads`` does;
-``GrammarVocab.text`` decodes exactly the bytes the grammar matched.
+``minLength``/``maxLength`` count it (``_Rules.string``), so the grammar counts characters as
+``json.loads`` does; ``GrammarVocab.text`` decodes exactly the bytes the grammar matched.
 """
 
 from __future__ import annotations
@@ -203,9 +203,10 @@ class _Rules:
         more. Not ``listing_char{low,high}``: xgrammar 0.2 checks most of the vocabulary again at
         every step inside a counted repetition, and more so the further in (above 128 it keeps about
         as many parser states alive as characters read). With a 49k-token vocabulary one mask inside
-        a 400-character description took 1.3-1.6 s, inside an 80-character title 19-28 ms. Each rule
-        of the chain has its own mask precomputed when the grammar is compiled (0.1-0.15 ms per mask
-        then), at a compile cost linear in ``high`` (README, "Grammar masks for bounded strings").
+        a 400-character description took 1.0-1.9 s. Each rule of the chain has its own mask
+        precomputed when the grammar is compiled (about 0.04 ms per step then), at a compile cost
+        linear in ``high`` (``infra/bench/bench_grammar.py``; README, "Grammar masks for bounded
+        strings").
         The language is the same, character for character; ``strings="repetition"`` writes the
         counted repetition instead, the reference the chain is tested and benchmarked against."""
         if self.strings == "repetition":

@@ -67,8 +67,8 @@ def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: st
                           max_new_tokens: int, grammar_threads: int = 0,
                           grammar_overlap: bool = True) -> tuple[float, float, float]:
     """(items/s, CPU seconds per item, this thread's own CPU seconds per item: the model thread's
-    share, without the grammar fill threads) of the GPU worker's batch function in this process, timed
-    after a warm-up (weights loaded, every category's grammars compiled)."""
+    share, without the grammar fill threads) of the GPU worker's batch function in this process,
+    timed after a warm-up (weights loaded, every category's grammars compiled)."""
     from models.factory import ModelConfig, build_models
     from models.images import ImageLimits, load_image_file
     from models.batch import ModelItem, run_model_batch
@@ -169,7 +169,8 @@ def model_thread(data_dir: Path, start: float, end: float) -> dict[str, object]:
             fields = {k: float(v) for k, v in _FIELD.findall(m.group(2))}
             took = fields["took_ms"] / 1000
             if start <= done - took and done <= end:
-                runs.append((done - took, done, int(fields["size"]), fields.get("cpu_ms", float("nan")) / 1000))
+                cpu = fields.get("cpu_ms", float("nan")) / 1000  # absent from logs of older builds
+                runs.append((done - took, done, int(fields["size"]), cpu))
     runs.sort()
     gaps = [b[0] - a[1] for a, b in zip(runs, runs[1:])]
     busy = sum(r[1] - r[0] for r in runs)
@@ -302,8 +303,9 @@ def main() -> None:
         from workers.wiring import limit_cpu_threads
 
         limit_cpu_threads(args.cpu_threads)  # the bare run gets the same thread budget as a worker
-        rate, cpu_s, thread_cpu_s = bare_model_throughput(photos(args.n), args.batch_size, args.profile, args.device,
-                                            args.max_new_tokens, args.grammar_threads, args.grammar_overlap == "on")
+        rate, cpu_s, thread_cpu_s = bare_model_throughput(
+            photos(args.n), args.batch_size, args.profile, args.device, args.max_new_tokens,
+            args.grammar_threads, args.grammar_overlap == "on")
         print(json.dumps({"items_per_s": rate, "cpu_s_per_item": cpu_s, "thread_cpu_s_per_item": thread_cpu_s,
                           "torch_threads": torch.get_num_threads()}))
         return
