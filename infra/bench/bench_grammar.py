@@ -1,7 +1,7 @@
 """Grammar mask cost per decoding step for the listing text phase (not a test).
 
 A listing's title and description are bounded strings (10..80 and 20..400 characters). This script
-compiles the text phase's grammar of a category three ways and walks each matcher over the same
+compiles the text phase's grammar of a category four ways and walks each matcher over the same
 listing, token by token, timing every ``fill_next_token_bitmask``:
 
 - ``chain``: the grammar the generator uses (``models.constrained.listing_ebnf``), whose length
@@ -73,11 +73,10 @@ def trained_bpe(size: int):  # noqa: ANN201
 
 def listing_text(schema: dict) -> str:
     """A text-phase listing that fills the title and the description to their upper bounds."""
-    props = schema["properties"]
-    doc = {key: (WORDS * 8)[: node["maxLength"]] for key, node in props.items()}
     from models.constrained import SEPARATORS
 
-    return json.dumps(doc, separators=(SEPARATORS[0], SEPARATORS[1]), ensure_ascii=False)
+    doc = {key: (WORDS * 8)[: node["maxLength"]] for key, node in schema["properties"].items()}
+    return json.dumps(doc, separators=SEPARATORS, ensure_ascii=False)
 
 
 def grammars(info, schema: dict) -> dict[str, object]:  # noqa: ANN001
@@ -91,8 +90,8 @@ def grammars(info, schema: dict) -> dict[str, object]:  # noqa: ANN001
         "chain": lambda c: c.compile_grammar(chain),
         "repetition": lambda c: c.compile_grammar(listing_ebnf(schema, strings="repetition")),
         "xgrammar json": lambda c: c.compile_json_schema(json.dumps(schema), any_whitespace=False,
-                                                         separators=(SEPARATORS[0], SEPARATORS[1])),
-        "unbounded": lambda c: c.compile_grammar(re.sub(r'"\\""( [\w]+_n0)', r'"\\"" listing_char* "\\""', chain)),
+                                                         separators=SEPARATORS),
+        "unbounded": lambda c: c.compile_grammar(re.sub(r'"\\"" \w+_n0', r'"\\"" listing_char* "\\""', chain)),
     }
     out = {}
     for name, build in sources.items():
