@@ -166,7 +166,7 @@ def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
 
     def decorate(fn: StageFn) -> Task:
         def body(self: Task, job_id: int) -> Any:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.thread_time()
             incoming = tracing.parse(getattr(self.request, "traceparent", None),
                                      getattr(self.request, "tracestate", None))
             with tracing.stage_span(spec.task_name, incoming, **{"catalog.job_id": job_id,
@@ -177,12 +177,18 @@ def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
                     faults.hit("stage.committed", stage=stage.value, job_id=job_id)
                 # Always relay: also when this delivery found the stage already done, a crash between that
                 # commit and its relay may have left the hand-off (or listing.enriched) in the outbox.
+                relay_started = time.thread_time()
                 relay_outbox(get_runtime())
+                relay_cpu_s = time.thread_time() - relay_started
                 tracing.set_attributes(span, **{"catalog.committed": bool(result)})
             took_s = time.perf_counter() - started
             metrics.task_ran(stage.value, took_s)
+            # cpu_ms: this task thread's own CPU for the stage (claim, work, commit), relay_cpu_ms: the relay
+            # after it. Neither counts other threads (the gpu worker's model thread, the claim heartbeat).
             log.info("stage.ran", stage=stage.value, job_id=job_id, committed=bool(result),
-                     took_ms=round(took_s * 1000, 1))
+                     took_ms=round(took_s * 1000, 1),
+                     cpu_ms=round((time.thread_time() - cpu_started - relay_cpu_s) * 1000, 2),
+                     relay_cpu_ms=round(relay_cpu_s * 1000, 2))
             return result
 
         # Not functools.wraps: the task's signature is (self, job_id), not the stage function's.

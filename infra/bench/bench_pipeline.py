@@ -10,6 +10,11 @@ What the orchestration costs, per product, over the timed run (warm-up excluded)
 * CPU-milliseconds of every worker process (main process, prefork children alive or reaped),
   in all and by worker role, beside the model compute per product (the bare run's CPU time per
   product at the same thread budget): the difference is the cost outside the models;
+* the same CPU by part (``cpu_ms_per_product_by_part``): the events worker's main process (intake,
+  Celery's consumer and pool), each stage task's own thread (``stage.ran``'s ``cpu_ms``), the outbox
+  relays after the stages (``relay_cpu_ms``), the gpu worker's model thread (``batch.done``'s
+  ``cpu_ms``), and what is left of each worker (Celery's prefork children outside the stage bodies;
+  the gpu worker's consumer, heartbeats and batcher hand-offs);
 * database transactions (``pg_stat_database`` commits + rollbacks of the catalog database);
 * broker messages: Celery task messages the workers executed (their ``succeeded``/``retry``/
   ``raised`` log lines, by task), plus the product event in and the listing event out;
@@ -92,7 +97,9 @@ def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: st
 
 
 class CpuMeter:
-    """Cumulative CPU seconds of each worker process tree (children reaped or alive)."""
+    """Cumulative CPU seconds of each worker process tree (children reaped or alive), and of each
+    tree's main process alone (``<role>:main``: for the events worker, intake and Celery's consumer
+    and pool; the stages run in its prefork children)."""
 
     def __init__(self, procs: dict[str, object]) -> None:
         self.procs = procs
@@ -105,6 +112,7 @@ class CpuMeter:
             try:
                 root = psutil.Process(popen.pid)
                 t = root.cpu_times()
+                out[f"{role}:main"] = t.user + t.system
                 total = t.user + t.system + t.children_user + t.children_system
                 for child in root.children(recursive=True):
                     try:
@@ -113,7 +121,7 @@ class CpuMeter:
                     except psutil.NoSuchProcess:
                         continue
             except psutil.NoSuchProcess:
-                total = float("nan")
+                total = out[f"{role}:main"] = float("nan")
             out[role] = total
         return out
 
@@ -144,7 +152,9 @@ def transactions(engine) -> int:
 
 _TASK_LINE = re.compile(r"Task (\S+)\[[0-9a-f-]+\] (succeeded|retry|raised)")
 _BATCH_LINE = re.compile(r"^(\S+)Z .*batch\.done (.*)$", re.M)
+_STAGE_LINE = re.compile(r"^(\S+)Z .*stage\.ran (.*)$", re.M)
 _FIELD = re.compile(r"(\w+)=([\d.]+)")
+_STAGE = re.compile(r"stage=(\w+)")
 
 
 def task_messages(data_dir: Path) -> dict[str, int]:
@@ -186,6 +196,26 @@ def model_thread(data_dir: Path, start: float, end: float) -> dict[str, object]:
             "cpu_ms_per_item": round(cpu * 1000 / max(1, items), 1)}
 
 
+def stage_cpu(data_dir: Path, start: float, end: float) -> dict[str, dict[str, float]]:
+    """CPU seconds of the stage tasks that ended in a window, by stage, from their ``stage.ran``
+    lines: the task thread's own (``cpu_ms``) and the relay's after it (``relay_cpu_ms``)."""
+    from datetime import UTC, datetime
+
+    out: dict[str, dict[str, float]] = {}
+    for log in data_dir.glob("worker-*.log"):
+        for m in _STAGE_LINE.finditer(log.read_text(errors="replace")):
+            done = datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC).timestamp()
+            stage = _STAGE.search(m.group(2))
+            if not (start <= done <= end) or stage is None:
+                continue
+            fields = {k: float(v) for k, v in _FIELD.findall(m.group(2))}
+            acc = out.setdefault(stage.group(1), {"cpu_s": 0.0, "relay_cpu_s": 0.0, "runs": 0})
+            acc["cpu_s"] += fields.get("cpu_ms", float("nan")) / 1000  # absent from logs of older builds
+            acc["relay_cpu_s"] += fields.get("relay_cpu_ms", float("nan")) / 1000
+            acc["runs"] += 1
+    return out
+
+
 def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, str]], *,  # noqa: ANN001
                 tenant: str) -> dict[str, object]:
     """Publish one product event per photo for a fresh tenant (nothing to deduplicate against or
@@ -224,7 +254,27 @@ def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, 
     return {"seen": len(seen), "elapsed": elapsed, "latencies": latencies,
             "cpu_s": {role: cpu1[role] - cpu0[role] for role in cpu0}, "transactions": xact1 - xact0,
             "tasks": {name: tasks1.get(name, 0) - tasks0.get(name, 0) for name in tasks1},
-            "model_thread": model_thread(tmp, wall_start, wall_end)}
+            "model_thread": model_thread(tmp, wall_start, wall_end),
+            "stages": stage_cpu(tmp, wall_start, wall_end + 2)}
+
+
+def cpu_by_part(r: dict[str, object], done: int) -> dict[str, float]:
+    """Where the workers' CPU per product went: the events worker's main process (intake, Celery's
+    consumer and pool), each stage task's own thread, the relays after them, the gpu worker's
+    model thread, and the rest of the gpu worker (its consumer, claim heartbeats, the batcher's
+    hand-offs: what no task or model thread accounts for)."""
+    stages, cpu = r["stages"], r["cpu_s"]
+    parts = {"events_main_process": cpu.get("events,cpu:main", float("nan"))}
+    for name in ("fetch", "persist", "model"):
+        parts[f"{name}_task"] = stages.get(name, {}).get("cpu_s", 0.0)
+    parts["relay_after_stages"] = sum(s["relay_cpu_s"] for s in stages.values())
+    parts["model_thread"] = r["model_thread"]["cpu_ms_per_item"] * done / 1000
+    parts["events_children_other"] = (cpu.get("events,cpu", float("nan")) - parts["events_main_process"]
+                                      - parts["fetch_task"] - parts["persist_task"]
+                                      - sum(s["relay_cpu_s"] for n, s in stages.items() if n != "model"))
+    parts["gpu_worker_other"] = (cpu.get("gpu", float("nan")) - parts["model_thread"] - parts["model_task"]
+                                 - stages.get("model", {}).get("relay_cpu_s", 0.0))
+    return {k: round(v * 1000 / done, 1) for k, v in parts.items()}
 
 
 def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int) -> dict[str, object]:
@@ -240,7 +290,7 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
     eps = r["seen"] / r["elapsed"]
     lat = r["latencies"]
     q = statistics.quantiles(lat, n=20) if len(lat) > 1 else [lat[0]] * 19
-    worker_cpu_ms = {role: round(v * 1000 / done, 1) for role, v in r["cpu_s"].items()}
+    worker_cpu_ms = {role: round(v * 1000 / done, 1) for role, v in r["cpu_s"].items() if ":" not in role}
     total_cpu_ms = sum(worker_cpu_ms.values())
     task_total = sum(r["tasks"].values())
     return {"events": args.n, "completed": r["seen"], "failed": failed, "seconds": round(r["elapsed"], 2),
@@ -261,6 +311,7 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
             "cpu_ms_per_product_by_role": worker_cpu_ms,
             "model_cpu_ms_per_product_bare": round(model_cpu_ms, 1),
             "orchestration_cpu_ms_per_product": round(total_cpu_ms - model_cpu_ms, 1),
+            "cpu_ms_per_product_by_part": cpu_by_part(r, done),
             "db_transactions_per_product": round(r["transactions"] / done, 2),
             "task_messages_per_product": round(task_total / done, 2),
             "broker_messages_per_product": round(task_total / done + 2, 2),
