@@ -24,7 +24,9 @@ _ARRAYS = ("points", "descriptors", "thumb")
 def features_to_bytes(features: LocalFeatures) -> bytes:
     """Lossless bytes of one image's features and its mirror's (numpy ``.npz``, no pickles): a
     stored candidate decodes to exactly what extraction gave, so a decision does not depend on
-    which of the two images came from storage."""
+    which of the two images came from storage. Stored uncompressed: ORB descriptors hardly compress
+    (64 KB against 56 KB deflated), and deflating cost 1.35 ms of CPU per new image and inflating
+    0.9 ms per candidate read back, against 0.21 and 0.52 ms now. ``features_from_bytes`` reads both."""
     mirrored = features.mirrored
     arrays: dict[str, np.ndarray] = {"format": np.array([FEATURES_FORMAT], np.int32)}
     for prefix, f in (("", features), ("m_", mirrored)):
@@ -34,7 +36,7 @@ def features_to_bytes(features: LocalFeatures) -> bytes:
         arrays[prefix + "work_shape"] = np.array(f.work_shape, np.int32)
         arrays[prefix + "key"] = np.frombuffer(f.key, np.uint8)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 

@@ -100,6 +100,33 @@ def test_trimming_removes_a_letterbox_of_any_colour(sample_photos: list[tuple[Pa
         assert candidate_hashes(boxed).trimmed != candidate_hashes(boxed).plain
 
 
+def _reference_hashes(img: Image.Image) -> tuple[ImageHashes, ...]:
+    """Each form's hashes straight from imagehash on the colour form (no shared greyscale, no shared
+    resampling): what ``candidate_hashes`` must give bit for bit."""
+    box = trim_box(img)
+    trimmed = img.crop(box)
+
+    def of(form: Image.Image) -> ImageHashes:
+        return ImageHashes(phash="".join("1" if b else "0" for b in imagehash.phash(form).hash.ravel()),
+                           dhash="".join("1" if b else "0" for b in imagehash.dhash(form).hash.ravel()))
+
+    return (of(img), of(trimmed), of(trimmed.transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+            of(trimmed.crop(centre_box(trimmed.size))))
+
+
+def test_candidate_hashes_are_each_forms_own_hashes_bit_for_bit(sample_photos: list[tuple[Path, str]]) -> None:
+    """The shared greyscale and the mirror taken from the resampled images change no bit, on plain
+    photos and on letterboxed ones of odd and even widths (the mirror's resampling boundary)."""
+    forms = []
+    for path, _ in sample_photos:
+        img = load_image_file(path).image
+        forms += [img, _letterbox(img, (0, 0, 0), "side"), img.crop((3, 0, img.width - 4, img.height))]
+    assert any(f.width % 2 for f in forms) and any(f.width % 2 == 0 for f in forms)
+    for form in forms:
+        h = candidate_hashes(form)
+        assert (h.plain, h.trimmed, h.mirrored, h.centre) == _reference_hashes(form)
+
+
 def test_a_photo_without_border_trims_to_itself(sample_photos: list[tuple[Path, str]]) -> None:
     for path, _ in sample_photos:
         img = load_image_file(path).image
