@@ -136,8 +136,10 @@ def _stretch_contrast(gray: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(gray, (1, 99))
     if hi - lo < 1:
         return gray
-    scaled = (gray.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    # The mapping of each of the 256 levels, applied as a lookup: the same arithmetic per value as
+    # mapping every pixel (so the same bytes), at half the cost of the whole stretch.
+    levels = (np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo))
+    return cv2.LUT(gray, np.clip(levels, 0, 255).astype(np.uint8))
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -350,7 +352,7 @@ class NearDuplicateVerifier:
             points = np.empty((0, 2), np.float32)
             descriptors = np.empty((0, 32), np.uint8)
         else:
-            points = np.array([kp.pt for kp in keypoints], dtype=np.float32)
+            points = cv2.KeyPoint_convert(keypoints)  # (n, 2) float32, as the keypoints hold them
         h, w = gray.shape
         thumb = cv2.resize(
             gray, (max(1, w // _THUMB_FACTOR), max(1, h // _THUMB_FACTOR)), interpolation=cv2.INTER_AREA

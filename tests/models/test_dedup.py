@@ -435,3 +435,23 @@ def test_the_nearest_two_search_keeps_the_brute_force_matchers_ratio_test_matche
                 assert [(int(i), int(nearest[i, 0])) for i in good] == expected
                 compared += 1
     assert compared >= 2 * 6 * 6 * 2
+
+
+def test_the_contrast_stretch_maps_every_pixel_as_the_per_pixel_arithmetic_does(photos: list[Image.Image]) -> None:
+    """The lookup-table stretch gives the bytes of mapping each pixel in floating point (what ORB then
+    sees), on real photos, on a washed-out copy and on a nearly flat image (returned as it is)."""
+    from models.dedup import _stretch_contrast, _working_gray
+
+    def per_pixel(gray: np.ndarray) -> np.ndarray:
+        lo, hi = np.percentile(gray, (1, 99))
+        if hi - lo < 1:
+            return gray
+        return np.clip((gray.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+
+    grays = [_working_gray(img) for img in photos[:6]]
+    grays += [(g // 4 + 150).astype(np.uint8) for g in grays[:2]]  # low contrast: a strong stretch
+    grays.append(np.full((40, 60), 128, np.uint8))
+    for gray in grays:
+        stretched = _stretch_contrast(gray)
+        assert stretched.dtype == np.uint8 and np.array_equal(stretched, per_pixel(gray))
+    assert not np.array_equal(_stretch_contrast(grays[6]), grays[6])  # the low-contrast copy was stretched
