@@ -203,6 +203,8 @@ def allowed_match(session: Session, tenant_id: str, sha256: str,
                   matches: list[DuplicateMatch]) -> DuplicateMatch | None:
     """The first verified match (best first) the query may be grouped with: neither the matched
     image nor any member of its group is decided apart from the query."""
+    if not matches:
+        return None  # most new photos: no decision to read
     apart = decided_apart(session, tenant_id, sha256)
     for match in matches:
         group = images.group_id_of(session, tenant_id, match.image_id)

@@ -126,20 +126,28 @@ class _Seen:
 
 
 def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, product_version: int,
-           stored: list[StoredImage]) -> tuple[list[int], list[_Seen]]:
-    """Store and link the images, classify each one, and find near candidates (one transaction)."""
+           stored: list[StoredImage]) -> tuple[list[int], set[int], list[_Seen]]:
+    """Store and link the images, classify each one, and find near candidates (one transaction).
+    Returns the image ids by position, those this transaction created, and what it learned.
+
+    A row this transaction created is linked to nothing else and named by no listing (its id did
+    not exist before; a concurrent insert of the same bytes waits on it and then finds it), so
+    neither is looked up for it. A redelivery after this commit finds the row stored and looks."""
     with job_session(runtime.session_factory, job_id) as session:
         image_ids: list[int] = []
+        created: set[int] = set()
         for position, img in enumerate(stored):
-            image_id, _ = images.upsert(session, tenant_id, img.row)
+            image_id, is_new = images.upsert(session, tenant_id, img.row)
             image_ids.append(image_id)
+            if is_new:
+                created.add(image_id)
             images.link_to_product(session, tenant_id=tenant_id, product_id=product_id,
                                    product_version=product_version, position=position, image_id=image_id,
                                    role=img.role, source_url=img.url)
         first: dict[int, StoredImage] = {}  # each distinct image once, in the order of its first position
         for image_id, img in zip(image_ids, stored):
             first.setdefault(image_id, img)
-        brought = [i for i in first if not images.linked_elsewhere(
+        brought = [i for i in first if i in created or not images.linked_elsewhere(
             session, tenant_id, i, product_id=product_id, product_version=product_version)]
         seen: list[_Seen] = []
         for image_id, img in first.items():
@@ -160,7 +168,7 @@ def _store(runtime: Runtime, job_id: int, tenant_id: str, product_id: int, produ
             apart = decisions.decided_apart(session, tenant_id, row.sha256)  # merchant said: never these
             seen.append(_Seen(img, image_id, near_check=True,
                               candidates=tuple(c for c in found if c.sha256 not in apart)))
-    return image_ids, seen
+    return image_ids, created, seen
 
 
 def _verify_near(runtime: Runtime, tenant_id: str, seen: _Seen) -> list[DuplicateMatch]:
@@ -212,7 +220,7 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
 
     stored = _describe_all(runtime, job_id, tenant_id, _fetch_all(runtime, request, tenant_id, merchant_id))
     fetched_ms = (time.perf_counter() - started) * 1000
-    image_ids, seen = _store(runtime, job_id, tenant_id, product_id, version, stored)
+    image_ids, created, seen = _store(runtime, job_id, tenant_id, product_id, version, stored)
     near = {s.image_id: _verify_near(runtime, tenant_id, s) for s in seen if s.near_check}
 
     with job_session(runtime.session_factory, job_id) as session:
@@ -240,7 +248,8 @@ def fetch_and_dedup(runtime: Runtime, job_id: int, task_id: str) -> FetchOutcome
         # Every photo the model stage reads decides the listing too: a listing of the same primary photo
         # with other secondary photos is not a re-listing.
         key = with_photos(key, [s.row.sha256 for i, s in enumerate(stored) if i != primary])
-        reuse = _reusable(session, tenant_id, image_ids[primary], key)
+        # A primary photo first stored by this attempt has no listing yet to reuse (``_store``).
+        reuse = None if image_ids[primary] in created else _reusable(session, tenant_id, image_ids[primary], key)
         nxt = Stage.persist if reuse is not None else jobs.STAGES[Stage.fetch].next
         assert nxt is not None
         handoff = FetchedImages(image_ids=tuple(image_ids), primary_image_id=image_ids[primary],

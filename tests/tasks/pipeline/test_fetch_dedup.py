@@ -215,6 +215,38 @@ def test_a_near_copy_joins_the_exact_group_of_its_original(db_session: Session, 
                                           ("near", _sha(photos["reupload"]), ["reupload"])])]
 
 
+def test_photos_this_attempt_stored_first_skip_the_link_and_reuse_lookups(  # noqa: ANN001
+        db_session: Session, stage, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row the store transaction created is linked nowhere else and no listing names it: its fetch
+    reads neither (two fewer statements per new photo, and one fewer for having no verified match).
+    Bytes stored before, by another product or by this job's own earlier attempt, are looked up as
+    ever, and the hand-offs are the ones the lookups would give."""
+    import tasks.pipeline.fetch as fetch_module
+    from db.repositories import images as image_rows
+
+    runtime, _ = stage
+    looked: dict[str, int] = {"links": 0, "reuse": 0}
+    links, reuse = image_rows.linked_elsewhere, fetch_module._reusable
+
+    def counting_links(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        looked["links"] += 1
+        return links(*a, **k)
+
+    def counting_reuse(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        looked["reuse"] += 1
+        return reuse(*a, **k)
+
+    monkeypatch.setattr(image_rows, "linked_elsewhere", counting_links)
+    monkeypatch.setattr(fetch_module, "_reusable", counting_reuse)
+    first = _run(db_session, runtime, "orig", ["photo", "other"])
+    assert looked == {"links": 0, "reuse": 0}
+    assert _handoff(db_session, first).reuse_listing_id is None and _outbox(db_session, first) == [
+        ("task:catalog.model", [first])]
+    copy = _run(db_session, runtime, "copy", ["photo"])  # stored before: both lookups run
+    assert looked == {"links": 1, "reuse": 1}
+    assert [(d.kind, d.duplicate_of_product) for d in _handoff(db_session, copy).duplicates] == [("exact", "orig")]
+
+
 def _outbox(db_session: Session, job_id: int) -> list[tuple[str, list[int]]]:
     with as_role(db_session, None):
         rows = db_session.query(OutboxMessage).filter_by(tenant_id=TENANT).order_by(OutboxMessage.id).all()
