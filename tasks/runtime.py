@@ -86,6 +86,9 @@ class Runtime:
     batch_size: int = 8
     batch_max_wait_ms: int = 200
     feature_cache: LruCache = field(default_factory=lambda: LruCache(4096))
+    # "name@revision" of model versions by id, for the events persist publishes: a version's name and
+    # revision never change (models register by them; a re-registration updates params and metrics only).
+    model_names: LruCache = field(default_factory=lambda: LruCache(256))
     _server: ModelServer | None = field(default=None, init=False, repr=False)
     _verifier: NearDuplicateVerifier | None = field(default=None, init=False, repr=False)
     _batcher: MicroBatcher | None = field(default=None, init=False, repr=False)

@@ -175,8 +175,12 @@ def _from_reuse(session: Session, job: EnrichmentJob, product: Product,
     return listing_id, created, grounding
 
 
-def _model_names(session: Session, model_ids: dict[str, int]) -> dict[str, str]:
-    by_id = model_versions.display_names(session, set(model_ids.values()))
+def _model_names(runtime: Runtime, session: Session, model_ids: dict[str, int]) -> dict[str, str]:
+    """``{kind: "name@revision"}``; the registry is read only for ids this process has not named yet."""
+    by_id = {mid: name for mid in set(model_ids.values()) if (name := runtime.model_names.get(mid)) is not None}
+    if missing := set(model_ids.values()) - set(by_id):
+        for mid, name in model_versions.display_names(session, missing).items():
+            by_id[mid] = runtime.model_names.put(mid, name)
     return {kind: by_id.get(mid, str(mid)) for kind, mid in model_ids.items()}
 
 
@@ -224,7 +228,7 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
         reuse = FetchedImages.of(job.work).reuse_listing_id
         doc = None if reuse else json.loads(runtime.blobs.get(ModelOutput.of(job.work).result_uri))
         if doc is not None and doc.get("stages") and not generates_listing(frozenset(doc["stages"])):
-            return _persist_indexed(session, job, product, doc, started)
+            return _persist_indexed(runtime, session, job, product, doc, started)
         if reuse:
             listing_id, created, grounding = _from_reuse(session, job, product, reuse)
         else:
@@ -235,7 +239,8 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
         tracing.annotate(**{f"catalog.model_version.{kind}": listing.model_versions.get(kind)
                             for kind in ("detector", "vlm", "clip")}, **{"catalog.listing_id": listing_id})
         if created:
-            names = _model_names(session, {k: listing.model_versions[k] for k in ("detector", "vlm", "clip")})
+            names = _model_names(runtime, session,
+                                 {k: listing.model_versions[k] for k in ("detector", "vlm", "clip")})
             enqueue(session, "listing.enriched", enriched_event(job, product, listing, grounding, names,
                                                                    runtime.enriched_event_version),
                     tenant_id=job.tenant_id)
@@ -245,8 +250,8 @@ def persist(runtime: Runtime, job_id: int, task_id: str) -> int | None:
     return listing_id
 
 
-def _persist_indexed(session: Session, job: EnrichmentJob, product: Product, doc: dict[str, Any],
-                     started: float) -> int:
+def _persist_indexed(runtime: Runtime, session: Session, job: EnrichmentJob, product: Product,
+                     doc: dict[str, Any], started: float) -> int:
     """Persist of a policy without a listing, in the caller's transaction: vectors, the job done and,
     for a new record, ``product.indexed`` in the outbox (a redelivery or a reconciler re-run finds the
     record there and announces nothing again)."""
@@ -254,8 +259,8 @@ def _persist_indexed(session: Session, job: EnrichmentJob, product: Product, doc
     if created:
         ids = {k: v for k, v in (doc.get("model_versions") or {}).items() if k == "clip" or
                (k == "detector" and EnrichStage.grounding.value in doc["stages"])}
-        enqueue(session, "product.indexed", indexed_event(job, product, listing_id, doc, _model_names(session, ids)),
-                tenant_id=job.tenant_id)
+        names = _model_names(runtime, session, ids)
+        enqueue(session, "product.indexed", indexed_event(job, product, listing_id, doc, names), tenant_id=job.tenant_id)
     jobs.finish(session, job, listing_id=listing_id, timings={"persist": (time.perf_counter() - started) * 1000})
     faults.hit("persist.before_commit", job_id=job.id)
     tracing.annotate(**{"catalog.listing_id": listing_id, "catalog.policy": policy_name(frozenset(doc["stages"]))})

@@ -208,3 +208,27 @@ def test_an_update_that_changes_only_the_text_reuses_every_photos_grounding_and_
     other = _enrich(env, "sku-o", [URLS[3], URLS[0]])  # a new primary photo, a known secondary one
     assert env.batcher.results[-1].reused == {"groundings": 1, "embeddings": 1}
     assert other not in (first, second)
+
+
+def test_the_registry_names_of_the_models_are_read_once_per_process(env: SimpleNamespace,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Persist names the model versions in ``listing.enriched`` from the runtime's cache after the first
+    listing (a version's name and revision never change): the same names the registry holds."""
+    from db.repositories import model_versions
+    from db.tables import OutboxMessage
+
+    reads: list[set[int]] = []
+    real = model_versions.display_names
+    monkeypatch.setattr(model_versions, "display_names", lambda s, ids: reads.append(set(ids)) or real(s, ids))
+    _enrich(env, "sku-a", URLS[:1])
+    _enrich(env, "sku-b", URLS[1:2])
+    ids = set(env.batcher.results[-1].model_versions.values())
+    assert reads == [ids]  # the second listing read no names
+    with tenant_session(env.factory, TENANT) as session:
+        events = [r.payload for r in session.query(OutboxMessage)
+                  .filter_by(tenant_id=TENANT, routing_key="listing.enriched").order_by(OutboxMessage.id)]
+        registry = real(session, ids)
+    assert len(events) == 2
+    for event in events:
+        assert {k: event["models"][k] for k in ("detector", "vlm", "clip")} == {
+            kind: registry[mid] for kind, mid in env.batcher.results[-1].model_versions.items()}
