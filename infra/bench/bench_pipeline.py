@@ -15,6 +15,11 @@ What the orchestration costs, per product, over the timed run (warm-up excluded)
   relays after the stages (``relay_cpu_ms``), the gpu worker's model thread (``batch.done``'s
   ``cpu_ms``), and what is left of each worker (Celery's prefork children outside the stage bodies;
   the gpu worker's consumer, heartbeats and batcher hand-offs);
+* beside the workers, on the same box (``cpu_ms_per_product_beside_workers``): the embedded
+  Postgres (postmaster and backends), RabbitMQ (the Erlang VM) and this driver (publisher and
+  consumer); and the whole machine (``box_cpu_ms_per_product``, every core's non-idle time, and
+  ``box_busy_share``, that time over wall time × cores from the first event to the last listing:
+  near 1.0, the box is full and every millisecond cut anywhere is throughput);
 * database transactions (``pg_stat_database`` commits + rollbacks of the catalog database);
 * broker messages: Celery task messages the workers executed (their ``succeeded``/``retry``/
   ``raised`` log lines, by task), plus the product event in and the listing event out;
@@ -96,6 +101,22 @@ def bare_model_throughput(items: list[tuple[Path, str]], batch: int, profile: st
     return n / (time.perf_counter() - start), (time.process_time() - cpu) / n, (time.thread_time() - own) / n
 
 
+def tree_cpu(root) -> tuple[float, float]:  # noqa: ANN001 - a psutil.Process
+    """(the process's own CPU seconds, its whole tree's): the process, its reaped children (as the
+    kernel sums them into it) and its live descendants."""
+    import psutil
+
+    t = root.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in root.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            continue
+    return t.user + t.system, total
+
+
 class CpuMeter:
     """Cumulative CPU seconds of each worker process tree (children reaped or alive), and of each
     tree's main process alone (``<role>:main``: for the events worker, intake and Celery's consumer
@@ -110,20 +131,36 @@ class CpuMeter:
         out: dict[str, float] = {}
         for role, popen in self.procs.items():
             try:
-                root = psutil.Process(popen.pid)
-                t = root.cpu_times()
-                out[f"{role}:main"] = t.user + t.system
-                total = t.user + t.system + t.children_user + t.children_system
-                for child in root.children(recursive=True):
-                    try:
-                        c = child.cpu_times()
-                        total += c.user + c.system
-                    except psutil.NoSuchProcess:
-                        continue
+                out[f"{role}:main"], out[role] = tree_cpu(psutil.Process(popen.pid))
             except psutil.NoSuchProcess:
-                total = out[f"{role}:main"] = float("nan")
-            out[role] = total
+                out[f"{role}:main"] = out[role] = float("nan")
         return out
+
+
+class InfraMeter:
+    """Cumulative CPU seconds of what the workers lean on, on the same box: the embedded Postgres
+    (postmaster and every backend), RabbitMQ (the Erlang VM and its helpers), this driver process
+    (publisher and consumer), and the whole machine's busy time (``box``: every CPU's non-idle time
+    from ``/proc/stat``, in CPU-seconds; its share of wall time × cores says how full the box was)."""
+
+    def __init__(self, pgdata: Path) -> None:
+        import psutil
+
+        self.postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+        self.broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+        self.driver = psutil.Process()
+
+    @staticmethod
+    def box() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+    def sample(self) -> dict[str, float]:
+        own = self.driver.cpu_times()
+        return {"postgres": tree_cpu(self.postmaster)[1], "rabbitmq": sum(tree_cpu(b)[1] for b in self.broker),
+                "bench_driver": own.user + own.system, "box": self.box()}
 
 
 def bare_run(args: argparse.Namespace, omp_wait_policy: str, threads: int) -> dict[str, float]:
@@ -216,7 +253,7 @@ def stage_cpu(data_dir: Path, start: float, end: float) -> dict[str, dict[str, f
     return out
 
 
-def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, str]], *,  # noqa: ANN001
+def timed_round(dep, meter, infra, engine, tmp: Path, ns: str, items: list[tuple[Path, str]], *,  # noqa: ANN001
                 tenant: str) -> dict[str, object]:
     """Publish one product event per photo for a fresh tenant (nothing to deduplicate against or
     reuse) and time the window until every ``listing.enriched`` is back; the counters around it."""
@@ -225,6 +262,7 @@ def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, 
     from tasks.events import product_event_payload
 
     cpu0, xact0, tasks0 = meter.sample(), transactions(engine), task_messages(tmp)
+    infra0 = infra.sample()
     sent: dict[str, float] = {}
     start, wall_start = time.monotonic(), time.time()
     for i, (path, cat) in enumerate(items):
@@ -248,11 +286,15 @@ def timed_round(dep, meter, engine, tmp: Path, ns: str, items: list[tuple[Path, 
             seen.add(cid)
             latencies.append(time.monotonic() - sent[cid])
     conn.close()
-    elapsed, wall_end = time.monotonic() - start, time.time()
+    elapsed, wall_end, box_end = time.monotonic() - start, time.time(), infra.box()
     time.sleep(2)  # the last relay and acks
     cpu1, xact1, tasks1 = meter.sample(), transactions(engine), task_messages(tmp)
+    infra1 = infra.sample()
     return {"seen": len(seen), "elapsed": elapsed, "latencies": latencies,
             "cpu_s": {role: cpu1[role] - cpu0[role] for role in cpu0}, "transactions": xact1 - xact0,
+            "infra_cpu_s": {k: infra1[k] - infra0[k] for k in infra0},
+            # every core's busy time from the first event published to the last listing seen
+            "box_busy_share": (box_end - infra0["box"]) / (elapsed * (os.cpu_count() or 1)),
             "tasks": {name: tasks1.get(name, 0) - tasks0.get(name, 0) for name in tasks1},
             "model_thread": model_thread(tmp, wall_start, wall_end),
             "stages": stage_cpu(tmp, wall_start, wall_end + 2)}
@@ -312,6 +354,10 @@ def summarise_round(r: dict[str, object], args: argparse.Namespace, failed: int)
             "model_cpu_ms_per_product_bare": round(model_cpu_ms, 1),
             "orchestration_cpu_ms_per_product": round(total_cpu_ms - model_cpu_ms, 1),
             "cpu_ms_per_product_by_part": cpu_by_part(r, done),
+            "cpu_ms_per_product_beside_workers": {k: round(v * 1000 / done, 1) for k, v in r["infra_cpu_s"].items()
+                                                  if k != "box"},
+            "box_cpu_ms_per_product": round(r["infra_cpu_s"]["box"] * 1000 / done, 1),
+            "box_busy_share": round(r["box_busy_share"], 3),
             "db_transactions_per_product": round(r["transactions"] / done, 2),
             "task_messages_per_product": round(task_total / done, 2),
             "broker_messages_per_product": round(task_total / done + 2, 2),
@@ -389,7 +435,7 @@ def main() -> None:
     try:
         roles = {"events,cpu": dep.start_worker("events,cpu", concurrency=args.events_concurrency),
                  "gpu": dep.start_worker("gpu", concurrency=args.gpu_concurrency)}
-        meter = CpuMeter(roles)
+        meter, infra = CpuMeter(roles), InfraMeter(tmp / "pgdata")
         # Model load and every timed category's grammar compile out of the timing (one product per
         # category, under a tenant of its own; the bare run warms up the same way).
         warm = [product_event_payload(tenant_id="bench-warm-up", merchant_id="m", external_id=f"w-{cat}", version=1,
@@ -400,7 +446,7 @@ def main() -> None:
         time.sleep(2)  # let the warm-up's relay and acks settle before the counters start
         rounds = []
         for k in range(args.rounds):
-            timed = timed_round(dep, meter, engine, tmp, ns, items, tenant=f"bench-r{k}")
+            timed = timed_round(dep, meter, infra, engine, tmp, ns, items, tenant=f"bench-r{k}")
             # Right after each timed window, on an idle machine (the workers wait for messages):
             # the box's speed drifts by a third over minutes, so each round has its own reference.
             timed["bare"] = {"PASSIVE": bare_run(args, "PASSIVE", args.cpu_threads),
@@ -421,6 +467,7 @@ def main() -> None:
     result["events_per_s_by_round"] = [r["events_per_s"] for r in summaries]
     result["bare_model_items_per_s_by_round"] = [r["bare_model_items_per_s"] for r in summaries]
     result["model_thread_busy_share_by_round"] = [r["model_thread"]["busy_share"] for r in summaries]
+    result["box_busy_share_by_round"] = [r["box_busy_share"] for r in summaries]
     print(f"{'metric':28} value")
     for k, v in result.items():
         print(f"{k:28} {v}")
