@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from celery import Task, shared_task
@@ -34,9 +34,6 @@ from models.batch import BatcherUnavailable
 from tasks import faults, metrics, tracing
 from tasks.errors import ErrorCode, PipelineError
 from tasks.runtime import Runtime, get_runtime
-
-if TYPE_CHECKING:
-    from tasks.pipeline.outbox import Committed
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -83,19 +80,14 @@ def _is_transient_db(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
-def relay_outbox(runtime: Runtime, committed: list[Committed] | None = None) -> int:
-    """Publish the outbox rows a task committed (``committed``, gathered by ``outbox.collect``);
-    with none gathered, every pending row. Returns how many were published; failures wait for the
-    periodic relay."""
-    from tasks.pipeline.outbox import relay, relay_committed
+def relay_outbox(runtime: Runtime) -> None:
+    """Publish what the last commit wrote to the outbox; failures wait for the periodic relay."""
+    from tasks.pipeline.outbox import relay
 
     try:
-        if committed:
-            return relay_committed(runtime.session_factory, runtime.publisher, committed)
-        return relay(runtime.session_factory, runtime.publisher)
+        relay(runtime.session_factory, runtime.publisher)
     except Exception as exc:  # noqa: BLE001
         log.warning("outbox.relay_deferred", error=str(exc)[:200])
-        return 0
 
 
 def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T | None:
@@ -126,7 +118,8 @@ def run_job_stage(task: Task, job_id: int, stage: Callable[[Runtime], T]) -> T |
 
     with job_session(runtime.session_factory, job_id) as session:
         jobs.fail(session, job_id, error.code, error.detail, retryable=error.retryable)
-    return None  # the task relays listing.failed with the rest of what it committed
+    relay_outbox(runtime)
+    return None
 
 
 class ClaimHeartbeat:
@@ -173,22 +166,19 @@ def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
 
     def decorate(fn: StageFn) -> Task:
         def body(self: Task, job_id: int) -> Any:
-            from tasks.pipeline import outbox
-
             started, cpu_started = time.perf_counter(), time.thread_time()
             incoming = tracing.parse(getattr(self.request, "traceparent", None),
                                      getattr(self.request, "tracestate", None))
             with tracing.stage_span(spec.task_name, incoming, **{"catalog.job_id": job_id,
                                                                  "catalog.stage": stage.value}) as span:
-                with outbox.collect() as committed, ClaimHeartbeat(get_runtime(), job_id, stage, self.request.id):
+                with ClaimHeartbeat(get_runtime(), job_id, stage, self.request.id):
                     result = run_job_stage(self, job_id, lambda rt: fn(rt, job_id, self.request.id))
                 if result:
                     faults.hit("stage.committed", stage=stage.value, job_id=job_id)
-                # Always relay: what this delivery committed (the hand-off, listing.enriched or listing.failed),
-                # and when it committed nothing (it found the stage already done), every pending row: a crash
-                # between that commit and its relay may have left the hand-off in the outbox.
+                # Always relay: also when this delivery found the stage already done, a crash between that
+                # commit and its relay may have left the hand-off (or listing.enriched) in the outbox.
                 relay_started = time.thread_time()
-                relayed = relay_outbox(get_runtime(), committed)
+                relay_outbox(get_runtime())
                 relay_cpu_s = time.thread_time() - relay_started
                 tracing.set_attributes(span, **{"catalog.committed": bool(result)})
             took_s = time.perf_counter() - started
@@ -198,7 +188,7 @@ def stage_task(stage: Stage) -> Callable[[StageFn], Task]:
             log.info("stage.ran", stage=stage.value, job_id=job_id, committed=bool(result),
                      took_ms=round(took_s * 1000, 1),
                      cpu_ms=round((time.thread_time() - cpu_started - relay_cpu_s) * 1000, 2),
-                     relay_cpu_ms=round(relay_cpu_s * 1000, 2), relayed=relayed)
+                     relay_cpu_ms=round(relay_cpu_s * 1000, 2))
             return result
 
         # Not functools.wraps: the task's signature is (self, job_id), not the stage function's.

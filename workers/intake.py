@@ -35,7 +35,7 @@ from tasks import metrics, tracing
 from tasks.errors import ErrorCode
 from tasks.events import InvalidEvent, parse_product_event
 from tasks.feedback.reviews import ReviewOutcome, apply_review, parse_review_event, reject_invalid_review
-from tasks.pipeline import jobs, outbox
+from tasks.pipeline import jobs
 from tasks.pipeline.decisions import (
     DUPLICATE_REVIEW_KEY,
     DecisionOutcome,
@@ -44,7 +44,7 @@ from tasks.pipeline.decisions import (
     reject_invalid_duplicate_review,
 )
 from tasks.pipeline.intake import Outcome, accept_product_event, reject_invalid_event
-from tasks.pipeline.outbox import Committed, relay, relay_committed
+from tasks.pipeline.outbox import relay
 from workers.broker import broker_kind, broker_url
 from workers.database import get_session_factory
 from workers.logs import bind_context, get_logger
@@ -103,14 +103,9 @@ class EventHandlers:
             self._factory = get_session_factory()
         return self._factory
 
-    def _relay(self, committed: list[Committed] | None = None) -> None:
-        """What the handler committed to the outbox (``committed``, gathered by ``outbox.collect``),
-        else every pending row."""
+    def _relay(self) -> None:
         try:
-            if committed:
-                relay_committed(self.factory, self.publisher, committed)
-            else:
-                relay(self.factory, self.publisher)
+            relay(self.factory, self.publisher)
         except Exception as exc:  # noqa: BLE001 - the periodic relay catches up
             log.warning("outbox.relay_deferred", error=str(exc)[:200])
 
@@ -149,11 +144,11 @@ class EventHandlers:
                 return
             with bind_context(event_id=str(event.event_id), tenant_id=event.tenant_id, product_id=event.external_id), \
                     tracing.bound(tracing.from_headers(message.headers)):
-                with outbox.collect() as committed, tenant_session(self.factory, event.tenant_id) as session:
+                with tenant_session(self.factory, event.tenant_id) as session:
                     result = accept_product_event(session, event)
                 metrics.event_outcome("product", *_PRODUCT_OUTCOMES[result.outcome])
                 if result.outcome is not Outcome.duplicate:
-                    self._relay(committed)  # the fetch hand-off (or the stale_version event) committed above
+                    self._relay()  # the fetch hand-off (or the stale_version event) committed above
                 settle(message, "ack")
         except BrokerConnectionLost:
             raise  # committed (or nothing to commit): not a handler bug, no dead letter

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.tables import OutboxMessage
@@ -24,23 +24,3 @@ def lock_pending(session: Session, limit: int) -> list[OutboxMessage]:
     return list(session.scalars(
         select(OutboxMessage).where(OutboxMessage.published_at.is_(None))
         .order_by(OutboxMessage.id).limit(limit).with_for_update(skip_locked=True)))
-
-
-def lock_pending_of(session: Session, ids: list[int]) -> list[int]:
-    """Of ``ids``, those still unpublished, in id order, locked for this transaction; rows another
-    relay holds are skipped (that relay publishes them). Ids only: the caller has the payloads."""
-    return list(session.scalars(
-        select(OutboxMessage.id).where(OutboxMessage.id.in_(ids), OutboxMessage.published_at.is_(None))
-        .order_by(OutboxMessage.id).with_for_update(skip_locked=True)))
-
-
-def mark_published(session: Session, ids: list[int]) -> None:
-    """One statement for the rows this relay published (each one more attempt)."""
-    if ids:
-        session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(ids))
-                        .values(published_at=func.clock_timestamp(), publish_attempts=OutboxMessage.publish_attempts + 1))
-
-
-def count_failed_attempt(session: Session, row_id: int) -> None:
-    session.execute(update(OutboxMessage).where(OutboxMessage.id == row_id)
-                    .values(publish_attempts=OutboxMessage.publish_attempts + 1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import uuid
 from pathlib import Path
 
@@ -47,16 +46,6 @@ def test_many_products_end_to_end(deployment: Deployment, sample_photos, engine)
     for m in out:
         validate(m, "listing.enriched")
         assert m["models"]["random_weights"] is True
-    # No beat runs here: every hand-off and listing.enriched went out with the relay of the task that
-    # committed it (the rows its own transactions wrote), each stage's once.
-    with engine.connect() as conn:
-        jobs = {str(j) for j in conn.execute(text("SELECT id FROM enrichment_jobs WHERE tenant_id = :t"), {"t": t})
-                .scalars()}
-    ran = [line for log in deployment.data_dir.glob("worker-*.log") for line in log.read_text().splitlines()
-           if "stage.ran" in line and "committed=True" in line
-           and re.search(r"\bjob_id=(\d+)\b", line).group(1) in jobs]
-    assert len(ran) == 3 * len(photos), ran  # fetch, model, persist of each product
-    assert all(re.search(r"\brelayed=1\b", line) for line in ran), ran
 
 
 def test_same_event_twice_is_one_listing(deployment: Deployment, sample_photos, engine) -> None:  # noqa: ANN001

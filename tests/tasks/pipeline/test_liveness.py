@@ -61,7 +61,7 @@ def test_stage_tasks_run_their_stage_under_a_heartbeat(beats, monkeypatch: pytes
         return SimpleNamespace(next_stage=None)
 
     monkeypatch.setattr(stage_tasks, "fetch_and_dedup", slow_fetch)
-    monkeypatch.setattr(adapter, "relay_outbox", lambda runtime, committed=None: 0)
+    monkeypatch.setattr(adapter, "relay_outbox", lambda runtime: None)
     install_runtime(_runtime(heartbeat_s=0.05))
     stage_tasks.fetch.push_request(id="task-f", retries=0)
     try:
