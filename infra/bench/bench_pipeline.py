@@ -7,9 +7,11 @@ on the same photos at the same batch size and prints the pipeline's ratio to tha
 
 What the orchestration costs, per product, over the timed run (warm-up excluded):
 
-* CPU-milliseconds of every worker process (main process, prefork children alive or reaped),
-  in all and by worker role, beside the model compute per product (the bare run's CPU time per
-  product at the same thread budget): the difference is the cost outside the models;
+* CPU-milliseconds of every worker process (main process, prefork children alive or reaped) and
+  of ``enrich beat`` (``--beat on``, the default; the periodic relay and reconciler it schedules
+  run in the events/CPU worker), in all and by role, beside the model compute per product (the
+  bare run's CPU time per product at the same thread budget): the difference is the cost outside
+  the models;
 * the same CPU by part (``cpu_ms_per_product_by_part``): the events worker's main process (intake,
   Celery's consumer and pool), each stage task's own thread (``stage.ran``'s ``cpu_ms``), the outbox
   relays after the stages (``relay_cpu_ms``), the gpu worker's model thread (``batch.done``'s
@@ -303,8 +305,8 @@ def timed_round(dep, meter, infra, engine, tmp: Path, ns: str, items: list[tuple
 def cpu_by_part(r: dict[str, object], done: int) -> dict[str, float]:
     """Where the workers' CPU per product went: the events worker's main process (intake, Celery's
     consumer and pool), each stage task's own thread, the relays after them, the gpu worker's
-    model thread, and the rest of the gpu worker (its consumer, claim heartbeats, the batcher's
-    hand-offs: what no task or model thread accounts for)."""
+    model thread, the rest of the gpu worker (its consumer, claim heartbeats, the batcher's
+    hand-offs: what no task or model thread accounts for), and beat's process when it runs."""
     stages, cpu = r["stages"], r["cpu_s"]
     parts = {"events_main_process": cpu.get("events,cpu:main", float("nan"))}
     for name in ("fetch", "persist", "model"):
@@ -316,6 +318,8 @@ def cpu_by_part(r: dict[str, object], done: int) -> dict[str, float]:
                                       - sum(s["relay_cpu_s"] for n, s in stages.items() if n != "model"))
     parts["gpu_worker_other"] = (cpu.get("gpu", float("nan")) - parts["model_thread"] - parts["model_task"]
                                  - stages.get("model", {}).get("relay_cpu_s", 0.0))
+    if "beat" in cpu:
+        parts["beat"] = cpu["beat"]
     return {k: round(v * 1000 / done, 1) for k, v in parts.items()}
 
 
@@ -385,6 +389,8 @@ def main() -> None:
                     help="threads of the gpu worker (default: the worker's own, two batches' worth)")
     ap.add_argument("--events-concurrency", type=int, default=None,
                     help="prefork processes of the events/CPU worker (default: the worker's own)")
+    ap.add_argument("--beat", choices=("on", "off"), default="on",
+                    help="run `enrich beat` beside the workers, as a deployment does (its CPU is counted)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="timed windows, each for a fresh tenant and followed by its own bare runs; the median round is printed")
     ap.add_argument("--out", type=Path)
@@ -435,6 +441,8 @@ def main() -> None:
     try:
         roles = {"events,cpu": dep.start_worker("events,cpu", concurrency=args.events_concurrency),
                  "gpu": dep.start_worker("gpu", concurrency=args.gpu_concurrency)}
+        if args.beat == "on":  # its schedule's tasks run in the events/CPU worker, counted there
+            roles["beat"] = dep.start_beat()
         meter, infra = CpuMeter(roles), InfraMeter(tmp / "pgdata")
         # Model load and every timed category's grammar compile out of the timing (one product per
         # category, under a tenant of its own; the bare run warms up the same way).
